@@ -1,0 +1,10 @@
+"""smallm: train small LLaMA-style language models from scratch on your own hardware.
+
+The pipeline, stage by stage: corpus -> tokenizer (:mod:`smallm.tokenizer`, Rust core) -> shards ->
+loader -> model -> trainer -> generate/eval -> export.
+"""
+
+from smallm._core import __version__
+from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer
+
+__all__ = ["DEFAULT_SPECIAL_TOKENS", "GPT2_PATTERN", "GPT4_PATTERN", "Tokenizer", "__version__"]

@@ -1,0 +1,1 @@
+"""Console entry points; each module has a ``main(argv=None) -> int``."""

@@ -1,0 +1,295 @@
+"""Byte-level BPE tokenizer: training, encoding with special tokens, and the files the ecosystem reads.
+
+The work happens in the Rust core (``smallm._core``); this module owns the user-facing API. Ids 0..255
+are the raw bytes, merge ``i`` gets id ``256 + i`` and the special tokens take the ids after the
+merges. Special tokens follow tiktoken's policy: :meth:`Tokenizer.encode` refuses text that contains a
+special token string it was not told to allow, and :meth:`Tokenizer.encode_ordinary` treats such
+strings as plain text. ``save`` writes ``tokenizer.json`` (Hugging Face ``tokenizers``) and
+``tokenizer.tiktoken`` (tiktoken ranks); both give the same ids as smallm.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+
+from smallm import _core
+
+GPT4_PATTERN: str = _core.GPT4_PATTERN
+"""The GPT-4 (cl100k) split pattern: the default."""
+GPT2_PATTERN: str = _core.GPT2_PATTERN
+"""The GPT-2 split pattern."""
+PATTERN_PRESETS = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}
+
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+"""End of text (the document boundary) and the ChatML turn markers."""
+
+PathLike = Union[str, "os.PathLike[str]"]
+SpecialSet = Union[Literal["all"], Collection[str]]
+Progress = Union[bool, Callable[[str, int, int], object]]
+
+
+def resolve_pattern(pattern: str) -> str:
+    """A preset name (``gpt4``, ``gpt2``) or a regex string, as the regex string."""
+    return PATTERN_PRESETS.get(pattern, pattern)
+
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer.
+
+    Make one with :meth:`train_from_files`, :meth:`train_from_iterator` or :meth:`load`.
+    """
+
+    def __init__(self, core: _core.Tokenizer, training_report: dict[str, int] | None = None) -> None:
+        self._core = core
+        self.training_report = training_report
+        """Counts from training (vocab reached, pieces, documents, bytes); None for a loaded tokenizer."""
+        self._special_ids = {s: core.special_id(s) for s in core.special_tokens}
+
+    # ----- training -----------------------------------------------------------------------------
+
+    @classmethod
+    def train_from_files(
+        cls,
+        paths: Sequence[PathLike],
+        vocab_size: int,
+        *,
+        pattern: str = "gpt4",
+        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+        doc_mode: Literal["file", "line", "paragraph"] = "file",
+        lossy: bool = False,
+        min_frequency: int = 2,
+        progress: Progress = False,
+        num_threads: int | None = None,
+    ) -> Tokenizer:
+        """Trains on text files, read and counted in Rust.
+
+        Args:
+            paths: UTF-8 text files.
+            vocab_size: 256 bytes + merges + special tokens.
+            pattern: ``"gpt4"``, ``"gpt2"`` or a regex for pre-tokenization.
+            special_tokens: special token strings; they get the ids after the merges.
+            doc_mode: what a document is: the whole ``file``, each ``line``, or each ``paragraph``.
+            lossy: replace invalid UTF-8 with U+FFFD instead of failing.
+            min_frequency: pairs seen fewer times are not merged (training stops early instead).
+            progress: True for tqdm bars, or a callable ``(stage, done, total)``.
+            num_threads: threads to use (default: all cores).
+        """
+        trainer = _core.Trainer(resolve_pattern(pattern))
+        with _ProgressBars(progress) as report:
+            trainer.add_files([os.fspath(p) for p in paths], doc_mode, lossy, report, num_threads)
+            return cls._finish(trainer, vocab_size, special_tokens, min_frequency, report, num_threads)
+
+    @classmethod
+    def train_from_iterator(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        pattern: str = "gpt4",
+        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+        min_frequency: int = 2,
+        batch_size: int = 4096,
+        progress: Progress = False,
+        num_threads: int | None = None,
+    ) -> Tokenizer:
+        """Trains on documents from any iterable of strings (a ``datasets`` column, a generator...).
+
+        Documents are pulled ``batch_size`` at a time and counted in parallel in Rust.
+        """
+        trainer = _core.Trainer(resolve_pattern(pattern))
+        iterator: Iterator[str] = iter(texts)
+        with _ProgressBars(progress) as report:
+            while batch := list(islice(iterator, batch_size)):
+                for i, text in enumerate(batch):
+                    if not isinstance(text, str):
+                        raise TypeError(f"document {i} of a batch is {type(text).__name__}, expected str")
+                trainer.add_texts(batch, num_threads)
+                if report is not None:
+                    report("count", trainer.total_bytes, 0)
+            return cls._finish(trainer, vocab_size, special_tokens, min_frequency, report, num_threads)
+
+    @classmethod
+    def _finish(
+        cls,
+        trainer: _core.Trainer,
+        vocab_size: int,
+        special_tokens: Sequence[str],
+        min_frequency: int,
+        report: Callable[[str, int, int], object] | None,
+        num_threads: int | None,
+    ) -> Tokenizer:
+        core, stats = trainer.train(vocab_size, list(special_tokens), min_frequency, report, num_threads)
+        return cls(core, stats)
+
+    # ----- files --------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: PathLike) -> Tokenizer:
+        """Loads ``path/tokenizer.json`` (or ``path`` itself when it is a file)."""
+        return cls(_core.Tokenizer.load(os.fspath(path)))
+
+    def save(self, dir: PathLike) -> None:
+        """Writes ``dir/tokenizer.json`` and ``dir/tokenizer.tiktoken`` atomically (creates ``dir``)."""
+        self._core.save(os.fspath(dir))
+
+    def to_json(self) -> str:
+        """The Hugging Face ``tokenizer.json`` text."""
+        return self._core.to_json()
+
+    # ----- vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self._core.vocab_size
+
+    n_vocab = vocab_size
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenization regex."""
+        return self._core.pattern
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token string -> id."""
+        return dict(self._special_ids)
+
+    @property
+    def eot_token(self) -> int | None:
+        """Id of ``<|endoftext|>``, the document boundary, if this tokenizer has it."""
+        return self._special_ids.get("<|endoftext|>")
+
+    @property
+    def merges(self) -> list[tuple[int, int]]:
+        """The merge list: merge ``i`` joins the pair into id ``256 + i``."""
+        return self._core.merges
+
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes token ``id`` stands for (a special token: its string)."""
+        return self._core.token_bytes(id)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """Byte length of every id (0 for special tokens): the denominator of bits per byte."""
+        return self._core.token_byte_lengths()
+
+    # ----- encoding -----------------------------------------------------------------------------
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encodes ``text`` as plain text: special token strings in it are ordinary characters."""
+        return self._core.encode_ordinary(text)
+
+    def encode(
+        self, text: str, *, allowed_special: SpecialSet = frozenset(), disallowed_special: SpecialSet = "all"
+    ) -> list[int]:
+        """Encodes ``text``, turning the allowed special token strings into their ids.
+
+        A special token string in ``disallowed_special`` (by default: every special token not allowed)
+        raises ``ValueError``; one in neither set is encoded as plain text.
+        """
+        allowed, disallowed = self._policy(allowed_special, disallowed_special)
+        return self._core.encode(text, allowed, disallowed)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        allowed_special: SpecialSet = frozenset(),
+        disallowed_special: SpecialSet = "all",
+        num_threads: int | None = None,
+        return_numpy: bool = False,
+    ) -> list[list[int]] | list[np.ndarray]:
+        """Encodes many documents in parallel (the GIL is released).
+
+        With ``return_numpy`` each document comes back as a numpy array (views into one buffer,
+        uint16 when the vocabulary fits in 16 bits, else uint32), which avoids building Python ints.
+        """
+        allowed, disallowed = self._policy(allowed_special, disallowed_special)
+        ids, offsets = self._core.encode_batch(list(texts), False, allowed, disallowed, num_threads)
+        return _split(ids, offsets, return_numpy)
+
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], *, num_threads: int | None = None, return_numpy: bool = False
+    ) -> list[list[int]] | list[np.ndarray]:
+        """:meth:`encode_batch` with special token strings treated as plain text."""
+        ids, offsets = self._core.encode_batch(list(texts), True, None, None, num_threads)
+        return _split(ids, offsets, return_numpy)
+
+    def _policy(
+        self, allowed: SpecialSet, disallowed: SpecialSet
+    ) -> tuple[list[str] | None, list[str] | None]:
+        for name, value in (("allowed_special", allowed), ("disallowed_special", disallowed)):
+            if isinstance(value, str) and value != "all":
+                raise ValueError(f'{name} must be "all" or a collection of special token strings, not {value!r}')
+            if not isinstance(value, str):
+                unknown = sorted(set(value) - self._special_ids.keys())
+                if unknown:
+                    raise ValueError(
+                        f"{name} names {unknown}, which are not special tokens of this tokenizer "
+                        f"(it has {sorted(self._special_ids)})"
+                    )
+        return (
+            None if allowed == "all" else list(allowed),
+            None if disallowed == "all" else list(disallowed),
+        )
+
+    # ----- decoding -----------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of ``ids`` concatenated. Unknown ids raise ``ValueError``."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return self._core.decode_bytes(list(ids))
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Decodes ``ids`` to text; ``errors`` is how to treat bytes that are not valid UTF-8 (a
+        token boundary can split a character), as in :meth:`bytes.decode`: ``replace``, ``strict``...
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={list(self._special_ids)})"
+
+
+def _split(ids: np.ndarray, offsets: np.ndarray, return_numpy: bool) -> list[list[int]] | list[np.ndarray]:
+    if return_numpy:
+        return np.split(ids, offsets[1:-1])
+    flat = ids.tolist()
+    bounds = offsets.tolist()
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class _ProgressBars:
+    """Turns the core's ``(stage, done, total)`` reports into tqdm bars, or passes a user callable."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._user = progress if callable(progress) else None
+        self._enabled = progress is True
+        self._bars: dict[str, object] = {}
+
+    def __enter__(self) -> Callable[[str, int, int], object] | None:
+        if self._user is not None:
+            return self._user
+        return self._report if self._enabled else None
+
+    def _report(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        bar = self._bars.get(stage)
+        if bar is None:
+            if stage == "count":
+                bar = tqdm(total=total or None, desc="counting", unit="B", unit_scale=True, unit_divisor=1024)
+            else:
+                bar = tqdm(total=total or None, desc="merging", unit=" merges")
+            self._bars[stage] = bar
+        bar.update(done - bar.n)  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in self._bars.values():
+            bar.close()  # type: ignore[attr-defined]

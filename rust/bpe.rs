@@ -1,0 +1,471 @@
+//! A trained byte-level BPE vocabulary and the encoder/decoder that applies it.
+//!
+//! Ids `0..256` are the raw bytes, merge `i` creates id `256 + i`, and special tokens take the
+//! ids after the last merge. Encoding follows the merge list (the Hugging Face `tokenizers` BPE
+//! semantics): inside each pre-tokenized piece the adjacent pair with the lowest merge index is
+//! merged first, leftmost first among equals, until no adjacent pair is in the merge list.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::pretokenize::PreTokenizer;
+use crate::{Error, Result};
+
+/// Pieces longer than this (in bytes) use the heap-based merge, which is O(n log n); shorter
+/// ones use a plain scan, which is faster for the short pieces that make up almost all text.
+const LONG_PIECE: usize = 64;
+
+/// A pair of adjacent token ids packed into one hash key; the numeric order of the key is the
+/// lexicographic order of the pair.
+#[inline]
+pub(crate) fn pair_key(left: u32, right: u32) -> u64 {
+    ((left as u64) << 32) | right as u64
+}
+
+/// Which special-token strings `encode` turns into special ids and which make it fail.
+/// This is tiktoken's policy: a special string that is disallowed is an error, one that is
+/// allowed becomes its id, and one that is neither is encoded as plain text.
+#[derive(Clone, Debug)]
+pub struct SpecialPolicy {
+    /// Special token strings encoded as their ids. `None` means all of them.
+    pub allowed: Option<Vec<String>>,
+    /// Special token strings that make encoding fail. `None` means all that are not allowed.
+    pub disallowed: Option<Vec<String>>,
+}
+
+impl Default for SpecialPolicy {
+    /// tiktoken's default: no special token is allowed, so any special token string is an error.
+    fn default() -> Self {
+        SpecialPolicy { allowed: Some(Vec::new()), disallowed: None }
+    }
+}
+
+impl SpecialPolicy {
+    /// Every special token string becomes its id (what Hugging Face `tokenizers` does).
+    pub fn allow_all() -> Self {
+        SpecialPolicy { allowed: None, disallowed: Some(Vec::new()) }
+    }
+}
+
+/// A trained tokenizer: the pre-tokenizer, the merge list and the special tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    pretokenizer: PreTokenizer,
+    merges: Vec<(u32, u32)>,
+    /// Pair key -> merge index (the merged id is `256 + index`).
+    merge_index: FxHashMap<u64, u32>,
+    /// Bytes of every non-special id.
+    token_bytes: Vec<Vec<u8>>,
+    /// Special token strings in id order; the first has id `256 + merges.len()`.
+    specials: Vec<String>,
+    special_matcher: Option<AhoCorasick>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("pattern", &self.pattern())
+            .field("merges", &self.merges.len())
+            .field("specials", &self.specials)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Builds a tokenizer from its parts, checking that the merges are well formed.
+    pub fn new(pattern: &str, merges: Vec<(u32, u32)>, specials: Vec<String>) -> Result<Self> {
+        let pretokenizer = PreTokenizer::new(pattern)?;
+        let mut token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        let mut merge_index = FxHashMap::default();
+        let mut seen: FxHashSet<Vec<u8>> = token_bytes.iter().cloned().collect();
+        for (i, &(left, right)) in merges.iter().enumerate() {
+            let known = token_bytes.len() as u32;
+            if left >= known || right >= known {
+                return Err(Error::Config(format!(
+                    "merge {i} ({left}, {right}) refers to an id that does not exist yet (ids so far: 0..{known})"
+                )));
+            }
+            let mut bytes = token_bytes[left as usize].clone();
+            bytes.extend_from_slice(&token_bytes[right as usize]);
+            if !seen.insert(bytes.clone()) {
+                return Err(Error::Config(format!(
+                    "merge {i} ({left}, {right}) makes a token whose bytes another token already has"
+                )));
+            }
+            if merge_index.insert(pair_key(left, right), i as u32).is_some() {
+                return Err(Error::Config(format!("merge {i} ({left}, {right}) appears twice")));
+            }
+            token_bytes.push(bytes);
+        }
+        let mut unique = FxHashSet::default();
+        for s in &specials {
+            if s.is_empty() {
+                return Err(Error::Config("a special token cannot be the empty string".into()));
+            }
+            if !unique.insert(s.as_str()) {
+                return Err(Error::Config(format!("special token {s:?} is given twice")));
+            }
+        }
+        let special_matcher = if specials.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&specials)
+                    .map_err(|e| Error::Config(format!("special tokens: {e}")))?,
+            )
+        };
+        Ok(Tokenizer { pretokenizer, merges, merge_index, token_bytes, specials, special_matcher })
+    }
+
+    /// The pre-tokenization regex.
+    pub fn pattern(&self) -> &str {
+        self.pretokenizer.pattern()
+    }
+
+    /// The pre-tokenizer.
+    pub fn pretokenizer(&self) -> &PreTokenizer {
+        &self.pretokenizer
+    }
+
+    /// The merge list; merge `i` creates id `256 + i`.
+    pub fn merges(&self) -> &[(u32, u32)] {
+        &self.merges
+    }
+
+    /// Special token strings in id order.
+    pub fn specials(&self) -> &[String] {
+        &self.specials
+    }
+
+    /// Number of ids that are bytes or merges (the ids before the first special token).
+    pub fn n_ordinary(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Total number of ids, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len() + self.specials.len()
+    }
+
+    /// The id of a special token string.
+    pub fn special_id(&self, token: &str) -> Option<u32> {
+        self.specials
+            .iter()
+            .position(|s| s == token)
+            .map(|i| (self.token_bytes.len() + i) as u32)
+    }
+
+    /// The bytes a token decodes to (a special token decodes to its string).
+    pub fn token_bytes(&self, id: u32) -> Result<&[u8]> {
+        let i = id as usize;
+        if let Some(bytes) = self.token_bytes.get(i) {
+            Ok(bytes)
+        } else if let Some(s) = self.specials.get(i - self.token_bytes.len()) {
+            Ok(s.as_bytes())
+        } else {
+            Err(Error::UnknownId { id, vocab_size: self.vocab_size() })
+        }
+    }
+
+    /// Concatenated bytes of `ids`.
+    pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            out.extend_from_slice(self.token_bytes(id)?);
+        }
+        Ok(out)
+    }
+
+    /// Encodes `text` as plain text: special token strings in it are ordinary characters.
+    pub fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        let mut cache = PieceCache::default();
+        self.encode_ordinary_into(text, &mut cache, &mut out)?;
+        Ok(out)
+    }
+
+    /// Encodes `text`, turning the special token strings the policy allows into their ids.
+    pub fn encode(&self, text: &str, policy: &SpecialPolicy) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        let mut cache = PieceCache::default();
+        self.encode_into(text, policy, &mut cache, &mut out)?;
+        Ok(out)
+    }
+
+    /// Encodes many documents in parallel and returns the ids of all of them, one after the
+    /// other, with `offsets[i]..offsets[i + 1]` the ids of document `i`.
+    pub fn encode_batch<S: AsRef<str> + Sync>(
+        &self,
+        texts: &[S],
+        policy: Option<&SpecialPolicy>,
+    ) -> Result<(Vec<u32>, Vec<usize>)> {
+        // Work in groups of documents so each task amortises its piece cache over many of them.
+        let group = (texts.len() / (rayon::current_num_threads() * 8)).clamp(1, 4096);
+        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = texts
+            .par_chunks(group)
+            .map(|docs| {
+                let mut cache = PieceCache::default();
+                let mut ids = Vec::new();
+                let mut ends = Vec::with_capacity(docs.len());
+                for doc in docs {
+                    match policy {
+                        None => self.encode_ordinary_into(doc.as_ref(), &mut cache, &mut ids)?,
+                        Some(p) => self.encode_into(doc.as_ref(), p, &mut cache, &mut ids)?,
+                    }
+                    ends.push(ids.len());
+                }
+                Ok((ids, ends))
+            })
+            .collect();
+        let mut all = Vec::with_capacity(parts.iter().map(|p| p.as_ref().map_or(0, |p| p.0.len())).sum());
+        let mut offsets = Vec::with_capacity(texts.len() + 1);
+        offsets.push(0);
+        for part in parts {
+            let (ids, ends) = part?;
+            let base = all.len();
+            offsets.extend(ends.into_iter().map(|e| base + e));
+            all.extend_from_slice(&ids);
+        }
+        Ok((all, offsets))
+    }
+
+    fn encode_into<'t>(
+        &self,
+        text: &'t str,
+        policy: &SpecialPolicy,
+        cache: &mut PieceCache<'t>,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let Some(matcher) = &self.special_matcher else {
+            return self.encode_ordinary_into(text, cache, out);
+        };
+        let listed = |list: &Option<Vec<String>>, token: &str, default: bool| match list {
+            None => default,
+            Some(l) => l.iter().any(|s| s == token),
+        };
+        let mut start = 0;
+        for m in matcher.find_iter(text) {
+            let token = &self.specials[m.pattern().as_usize()];
+            let allowed = listed(&policy.allowed, token, true);
+            let disallowed = !allowed && listed(&policy.disallowed, token, true);
+            if disallowed {
+                return Err(Error::DisallowedSpecial { token: token.clone(), offset: m.start() });
+            }
+            if allowed {
+                self.encode_ordinary_into(&text[start..m.start()], cache, out)?;
+                out.push((self.token_bytes.len() + m.pattern().as_usize()) as u32);
+                start = m.end();
+            }
+        }
+        self.encode_ordinary_into(&text[start..], cache, out)
+    }
+
+    fn encode_ordinary_into<'t>(
+        &self,
+        text: &'t str,
+        cache: &mut PieceCache<'t>,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        self.pretokenizer.split(text, |piece| self.encode_piece_cached(piece.as_bytes(), cache, out))
+    }
+
+    #[inline]
+    fn encode_piece_cached<'t>(&self, piece: &'t [u8], cache: &mut PieceCache<'t>, out: &mut Vec<u32>) {
+        if piece.len() == 1 {
+            out.push(piece[0] as u32);
+            return;
+        }
+        if let Some(&(start, len)) = cache.map.get(piece) {
+            out.extend_from_slice(&cache.arena[start as usize..(start + len) as usize]);
+            return;
+        }
+        let start = cache.arena.len();
+        self.encode_piece(piece, &mut cache.arena);
+        out.extend_from_slice(&cache.arena[start..]);
+        if cache.map.len() >= PieceCache::MAX_ENTRIES {
+            cache.map.clear();
+            cache.arena.clear();
+        } else {
+            cache.map.insert(piece, (start as u32, (cache.arena.len() - start) as u32));
+        }
+    }
+
+    #[inline]
+    fn rank(&self, left: u32, right: u32) -> Option<u32> {
+        self.merge_index.get(&pair_key(left, right)).copied()
+    }
+
+    /// Applies the merges to one pre-tokenized piece and appends its ids to `out`.
+    pub fn encode_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
+        if piece.len() > LONG_PIECE {
+            self.encode_long_piece(piece, out);
+            return;
+        }
+        let mut ids: Vec<u32> = piece.iter().map(|&b| b as u32).collect();
+        // ranks[i] is the merge index of (ids[i], ids[i + 1]), u32::MAX when not a merge.
+        let mut ranks: Vec<u32> = ids.windows(2).map(|w| self.rank(w[0], w[1]).unwrap_or(u32::MAX)).collect();
+        loop {
+            let Some((i, &r)) = ranks.iter().enumerate().min_by_key(|&(i, &r)| (r, i)) else { break };
+            if r == u32::MAX {
+                break;
+            }
+            ids[i] = 256 + r;
+            ids.remove(i + 1);
+            ranks.remove(i);
+            if i > 0 {
+                ranks[i - 1] = self.rank(ids[i - 1], ids[i]).unwrap_or(u32::MAX);
+            }
+            if i < ranks.len() {
+                ranks[i] = self.rank(ids[i], ids[i + 1]).unwrap_or(u32::MAX);
+            }
+        }
+        out.extend_from_slice(&ids);
+    }
+
+    /// The same merges as [`Tokenizer::encode_piece`] with a heap of candidate pairs over a
+    /// linked list, so a piece of n bytes costs O(n log n) instead of O(n²).
+    fn encode_long_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
+        const NONE: u32 = u32::MAX;
+        let n = piece.len();
+        let mut ids: Vec<u32> = piece.iter().map(|&b| b as u32).collect();
+        let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
+        let mut next: Vec<u32> = (1..=n as u32).map(|i| if i as usize == n { NONE } else { i }).collect();
+        // (merge index, position of the left node): the smallest pops first, so the lowest merge
+        // wins and the leftmost occurrence among equal merges goes first.
+        let mut heap: BinaryHeap<Reverse<(u32, u32)>> = BinaryHeap::with_capacity(n);
+        for i in 0..n - 1 {
+            if let Some(r) = self.rank(ids[i], ids[i + 1]) {
+                heap.push(Reverse((r, i as u32)));
+            }
+        }
+        while let Some(Reverse((r, pos))) = heap.pop() {
+            let p = pos as usize;
+            let q = next[p];
+            // Entries go stale when a neighbour was merged first; skip them.
+            if ids[p] == NONE || q == NONE || self.rank(ids[p], ids[q as usize]) != Some(r) {
+                continue;
+            }
+            let q = q as usize;
+            ids[p] = 256 + r;
+            ids[q] = NONE;
+            next[p] = next[q];
+            if next[q] != NONE {
+                prev[next[q] as usize] = pos;
+            }
+            if prev[p] != NONE {
+                let l = prev[p] as usize;
+                if let Some(r) = self.rank(ids[l], ids[p]) {
+                    heap.push(Reverse((r, l as u32)));
+                }
+            }
+            if next[p] != NONE {
+                if let Some(r) = self.rank(ids[p], ids[next[p] as usize]) {
+                    heap.push(Reverse((r, pos)));
+                }
+            }
+        }
+        out.extend(ids.into_iter().filter(|&id| id != NONE));
+    }
+}
+
+/// Remembers the ids of pieces already encoded in one call: text repeats its words, and a hash
+/// lookup is much cheaper than re-running the merges.
+#[derive(Default)]
+struct PieceCache<'t> {
+    map: FxHashMap<&'t [u8], (u32, u32)>,
+    arena: Vec<u32>,
+}
+
+impl PieceCache<'_> {
+    /// Bounds the memory one encode call can spend on the cache.
+    const MAX_ENTRIES: usize = 1 << 20;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pretokenize::GPT4_PATTERN;
+
+    /// A small vocabulary over "aab" text: 256 = "aa", 257 = "aab", 258 = "ab".
+    fn toy() -> Tokenizer {
+        let a = b'a' as u32;
+        let b = b'b' as u32;
+        Tokenizer::new(GPT4_PATTERN, vec![(a, a), (256, b), (a, b)], vec!["<|endoftext|>".into()]).unwrap()
+    }
+
+    #[test]
+    fn merges_lowest_index_first_and_leftmost_on_ties() {
+        let t = toy();
+        assert_eq!(t.encode_ordinary("aaab").unwrap(), vec![256, 258]);
+        assert_eq!(t.encode_ordinary("aab").unwrap(), vec![257]);
+        assert_eq!(t.encode_ordinary("aaaa").unwrap(), vec![256, 256]);
+        assert_eq!(t.encode_ordinary("aaa").unwrap(), vec![256, b'a' as u32]);
+    }
+
+    #[test]
+    fn long_piece_matches_short_path() {
+        let t = toy();
+        for n in [65, 100, 257, 1000] {
+            let text: String = (0..n).map(|i| if i % 7 == 3 { 'b' } else { 'a' }).collect();
+            let mut long = Vec::new();
+            t.encode_long_piece(text.as_bytes(), &mut long);
+            // The short path's scan is the reference; call it on the same bytes directly.
+            let mut ids: Vec<u32> = text.bytes().map(u32::from).collect();
+            loop {
+                let best = (0..ids.len().saturating_sub(1))
+                    .filter_map(|i| t.rank(ids[i], ids[i + 1]).map(|r| (r, i)))
+                    .min();
+                let Some((r, i)) = best else { break };
+                ids[i] = 256 + r;
+                ids.remove(i + 1);
+            }
+            assert_eq!(long, ids, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn special_policy_follows_tiktoken() {
+        let t = toy();
+        let text = "ab<|endoftext|>ab";
+        let err = t.encode(text, &SpecialPolicy::default()).unwrap_err();
+        assert!(matches!(err, Error::DisallowedSpecial { offset: 2, .. }), "{err}");
+        let ids = t.encode(text, &SpecialPolicy::allow_all()).unwrap();
+        assert_eq!(ids, vec![258, 259, 258]);
+        let plain = SpecialPolicy { allowed: Some(vec![]), disallowed: Some(vec![]) };
+        assert_eq!(t.encode(text, &plain).unwrap(), t.encode_ordinary(text).unwrap());
+        assert!(t.encode_ordinary(text).unwrap().len() > 3);
+    }
+
+    #[test]
+    fn decode_inverts_encode_and_rejects_unknown_ids() {
+        let t = toy();
+        let text = "aab ab <|endoftext|> 한국어 🙂";
+        let ids = t.encode(text, &SpecialPolicy::allow_all()).unwrap();
+        assert_eq!(t.decode_bytes(&ids).unwrap(), text.as_bytes());
+        assert!(matches!(t.decode_bytes(&[260]), Err(Error::UnknownId { id: 260, vocab_size: 260 })));
+    }
+
+    #[test]
+    fn batch_offsets_delimit_each_document() {
+        let t = toy();
+        let docs = vec!["aab", "", "aaa ab", "b"];
+        let (ids, offsets) = t.encode_batch(&docs, None).unwrap();
+        assert_eq!(offsets.len(), docs.len() + 1);
+        for (i, d) in docs.iter().enumerate() {
+            assert_eq!(ids[offsets[i]..offsets[i + 1]], t.encode_ordinary(d).unwrap()[..]);
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_merges() {
+        assert!(Tokenizer::new(GPT4_PATTERN, vec![(300, 1)], vec![]).is_err());
+        assert!(Tokenizer::new(GPT4_PATTERN, vec![(1, 2), (1, 2)], vec![]).is_err());
+        assert!(Tokenizer::new(GPT4_PATTERN, vec![], vec!["x".into(), "x".into()]).is_err());
+    }
+}

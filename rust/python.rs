@@ -1,0 +1,313 @@
+//! The PyO3 binding `smallm._core`: argument conversion, the GIL released around heavy work,
+//! and core errors turned into Python exceptions. The user-facing API and its documentation
+//! live in the Python package (`smallm.tokenizer`), which wraps these classes.
+
+use std::path::PathBuf;
+
+use numpy::IntoPyArray;
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::bpe::{SpecialPolicy, Tokenizer};
+use crate::corpus::DocMode;
+use crate::pretokenize::{GPT2_PATTERN, GPT4_PATTERN};
+use crate::serialize;
+use crate::train::{Progress, TrainOptions, WordCounts};
+use crate::Error;
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match &e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                PyFileNotFoundError::new_err(e.to_string())
+            }
+            Error::Io { .. } => PyOSError::new_err(e.to_string()),
+            Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
+            _ => PyValueError::new_err(e.to_string()),
+        }
+    }
+}
+
+/// Runs `f` on a pool of `threads` threads, or on the global pool when `None`.
+fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    match threads {
+        None => Ok(f()),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| PyValueError::new_err(format!("num_threads={n}: {e}")))?;
+            Ok(pool.install(f))
+        }
+    }
+}
+
+/// Bridges core progress reports to an optional Python callable `progress(stage, done, total)`,
+/// and lets Ctrl-C (or an exception in the callable) cancel the work.
+struct ProgressBridge {
+    callback: Option<Py<PyAny>>,
+    error: Option<PyErr>,
+}
+
+impl ProgressBridge {
+    fn report(&mut self, p: Progress) -> bool {
+        Python::attach(|py| {
+            let result = py.check_signals().and_then(|()| match &self.callback {
+                None => Ok(()),
+                Some(cb) => {
+                    let (stage, done, total) = match p {
+                        Progress::Counting { bytes, total } => ("count", bytes, total),
+                        Progress::Merging { done, total } => ("merge", done as u64, total as u64),
+                    };
+                    cb.call1(py, (stage, done, total)).map(drop)
+                }
+            });
+            match result {
+                Ok(()) => true,
+                Err(e) => {
+                    self.error = Some(e);
+                    false
+                }
+            }
+        })
+    }
+
+    /// The callback's own exception when it caused the cancellation, else the core error.
+    fn error(self, e: Error) -> PyErr {
+        match (e, self.error) {
+            (Error::Cancelled, Some(py_err)) => py_err,
+            (e, _) => e.into(),
+        }
+    }
+}
+
+#[pyclass(module = "smallm._core", name = "Tokenizer", frozen)]
+struct PyTokenizer {
+    inner: Tokenizer,
+}
+
+fn policy(allowed: Option<Vec<String>>, disallowed: Option<Vec<String>>) -> SpecialPolicy {
+    SpecialPolicy { allowed, disallowed }
+}
+
+#[pymethods]
+impl PyTokenizer {
+    #[staticmethod]
+    fn load(path: PathBuf) -> PyResult<Self> {
+        Ok(PyTokenizer { inner: serialize::load(&path)? })
+    }
+
+    #[staticmethod]
+    fn from_json(text: &str) -> PyResult<Self> {
+        let inner = serialize::from_hf_json(text, std::path::Path::new("<tokenizer.json text>"))?;
+        Ok(PyTokenizer { inner })
+    }
+
+    #[staticmethod]
+    fn from_merges(pattern: &str, merges: Vec<(u32, u32)>, special_tokens: Vec<String>) -> PyResult<Self> {
+        Ok(PyTokenizer { inner: Tokenizer::new(pattern, merges, special_tokens)? })
+    }
+
+    fn save(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
+        py.detach(|| serialize::save(&self.inner, &dir)).map_err(Into::into)
+    }
+
+    fn to_json(&self) -> String {
+        serialize::to_hf_json(&self.inner)
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    #[getter]
+    fn n_ordinary(&self) -> usize {
+        self.inner.n_ordinary()
+    }
+
+    #[getter]
+    fn pattern(&self) -> &str {
+        self.inner.pattern()
+    }
+
+    #[getter]
+    fn special_tokens(&self) -> Vec<String> {
+        self.inner.specials().to_vec()
+    }
+
+    #[getter]
+    fn merges(&self) -> Vec<(u32, u32)> {
+        self.inner.merges().to_vec()
+    }
+
+    fn special_id(&self, token: &str) -> Option<u32> {
+        self.inner.special_id(token)
+    }
+
+    fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
+        py.detach(|| self.inner.encode_ordinary(&text)).map_err(Into::into)
+    }
+
+    #[pyo3(signature = (text, allowed_special, disallowed_special))]
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: PyBackedStr,
+        allowed_special: Option<Vec<String>>,
+        disallowed_special: Option<Vec<String>>,
+    ) -> PyResult<Vec<u32>> {
+        let p = policy(allowed_special, disallowed_special);
+        py.detach(|| self.inner.encode(&text, &p)).map_err(Into::into)
+    }
+
+    /// Returns (ids, offsets) as numpy arrays: ids uint16 when the vocabulary fits, else uint32.
+    #[pyo3(signature = (texts, ordinary, allowed_special, disallowed_special, num_threads=None))]
+    fn encode_batch<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<PyBackedStr>,
+        ordinary: bool,
+        allowed_special: Option<Vec<String>>,
+        disallowed_special: Option<Vec<String>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+        let p = policy(allowed_special, disallowed_special);
+        let fits_u16 = self.inner.vocab_size() <= 1 << 16;
+        let (ids, offsets) = py.detach(|| {
+            with_threads(num_threads, || {
+                self.inner.encode_batch(&texts, if ordinary { None } else { Some(&p) })
+            })
+        })??;
+        let offsets: Vec<i64> = offsets.into_iter().map(|o| o as i64).collect();
+        let ids = if fits_u16 {
+            let narrow: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();
+            narrow.into_pyarray(py).into_any()
+        } else {
+            ids.into_pyarray(py).into_any()
+        };
+        Ok((ids, offsets.into_pyarray(py).into_any()))
+    }
+
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = py.detach(|| self.inner.decode_bytes(&ids))?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    fn token_bytes<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyBytes>> {
+        Ok(PyBytes::new(py, self.inner.token_bytes(id)?))
+    }
+
+    /// Byte length of every id (special tokens count as 0 bytes of text), for bits per byte.
+    fn token_byte_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        let n = self.inner.n_ordinary();
+        let lengths: Vec<i64> = (0..self.inner.vocab_size() as u32)
+            .map(|id| if (id as usize) < n { self.inner.token_bytes(id).map_or(0, |b| b.len() as i64) } else { 0 })
+            .collect();
+        lengths.into_pyarray(py).into_any()
+    }
+}
+
+#[pyclass(module = "smallm._core", name = "Trainer")]
+struct PyTrainer {
+    counts: Option<WordCounts>,
+}
+
+impl PyTrainer {
+    fn counts(&mut self) -> PyResult<&mut WordCounts> {
+        self.counts.as_mut().ok_or_else(|| PyValueError::new_err("this Trainer has already trained; make a new one"))
+    }
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    fn new(pattern: &str) -> PyResult<Self> {
+        Ok(PyTrainer { counts: Some(WordCounts::new(pattern)?) })
+    }
+
+    #[getter]
+    fn unique_pieces(&self) -> usize {
+        self.counts.as_ref().map_or(0, WordCounts::unique_pieces)
+    }
+
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.counts.as_ref().map_or(0, WordCounts::total_bytes)
+    }
+
+    #[pyo3(signature = (texts, num_threads=None))]
+    fn add_texts(&mut self, py: Python<'_>, texts: Vec<PyBackedStr>, num_threads: Option<usize>) -> PyResult<()> {
+        let counts = self.counts()?;
+        py.detach(|| with_threads(num_threads, || counts.add_documents(&texts)))??;
+        Ok(())
+    }
+
+    #[pyo3(signature = (paths, doc_mode="file", lossy=false, progress=None, num_threads=None))]
+    fn add_files(
+        &mut self,
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        doc_mode: &str,
+        lossy: bool,
+        progress: Option<Py<PyAny>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
+        let mode: DocMode = doc_mode.parse()?;
+        let counts = self.counts()?;
+        let mut bridge = ProgressBridge { callback: progress, error: None };
+        let result = py.detach(|| {
+            with_threads(num_threads, || counts.add_files(&paths, mode, lossy, &mut |p| bridge.report(p)))
+        })?;
+        result.map_err(|e| bridge.error(e))
+    }
+
+    #[pyo3(signature = (vocab_size, special_tokens, min_frequency=2, progress=None, num_threads=None))]
+    fn train<'py>(
+        &mut self,
+        py: Python<'py>,
+        vocab_size: usize,
+        special_tokens: Vec<String>,
+        min_frequency: u64,
+        progress: Option<Py<PyAny>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<(PyTokenizer, Bound<'py, PyDict>)> {
+        let counts = self.counts.take().ok_or_else(|| PyValueError::new_err("this Trainer has already trained"))?;
+        let options = TrainOptions { vocab_size, special_tokens, min_frequency };
+        let mut bridge = ProgressBridge { callback: progress, error: None };
+        let result =
+            py.detach(|| with_threads(num_threads, || counts.train(&options, &mut |p| bridge.report(p))))?;
+        let (inner, report) = result.map_err(|e| bridge.error(e))?;
+        let dict = PyDict::new(py);
+        dict.set_item("requested_vocab_size", report.requested_vocab_size)?;
+        dict.set_item("vocab_size", report.vocab_size)?;
+        dict.set_item("unique_pieces", report.unique_pieces)?;
+        dict.set_item("total_pieces", report.total_pieces)?;
+        dict.set_item("total_bytes", report.total_bytes)?;
+        dict.set_item("documents", report.documents)?;
+        Ok((PyTokenizer { inner }, dict))
+    }
+}
+
+/// Reads a corpus file the way training does and returns its documents (used by tests and by
+/// the CLI's summary; the training path itself reads files in Rust).
+#[pyfunction]
+#[pyo3(signature = (path, doc_mode="file", lossy=false))]
+fn read_documents(path: PathBuf, doc_mode: &str, lossy: bool) -> PyResult<Vec<String>> {
+    let mode: DocMode = doc_mode.parse()?;
+    let text = crate::corpus::read_text(&path, lossy)?;
+    Ok(crate::corpus::documents(&text, mode).into_iter().map(str::to_owned).collect())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyTokenizer>()?;
+    m.add_class::<PyTrainer>()?;
+    m.add_function(wrap_pyfunction!(read_documents, m)?)?;
+    m.add("GPT4_PATTERN", GPT4_PATTERN)?;
+    m.add("GPT2_PATTERN", GPT2_PATTERN)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
