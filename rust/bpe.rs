@@ -40,14 +40,20 @@ pub struct SpecialPolicy {
 impl Default for SpecialPolicy {
     /// tiktoken's default: no special token is allowed, so any special token string is an error.
     fn default() -> Self {
-        SpecialPolicy { allowed: Some(Vec::new()), disallowed: None }
+        SpecialPolicy {
+            allowed: Some(Vec::new()),
+            disallowed: None,
+        }
     }
 }
 
 impl SpecialPolicy {
     /// Every special token string becomes its id (what Hugging Face `tokenizers` does).
     pub fn allow_all() -> Self {
-        SpecialPolicy { allowed: None, disallowed: Some(Vec::new()) }
+        SpecialPolicy {
+            allowed: None,
+            disallowed: Some(Vec::new()),
+        }
     }
 }
 
@@ -96,15 +102,22 @@ impl Tokenizer {
                     "merge {i} ({left}, {right}) makes a token whose bytes another token already has"
                 )));
             }
-            if merge_index.insert(pair_key(left, right), i as u32).is_some() {
-                return Err(Error::Config(format!("merge {i} ({left}, {right}) appears twice")));
+            if merge_index
+                .insert(pair_key(left, right), i as u32)
+                .is_some()
+            {
+                return Err(Error::Config(format!(
+                    "merge {i} ({left}, {right}) appears twice"
+                )));
             }
             token_bytes.push(bytes);
         }
         let mut unique = FxHashSet::default();
         for s in &specials {
             if s.is_empty() {
-                return Err(Error::Config("a special token cannot be the empty string".into()));
+                return Err(Error::Config(
+                    "a special token cannot be the empty string".into(),
+                ));
             }
             if !unique.insert(s.as_str()) {
                 return Err(Error::Config(format!("special token {s:?} is given twice")));
@@ -120,7 +133,14 @@ impl Tokenizer {
                     .map_err(|e| Error::Config(format!("special tokens: {e}")))?,
             )
         };
-        Ok(Tokenizer { pretokenizer, merges, merge_index, token_bytes, specials, special_matcher })
+        Ok(Tokenizer {
+            pretokenizer,
+            merges,
+            merge_index,
+            token_bytes,
+            specials,
+            special_matcher,
+        })
     }
 
     /// The pre-tokenization regex.
@@ -169,7 +189,10 @@ impl Tokenizer {
         } else if let Some(s) = self.specials.get(i - self.token_bytes.len()) {
             Ok(s.as_bytes())
         } else {
-            Err(Error::UnknownId { id, vocab_size: self.vocab_size() })
+            Err(Error::UnknownId {
+                id,
+                vocab_size: self.vocab_size(),
+            })
         }
     }
 
@@ -223,7 +246,12 @@ impl Tokenizer {
                 Ok((ids, ends))
             })
             .collect();
-        let mut all = Vec::with_capacity(parts.iter().map(|p| p.as_ref().map_or(0, |p| p.0.len())).sum());
+        let mut all = Vec::with_capacity(
+            parts
+                .iter()
+                .map(|p| p.as_ref().map_or(0, |p| p.0.len()))
+                .sum(),
+        );
         let mut offsets = Vec::with_capacity(texts.len() + 1);
         offsets.push(0);
         for part in parts {
@@ -255,7 +283,10 @@ impl Tokenizer {
             let allowed = listed(&policy.allowed, token, true);
             let disallowed = !allowed && listed(&policy.disallowed, token, true);
             if disallowed {
-                return Err(Error::DisallowedSpecial { token: token.clone(), offset: m.start() });
+                return Err(Error::DisallowedSpecial {
+                    token: token.clone(),
+                    offset: m.start(),
+                });
             }
             if allowed {
                 self.encode_ordinary_into(&text[start..m.start()], cache, out)?;
@@ -272,11 +303,18 @@ impl Tokenizer {
         cache: &mut PieceCache<'t>,
         out: &mut Vec<u32>,
     ) -> Result<()> {
-        self.pretokenizer.split(text, |piece| self.encode_piece_cached(piece.as_bytes(), cache, out))
+        self.pretokenizer.split(text, |piece| {
+            self.encode_piece_cached(piece.as_bytes(), cache, out)
+        })
     }
 
     #[inline]
-    fn encode_piece_cached<'t>(&self, piece: &'t [u8], cache: &mut PieceCache<'t>, out: &mut Vec<u32>) {
+    fn encode_piece_cached<'t>(
+        &self,
+        piece: &'t [u8],
+        cache: &mut PieceCache<'t>,
+        out: &mut Vec<u32>,
+    ) {
         if piece.len() == 1 {
             out.push(piece[0] as u32);
             return;
@@ -292,8 +330,15 @@ impl Tokenizer {
             cache.map.clear();
             cache.arena.clear();
         } else {
-            cache.map.insert(piece, (start as u32, (cache.arena.len() - start) as u32));
+            cache
+                .map
+                .insert(piece, (start as u32, (cache.arena.len() - start) as u32));
         }
+    }
+
+    #[inline]
+    fn rank_or_max(&self, left: u32, right: u32) -> u32 {
+        self.rank(left, right).unwrap_or(u32::MAX)
     }
 
     #[inline]
@@ -307,25 +352,44 @@ impl Tokenizer {
             self.encode_long_piece(piece, out);
             return;
         }
-        let mut ids: Vec<u32> = piece.iter().map(|&b| b as u32).collect();
+        // Fixed-size stack buffers: no allocation for the short pieces that dominate real text.
+        let n = piece.len();
+        let mut ids = [0u32; LONG_PIECE];
         // ranks[i] is the merge index of (ids[i], ids[i + 1]), u32::MAX when not a merge.
-        let mut ranks: Vec<u32> = ids.windows(2).map(|w| self.rank(w[0], w[1]).unwrap_or(u32::MAX)).collect();
-        loop {
-            let Some((i, &r)) = ranks.iter().enumerate().min_by_key(|&(i, &r)| (r, i)) else { break };
-            if r == u32::MAX {
+        let mut ranks = [u32::MAX; LONG_PIECE];
+        for (id, &b) in ids.iter_mut().zip(piece) {
+            *id = b as u32;
+        }
+        for i in 0..n.saturating_sub(1) {
+            ranks[i] = self.rank_or_max(ids[i], ids[i + 1]);
+        }
+        let mut len = n;
+        while len > 1 {
+            let mut best = u32::MAX;
+            let mut at = 0;
+            for (i, &r) in ranks[..len - 1].iter().enumerate() {
+                if r < best {
+                    best = r;
+                    at = i;
+                }
+            }
+            if best == u32::MAX {
                 break;
             }
-            ids[i] = 256 + r;
-            ids.remove(i + 1);
-            ranks.remove(i);
-            if i > 0 {
-                ranks[i - 1] = self.rank(ids[i - 1], ids[i]).unwrap_or(u32::MAX);
+            ids[at] = 256 + best;
+            ids.copy_within(at + 2..len, at + 1);
+            if at + 2 < len {
+                ranks.copy_within(at + 2..len - 1, at + 1);
             }
-            if i < ranks.len() {
-                ranks[i] = self.rank(ids[i], ids[i + 1]).unwrap_or(u32::MAX);
+            len -= 1;
+            if at > 0 {
+                ranks[at - 1] = self.rank_or_max(ids[at - 1], ids[at]);
+            }
+            if at + 1 < len {
+                ranks[at] = self.rank_or_max(ids[at], ids[at + 1]);
             }
         }
-        out.extend_from_slice(&ids);
+        out.extend_from_slice(&ids[..len]);
     }
 
     /// The same merges as [`Tokenizer::encode_piece`] with a heap of candidate pairs over a
@@ -335,7 +399,9 @@ impl Tokenizer {
         let n = piece.len();
         let mut ids: Vec<u32> = piece.iter().map(|&b| b as u32).collect();
         let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
-        let mut next: Vec<u32> = (1..=n as u32).map(|i| if i as usize == n { NONE } else { i }).collect();
+        let mut next: Vec<u32> = (1..=n as u32)
+            .map(|i| if i as usize == n { NONE } else { i })
+            .collect();
         // (merge index, position of the left node): the smallest pops first, so the lowest merge
         // wins and the leftmost occurrence among equal merges goes first.
         let mut heap: BinaryHeap<Reverse<(u32, u32)>> = BinaryHeap::with_capacity(n);
@@ -396,7 +462,12 @@ mod tests {
     fn toy() -> Tokenizer {
         let a = b'a' as u32;
         let b = b'b' as u32;
-        Tokenizer::new(GPT4_PATTERN, vec![(a, a), (256, b), (a, b)], vec!["<|endoftext|>".into()]).unwrap()
+        Tokenizer::new(
+            GPT4_PATTERN,
+            vec![(a, a), (256, b), (a, b)],
+            vec!["<|endoftext|>".into()],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -409,12 +480,15 @@ mod tests {
     }
 
     #[test]
-    fn long_piece_matches_short_path() {
+    fn long_and_short_paths_match_a_plain_loop() {
         let t = toy();
-        for n in [65, 100, 257, 1000] {
+        for n in (1..=70).chain([100, 257, 1000]) {
             let text: String = (0..n).map(|i| if i % 7 == 3 { 'b' } else { 'a' }).collect();
             let mut long = Vec::new();
             t.encode_long_piece(text.as_bytes(), &mut long);
+            let mut short = Vec::new();
+            t.encode_piece(text.as_bytes(), &mut short);
+            assert_eq!(long, short, "n = {n}");
             // The short path's scan is the reference; call it on the same bytes directly.
             let mut ids: Vec<u32> = text.bytes().map(u32::from).collect();
             loop {
@@ -434,11 +508,20 @@ mod tests {
         let t = toy();
         let text = "ab<|endoftext|>ab";
         let err = t.encode(text, &SpecialPolicy::default()).unwrap_err();
-        assert!(matches!(err, Error::DisallowedSpecial { offset: 2, .. }), "{err}");
+        assert!(
+            matches!(err, Error::DisallowedSpecial { offset: 2, .. }),
+            "{err}"
+        );
         let ids = t.encode(text, &SpecialPolicy::allow_all()).unwrap();
         assert_eq!(ids, vec![258, 259, 258]);
-        let plain = SpecialPolicy { allowed: Some(vec![]), disallowed: Some(vec![]) };
-        assert_eq!(t.encode(text, &plain).unwrap(), t.encode_ordinary(text).unwrap());
+        let plain = SpecialPolicy {
+            allowed: Some(vec![]),
+            disallowed: Some(vec![]),
+        };
+        assert_eq!(
+            t.encode(text, &plain).unwrap(),
+            t.encode_ordinary(text).unwrap()
+        );
         assert!(t.encode_ordinary(text).unwrap().len() > 3);
     }
 
@@ -448,7 +531,13 @@ mod tests {
         let text = "aab ab <|endoftext|> 한국어 🙂";
         let ids = t.encode(text, &SpecialPolicy::allow_all()).unwrap();
         assert_eq!(t.decode_bytes(&ids).unwrap(), text.as_bytes());
-        assert!(matches!(t.decode_bytes(&[260]), Err(Error::UnknownId { id: 260, vocab_size: 260 })));
+        assert!(matches!(
+            t.decode_bytes(&[260]),
+            Err(Error::UnknownId {
+                id: 260,
+                vocab_size: 260
+            })
+        ));
     }
 
     #[test]
@@ -458,7 +547,10 @@ mod tests {
         let (ids, offsets) = t.encode_batch(&docs, None).unwrap();
         assert_eq!(offsets.len(), docs.len() + 1);
         for (i, d) in docs.iter().enumerate() {
-            assert_eq!(ids[offsets[i]..offsets[i + 1]], t.encode_ordinary(d).unwrap()[..]);
+            assert_eq!(
+                ids[offsets[i]..offsets[i + 1]],
+                t.encode_ordinary(d).unwrap()[..]
+            );
         }
     }
 

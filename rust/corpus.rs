@@ -44,7 +44,10 @@ pub fn read_text(path: &Path, lossy: bool) -> Result<String> {
         Ok(text) => text,
         Err(e) if lossy => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         Err(e) => {
-            return Err(Error::Utf8 { path: path.to_path_buf(), offset: e.utf8_error().valid_up_to() })
+            return Err(Error::Utf8 {
+                path: path.to_path_buf(),
+                offset: e.utf8_error().valid_up_to(),
+            })
         }
     };
     Ok(match text.strip_prefix('\u{feff}') {
@@ -89,7 +92,8 @@ pub fn documents(text: &str, mode: DocMode) -> Vec<&str> {
 
 /// Lines without their `\n` or `\r\n` terminator.
 fn lines(text: &str) -> impl Iterator<Item = &str> {
-    text.split_terminator('\n').map(|l| l.strip_suffix('\r').unwrap_or(l))
+    text.split_terminator('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Format { path: PathBuf, reason: String },
     /// An id that is not in the vocabulary was given to decode.
-    #[error("token id {id} is out of range: the vocabulary has {vocab_size} ids (0..{vocab_size})")]
+    #[error(
+        "token id {id} is out of range: the vocabulary has {vocab_size} ids (0..{vocab_size})"
+    )]
     UnknownId { id: u32, vocab_size: usize },
     /// The text contains a special token string that the caller did not allow.
     #[error("the text contains the special token {token:?} at byte offset {offset}, which is not allowed here; pass it in allowed_special to encode it as a special token, or use encode_ordinary to treat it as plain text")]
@@ -42,6 +44,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

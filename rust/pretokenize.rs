@@ -14,9 +14,10 @@
 //! * the case-insensitive contractions of the GPT-4 pattern take their case variants from
 //!   `regex-syntax`'s simple case folding, so `'ſ` (U+017F, long s) is a contraction like `'s`;
 //! * each matcher walks the pattern's alternatives in order, with the backtracking each one would
-//!   do worked out by hand (see [`Tables::gpt4_next`] and [`Tables::gpt2_next`]);
+//!   do worked out by hand (see `Tables::gpt4_next` and `Tables::gpt2_next`);
 //! * the unit tests compare both matchers with `fancy-regex` on hand-picked strings, on every
-//!   Unicode scalar value in context, and on pseudo-random strings.
+//!   Unicode scalar value in context (all of the BMP by default, all planes in an ignored test),
+//!   and on pseudo-random strings.
 //!
 //! [`PreTokenizer::chunks`] cuts a text into pieces that can be pre-tokenized independently (for
 //! example on several threads) with the same result as pre-tokenizing the whole.
@@ -90,7 +91,9 @@ impl PreTokenizer {
     ///
     /// A runtime error of `fancy-regex` (for example its backtrack limit) gives
     /// [`Error::Pattern`]; `f` has then seen the pieces before the failing match. The built-in
-    /// matchers never fail.
+    /// matchers never fail, not even where `fancy-regex` itself would give up: on a whitespace
+    /// run of a couple of million chars its backtracking stack overflows its limit, and there
+    /// they return the pieces the pattern defines.
     pub fn split<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<()> {
         match &self.kind {
             Kind::Gpt4 => {

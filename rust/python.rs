@@ -89,14 +89,19 @@ struct PyTokenizer {
 }
 
 fn policy(allowed: Option<Vec<String>>, disallowed: Option<Vec<String>>) -> SpecialPolicy {
-    SpecialPolicy { allowed, disallowed }
+    SpecialPolicy {
+        allowed,
+        disallowed,
+    }
 }
 
 #[pymethods]
 impl PyTokenizer {
     #[staticmethod]
     fn load(path: PathBuf) -> PyResult<Self> {
-        Ok(PyTokenizer { inner: serialize::load(&path)? })
+        Ok(PyTokenizer {
+            inner: serialize::load(&path)?,
+        })
     }
 
     #[staticmethod]
@@ -106,12 +111,19 @@ impl PyTokenizer {
     }
 
     #[staticmethod]
-    fn from_merges(pattern: &str, merges: Vec<(u32, u32)>, special_tokens: Vec<String>) -> PyResult<Self> {
-        Ok(PyTokenizer { inner: Tokenizer::new(pattern, merges, special_tokens)? })
+    fn from_merges(
+        pattern: &str,
+        merges: Vec<(u32, u32)>,
+        special_tokens: Vec<String>,
+    ) -> PyResult<Self> {
+        Ok(PyTokenizer {
+            inner: Tokenizer::new(pattern, merges, special_tokens)?,
+        })
     }
 
     fn save(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
-        py.detach(|| serialize::save(&self.inner, &dir)).map_err(Into::into)
+        py.detach(|| serialize::save(&self.inner, &dir))
+            .map_err(Into::into)
     }
 
     fn to_json(&self) -> String {
@@ -148,7 +160,8 @@ impl PyTokenizer {
     }
 
     fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
-        py.detach(|| self.inner.encode_ordinary(&text)).map_err(Into::into)
+        py.detach(|| self.inner.encode_ordinary(&text))
+            .map_err(Into::into)
     }
 
     #[pyo3(signature = (text, allowed_special, disallowed_special))]
@@ -160,7 +173,8 @@ impl PyTokenizer {
         disallowed_special: Option<Vec<String>>,
     ) -> PyResult<Vec<u32>> {
         let p = policy(allowed_special, disallowed_special);
-        py.detach(|| self.inner.encode(&text, &p)).map_err(Into::into)
+        py.detach(|| self.inner.encode(&text, &p))
+            .map_err(Into::into)
     }
 
     /// Returns (ids, offsets) as numpy arrays: ids uint16 when the vocabulary fits, else uint32.
@@ -178,7 +192,8 @@ impl PyTokenizer {
         let fits_u16 = self.inner.vocab_size() <= 1 << 16;
         let (ids, offsets) = py.detach(|| {
             with_threads(num_threads, || {
-                self.inner.encode_batch(&texts, if ordinary { None } else { Some(&p) })
+                self.inner
+                    .encode_batch(&texts, if ordinary { None } else { Some(&p) })
             })
         })??;
         let offsets: Vec<i64> = offsets.into_iter().map(|o| o as i64).collect();
@@ -204,7 +219,13 @@ impl PyTokenizer {
     fn token_byte_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
         let n = self.inner.n_ordinary();
         let lengths: Vec<i64> = (0..self.inner.vocab_size() as u32)
-            .map(|id| if (id as usize) < n { self.inner.token_bytes(id).map_or(0, |b| b.len() as i64) } else { 0 })
+            .map(|id| {
+                if (id as usize) < n {
+                    self.inner.token_bytes(id).map_or(0, |b| b.len() as i64)
+                } else {
+                    0
+                }
+            })
             .collect();
         lengths.into_pyarray(py).into_any()
     }
@@ -217,7 +238,9 @@ struct PyTrainer {
 
 impl PyTrainer {
     fn counts(&mut self) -> PyResult<&mut WordCounts> {
-        self.counts.as_mut().ok_or_else(|| PyValueError::new_err("this Trainer has already trained; make a new one"))
+        self.counts.as_mut().ok_or_else(|| {
+            PyValueError::new_err("this Trainer has already trained; make a new one")
+        })
     }
 }
 
@@ -225,7 +248,9 @@ impl PyTrainer {
 impl PyTrainer {
     #[new]
     fn new(pattern: &str) -> PyResult<Self> {
-        Ok(PyTrainer { counts: Some(WordCounts::new(pattern)?) })
+        Ok(PyTrainer {
+            counts: Some(WordCounts::new(pattern)?),
+        })
     }
 
     #[getter]
@@ -239,7 +264,12 @@ impl PyTrainer {
     }
 
     #[pyo3(signature = (texts, num_threads=None))]
-    fn add_texts(&mut self, py: Python<'_>, texts: Vec<PyBackedStr>, num_threads: Option<usize>) -> PyResult<()> {
+    fn add_texts(
+        &mut self,
+        py: Python<'_>,
+        texts: Vec<PyBackedStr>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
         let counts = self.counts()?;
         py.detach(|| with_threads(num_threads, || counts.add_documents(&texts)))??;
         Ok(())
@@ -257,9 +287,14 @@ impl PyTrainer {
     ) -> PyResult<()> {
         let mode: DocMode = doc_mode.parse()?;
         let counts = self.counts()?;
-        let mut bridge = ProgressBridge { callback: progress, error: None };
+        let mut bridge = ProgressBridge {
+            callback: progress,
+            error: None,
+        };
         let result = py.detach(|| {
-            with_threads(num_threads, || counts.add_files(&paths, mode, lossy, &mut |p| bridge.report(p)))
+            with_threads(num_threads, || {
+                counts.add_files(&paths, mode, lossy, &mut |p| bridge.report(p))
+            })
         })?;
         result.map_err(|e| bridge.error(e))
     }
@@ -274,11 +309,24 @@ impl PyTrainer {
         progress: Option<Py<PyAny>>,
         num_threads: Option<usize>,
     ) -> PyResult<(PyTokenizer, Bound<'py, PyDict>)> {
-        let counts = self.counts.take().ok_or_else(|| PyValueError::new_err("this Trainer has already trained"))?;
-        let options = TrainOptions { vocab_size, special_tokens, min_frequency };
-        let mut bridge = ProgressBridge { callback: progress, error: None };
-        let result =
-            py.detach(|| with_threads(num_threads, || counts.train(&options, &mut |p| bridge.report(p))))?;
+        let counts = self
+            .counts
+            .take()
+            .ok_or_else(|| PyValueError::new_err("this Trainer has already trained"))?;
+        let options = TrainOptions {
+            vocab_size,
+            special_tokens,
+            min_frequency,
+        };
+        let mut bridge = ProgressBridge {
+            callback: progress,
+            error: None,
+        };
+        let result = py.detach(|| {
+            with_threads(num_threads, || {
+                counts.train(&options, &mut |p| bridge.report(p))
+            })
+        })?;
         let (inner, report) = result.map_err(|e| bridge.error(e))?;
         let dict = PyDict::new(py);
         dict.set_item("requested_vocab_size", report.requested_vocab_size)?;
@@ -298,7 +346,10 @@ impl PyTrainer {
 fn read_documents(path: PathBuf, doc_mode: &str, lossy: bool) -> PyResult<Vec<String>> {
     let mode: DocMode = doc_mode.parse()?;
     let text = crate::corpus::read_text(&path, lossy)?;
-    Ok(crate::corpus::documents(&text, mode).into_iter().map(str::to_owned).collect())
+    Ok(crate::corpus::documents(&text, mode)
+        .into_iter()
+        .map(str::to_owned)
+        .collect())
 }
 
 #[pymodule]

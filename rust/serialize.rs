@@ -112,15 +112,29 @@ pub fn to_tiktoken(tok: &Tokenizer) -> String {
 /// Reads a `tokenizer.json` written by smallm. A file from another tokenizer (or a corrupt one)
 /// is an error saying which field is wrong.
 pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
-    let bad = |reason: String| Error::Format { path: path.to_path_buf(), reason };
-    let doc: Value = serde_json::from_str(text)
-        .map_err(|e| bad(format!("not valid JSON (line {}, column {}): {e}", e.line(), e.column())))?;
-    let model = doc.get("model").ok_or_else(|| bad("no \"model\" field".into()))?;
+    let bad = |reason: String| Error::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let doc: Value = serde_json::from_str(text).map_err(|e| {
+        bad(format!(
+            "not valid JSON (line {}, column {}): {e}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let model = doc
+        .get("model")
+        .ok_or_else(|| bad("no \"model\" field".into()))?;
     if model.get("type").and_then(Value::as_str) != Some("BPE") {
-        return Err(bad("model.type is not \"BPE\": only byte-level BPE tokenizers can be loaded".into()));
+        return Err(bad(
+            "model.type is not \"BPE\": only byte-level BPE tokenizers can be loaded".into(),
+        ));
     }
     if model.get("ignore_merges").and_then(Value::as_bool) == Some(true) {
-        return Err(bad("model.ignore_merges is true, which smallm does not support".into()));
+        return Err(bad(
+            "model.ignore_merges is true, which smallm does not support".into(),
+        ));
     }
     let pattern = split_pattern(&doc).map_err(bad)?;
 
@@ -139,7 +153,12 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
         let id = id
             .as_u64()
             .filter(|&i| (i as usize) < vocab.len())
-            .ok_or_else(|| bad(format!("model.vocab[{key:?}] = {id} is not an id in 0..{}", vocab.len())))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "model.vocab[{key:?}] = {id} is not an id in 0..{}",
+                    vocab.len()
+                ))
+            })?;
         let bytes: Vec<u8> = key
             .chars()
             .map(|c| char_to_byte.get(&c).copied())
@@ -164,13 +183,25 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     let mut merges = Vec::with_capacity(merges_json.len());
     for (i, m) in merges_json.iter().enumerate() {
         let (l, r) = match m {
-            Value::String(s) => s.split_once(' ').ok_or_else(|| bad(format!("model.merges[{i}] = {s:?} is not two tokens")))?,
-            Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => {
-                (a[0].as_str().unwrap_or_default(), a[1].as_str().unwrap_or_default())
+            Value::String(s) => s
+                .split_once(' ')
+                .ok_or_else(|| bad(format!("model.merges[{i}] = {s:?} is not two tokens")))?,
+            Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => (
+                a[0].as_str().unwrap_or_default(),
+                a[1].as_str().unwrap_or_default(),
+            ),
+            other => {
+                return Err(bad(format!(
+                    "model.merges[{i}] = {other} is not a pair of tokens"
+                )))
             }
-            other => return Err(bad(format!("model.merges[{i}] = {other} is not a pair of tokens"))),
         };
-        let id = |t: &str| id_of.get(t).copied().ok_or_else(|| bad(format!("model.merges[{i}]: {t:?} is not in the vocab")));
+        let id = |t: &str| {
+            id_of
+                .get(t)
+                .copied()
+                .ok_or_else(|| bad(format!("model.merges[{i}]: {t:?} is not in the vocab")))
+        };
         let (left, right) = (id(l)?, id(r)?);
         let merged = format!("{l}{r}");
         if id_of.get(merged.as_str()) != Some(&(256 + i as u32)) {
@@ -191,8 +222,17 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     }
     let mut specials = Vec::new();
     let mut added: Vec<(u64, String)> = Vec::new();
-    for (i, t) in doc.get("added_tokens").and_then(Value::as_array).into_iter().flatten().enumerate() {
-        let id = t.get("id").and_then(Value::as_u64).ok_or_else(|| bad(format!("added_tokens[{i}].id is missing")))?;
+    for (i, t) in doc
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let id = t
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad(format!("added_tokens[{i}].id is missing")))?;
         let content = t
             .get("content")
             .and_then(Value::as_str)
@@ -214,7 +254,9 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
 
 /// The regex of the `Split` step of the pre-tokenizer, checking a `ByteLevel` step follows it.
 fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
-    let pre = doc.get("pre_tokenizer").ok_or("no \"pre_tokenizer\" field")?;
+    let pre = doc
+        .get("pre_tokenizer")
+        .ok_or("no \"pre_tokenizer\" field")?;
     let steps: Vec<&Value> = match pre.get("type").and_then(Value::as_str) {
         Some("Sequence") => pre
             .get("pretokenizers")
@@ -224,7 +266,10 @@ fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
             .collect(),
         _ => vec![pre],
     };
-    let kinds: Vec<&str> = steps.iter().map(|s| s.get("type").and_then(Value::as_str).unwrap_or("?")).collect();
+    let kinds: Vec<&str> = steps
+        .iter()
+        .map(|s| s.get("type").and_then(Value::as_str).unwrap_or("?"))
+        .collect();
     if kinds != ["Split", "ByteLevel"] {
         return Err(format!(
             "pre_tokenizer is {kinds:?}; smallm tokenizers use [\"Split\", \"ByteLevel\"] (a regex split, then byte-level mapping)"
@@ -244,8 +289,14 @@ fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
 /// Writes `contents` to `path` through a temporary file in the same directory and a rename, so
 /// a crash never leaves a half-written file where a good one was.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -268,7 +319,11 @@ pub fn save(tok: &Tokenizer, dir: &Path) -> Result<()> {
 
 /// Loads `path/tokenizer.json`, or `path` itself when it is a file.
 pub fn load(path: &Path) -> Result<Tokenizer> {
-    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     from_hf_json(&text, &file)
 }
@@ -281,7 +336,8 @@ mod tests {
 
     fn trained() -> Tokenizer {
         let mut c = WordCounts::new(GPT4_PATTERN).unwrap();
-        c.add_documents(&["hello hello world, 안녕하세요 안녕 🙂🙂 \n\n  x = [1, 2, 3]"]).unwrap();
+        c.add_documents(&["hello hello world, 안녕하세요 안녕 🙂🙂 \n\n  x = [1, 2, 3]"])
+            .unwrap();
         let options = TrainOptions {
             vocab_size: 300,
             special_tokens: vec!["<|endoftext|>".into(), "<|im_start|>".into()],
@@ -313,13 +369,22 @@ mod tests {
     fn foreign_or_corrupt_json_names_the_field() {
         let p = Path::new("x/tokenizer.json");
         let err = from_hf_json("{not json", p).unwrap_err().to_string();
-        assert!(err.contains("x/tokenizer.json") && err.contains("line 1"), "{err}");
+        assert!(
+            err.contains("x/tokenizer.json") && err.contains("line 1"),
+            "{err}"
+        );
         let mut doc: Value = serde_json::from_str(&to_hf_json(&trained())).unwrap();
         doc["model"]["type"] = json!("WordPiece");
-        assert!(from_hf_json(&doc.to_string(), p).unwrap_err().to_string().contains("model.type"));
+        assert!(from_hf_json(&doc.to_string(), p)
+            .unwrap_err()
+            .to_string()
+            .contains("model.type"));
         let mut doc: Value = serde_json::from_str(&to_hf_json(&trained())).unwrap();
         doc["model"]["merges"][3] = json!("Ġ zzz");
-        assert!(from_hf_json(&doc.to_string(), p).unwrap_err().to_string().contains("merges[3]"));
+        assert!(from_hf_json(&doc.to_string(), p)
+            .unwrap_err()
+            .to_string()
+            .contains("merges[3]"));
     }
 
     #[test]

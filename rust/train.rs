@@ -106,12 +106,15 @@ impl WordCounts {
     /// Counts the pieces of each document (in parallel).
     pub fn add_documents<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
         // Big documents are cut where the pre-tokenizer allows, so one file can use every core.
-        let units: Vec<&str> =
-            docs.iter().flat_map(|d| self.pretokenizer.chunks(d.as_ref(), 1 << 20)).collect();
+        let units: Vec<&str> = docs
+            .iter()
+            .flat_map(|d| self.pretokenizer.chunks(d.as_ref(), 1 << 20))
+            .collect();
         let local = units
             .par_iter()
             .try_fold(FxHashMap::<&str, u64>::default, |mut m, unit| {
-                self.pretokenizer.split(unit, |piece| *m.entry(piece).or_insert(0) += 1)?;
+                self.pretokenizer
+                    .split(unit, |piece| *m.entry(piece).or_insert(0) += 1)?;
                 Ok::<_, Error>(m)
             })
             .try_reduce(FxHashMap::default, |a, b| {
@@ -121,7 +124,11 @@ impl WordCounts {
                 }
                 Ok(big)
             })?;
-        self.counts.reserve(local.len().saturating_sub(self.counts.capacity() - self.counts.len()));
+        self.counts.reserve(
+            local
+                .len()
+                .saturating_sub(self.counts.capacity() - self.counts.len()),
+        );
         for (piece, n) in local {
             self.total_pieces += n;
             match self.counts.get_mut(piece) {
@@ -147,7 +154,11 @@ impl WordCounts {
     ) -> Result<()> {
         let sizes: Vec<u64> = paths
             .iter()
-            .map(|p| std::fs::metadata(p).map(|m| m.len()).map_err(|e| Error::io(p, e)))
+            .map(|p| {
+                std::fs::metadata(p)
+                    .map(|m| m.len())
+                    .map_err(|e| Error::io(p, e))
+            })
             .collect::<Result<_>>()?;
         let total: u64 = sizes.iter().sum();
         let mut done = 0;
@@ -155,7 +166,9 @@ impl WordCounts {
         while i < paths.len() {
             let mut batch_bytes = 0;
             let mut texts = Vec::new();
-            while i < paths.len() && (texts.is_empty() || batch_bytes + sizes[i] <= FILE_BATCH_BYTES) {
+            while i < paths.len()
+                && (texts.is_empty() || batch_bytes + sizes[i] <= FILE_BATCH_BYTES)
+            {
                 texts.push(read_text(&paths[i], lossy)?);
                 batch_bytes += sizes[i];
                 i += 1;
@@ -171,7 +184,11 @@ impl WordCounts {
     }
 
     /// Learns the merges and returns the tokenizer with a report.
-    pub fn train(self, options: &TrainOptions, progress: &mut ProgressFn) -> Result<(Tokenizer, TrainReport)> {
+    pub fn train(
+        self,
+        options: &TrainOptions,
+        progress: &mut ProgressFn,
+    ) -> Result<(Tokenizer, TrainReport)> {
         let n_special = options.special_tokens.len();
         let smallest = 256 + n_special;
         if options.vocab_size < smallest {
@@ -181,17 +198,26 @@ impl WordCounts {
             )));
         }
         if options.vocab_size > u32::MAX as usize {
-            return Err(Error::Config(format!("vocab_size {} does not fit in 32-bit ids", options.vocab_size)));
+            return Err(Error::Config(format!(
+                "vocab_size {} does not fit in 32-bit ids",
+                options.vocab_size
+            )));
         }
         if self.total_bytes == 0 {
-            return Err(Error::Config("the corpus is empty: there is no text to train on".into()));
+            return Err(Error::Config(
+                "the corpus is empty: there is no text to train on".into(),
+            ));
         }
         let unique_pieces = self.counts.len();
         let wanted = options.vocab_size - smallest;
         let mut merger = Merger::new(self.counts);
         let merges = merger.run(wanted, options.min_frequency.max(1), progress)?;
         let vocab_size = smallest + merges.len();
-        let tokenizer = Tokenizer::new(self.pretokenizer.pattern(), merges, options.special_tokens.clone())?;
+        let tokenizer = Tokenizer::new(
+            self.pretokenizer.pattern(),
+            merges,
+            options.special_tokens.clone(),
+        )?;
         let report = TrainReport {
             requested_vocab_size: options.vocab_size,
             vocab_size,
@@ -257,21 +283,38 @@ impl Merger {
                 pair_words.insert(key, words);
             }
         }
-        Merger { symbols, start, len, count, pair_count, pair_words }
+        Merger {
+            symbols,
+            start,
+            len,
+            count,
+            pair_count,
+            pair_words,
+        }
     }
 
     /// Performs up to `wanted` merges and returns them in order.
-    fn run(&mut self, wanted: usize, min_frequency: u64, progress: &mut ProgressFn) -> Result<Vec<(u32, u32)>> {
+    fn run(
+        &mut self,
+        wanted: usize,
+        min_frequency: u64,
+        progress: &mut ProgressFn,
+    ) -> Result<Vec<(u32, u32)>> {
         let mut merges: Vec<(u32, u32)> = Vec::with_capacity(wanted);
         let mut token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
         let mut known: FxHashSet<Vec<u8>> = token_bytes.iter().cloned().collect();
         let mut banned: FxHashSet<u64> = FxHashSet::default();
         // Max-heap of (count, Reverse(pair)): highest count first, then the smaller pair.
-        let mut heap: BinaryHeap<(i64, std::cmp::Reverse<u64>)> =
-            self.pair_count.iter().map(|(&k, &c)| (c, std::cmp::Reverse(k))).collect();
+        let mut heap: BinaryHeap<(i64, std::cmp::Reverse<u64>)> = self
+            .pair_count
+            .iter()
+            .map(|(&k, &c)| (c, std::cmp::Reverse(k)))
+            .collect();
         let mut delta: FxHashMap<u64, i64> = FxHashMap::default();
         while merges.len() < wanted {
-            let Some((stored, std::cmp::Reverse(key))) = heap.pop() else { break };
+            let Some((stored, std::cmp::Reverse(key))) = heap.pop() else {
+                break;
+            };
             let current = self.pair_count.get(&key).copied().unwrap_or(0);
             if current != stored {
                 // Counts of existing pairs only fall, so a refreshed entry is still an upper bound.
@@ -317,12 +360,18 @@ impl Merger {
                 }
             }
             if merges.len() % PROGRESS_EVERY_MERGES == 0
-                && !progress(Progress::Merging { done: merges.len(), total: wanted })
+                && !progress(Progress::Merging {
+                    done: merges.len(),
+                    total: wanted,
+                })
             {
                 return Err(Error::Cancelled);
             }
         }
-        if !progress(Progress::Merging { done: merges.len(), total: wanted }) {
+        if !progress(Progress::Merging {
+            done: merges.len(),
+            total: wanted,
+        }) {
             return Err(Error::Cancelled);
         }
         Ok(merges)
@@ -330,7 +379,14 @@ impl Merger {
 
     /// Replaces every (left, right) in word `w` by `new_id`, left to right, recording the change
     /// of each neighbouring pair's count in `delta` and indexing the new pairs.
-    fn merge_in_word(&mut self, w: usize, left: u32, right: u32, new_id: u32, delta: &mut FxHashMap<u64, i64>) {
+    fn merge_in_word(
+        &mut self,
+        w: usize,
+        left: u32,
+        right: u32,
+        new_id: u32,
+        delta: &mut FxHashMap<u64, i64>,
+    ) {
         let s = self.start[w];
         let end = s + self.len[w] as usize;
         let n = self.count[w] as i64;
@@ -388,7 +444,11 @@ mod tests {
     fn train_on(docs: &[&str], vocab_size: usize) -> (Tokenizer, TrainReport) {
         let mut counts = WordCounts::new(GPT4_PATTERN).unwrap();
         counts.add_documents(docs).unwrap();
-        let options = TrainOptions { vocab_size, special_tokens: vec!["<|endoftext|>".into()], min_frequency: 1 };
+        let options = TrainOptions {
+            vocab_size,
+            special_tokens: vec!["<|endoftext|>".into()],
+            min_frequency: 1,
+        };
         counts.train(&options, &mut no_progress()).unwrap()
     }
 
@@ -397,7 +457,10 @@ mod tests {
         let pre = PreTokenizer::new(pattern).unwrap();
         let mut words: FxHashMap<Vec<u32>, u64> = FxHashMap::default();
         for d in docs {
-            pre.split(d, |p| *words.entry(p.bytes().map(u32::from).collect()).or_insert(0) += 1).unwrap();
+            pre.split(d, |p| {
+                *words.entry(p.bytes().map(u32::from).collect()).or_insert(0) += 1
+            })
+            .unwrap();
         }
         let mut merges = Vec::new();
         while merges.len() < wanted {
@@ -407,7 +470,12 @@ mod tests {
                     *pairs.entry((p[0], p[1])).or_insert(0) += n;
                 }
             }
-            let Some((&best, _)) = pairs.iter().max_by_key(|&(&p, &c)| (c, std::cmp::Reverse(p))) else { break };
+            let Some((&best, _)) = pairs
+                .iter()
+                .max_by_key(|&(&p, &c)| (c, std::cmp::Reverse(p)))
+            else {
+                break;
+            };
             let new_id = 256 + merges.len() as u32;
             merges.push(best);
             words = words
@@ -450,14 +518,27 @@ mod tests {
 
     #[test]
     fn result_does_not_depend_on_thread_count() {
-        let docs: Vec<String> = (0..200).map(|i| format!("{} number {i} {}", TEXT[i % 4], TEXT[(i + 1) % 4])).collect();
+        let docs: Vec<String> = (0..200)
+            .map(|i| format!("{} number {i} {}", TEXT[i % 4], TEXT[(i + 1) % 4]))
+            .collect();
         let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             pool.install(|| {
                 let mut c = WordCounts::new(GPT2_PATTERN).unwrap();
                 c.add_documents(&docs).unwrap();
-                let options = TrainOptions { vocab_size: 400, special_tokens: vec![], min_frequency: 2 };
-                c.train(&options, &mut no_progress()).unwrap().0.merges().to_vec()
+                let options = TrainOptions {
+                    vocab_size: 400,
+                    special_tokens: vec![],
+                    min_frequency: 2,
+                };
+                c.train(&options, &mut no_progress())
+                    .unwrap()
+                    .0
+                    .merges()
+                    .to_vec()
             })
         };
         assert_eq!(run(1), run(4));
@@ -468,18 +549,35 @@ mod tests {
         let (tok, report) = train_on(&["abc abc"], 1000);
         assert!(report.vocab_size < 1000);
         assert_eq!(tok.vocab_size(), report.vocab_size);
-        assert_eq!(tok.special_id("<|endoftext|>"), Some(report.vocab_size as u32 - 1));
+        assert_eq!(
+            tok.special_id("<|endoftext|>"),
+            Some(report.vocab_size as u32 - 1)
+        );
     }
 
     #[test]
     fn rejects_vocab_below_bytes_plus_specials_and_empty_corpus() {
         let mut c = WordCounts::new(GPT4_PATTERN).unwrap();
         c.add_documents(&["hello"]).unwrap();
-        let options = TrainOptions { vocab_size: 256, special_tokens: vec!["<|x|>".into()], min_frequency: 1 };
-        assert!(matches!(c.train(&options, &mut no_progress()), Err(Error::Config(_))));
+        let options = TrainOptions {
+            vocab_size: 256,
+            special_tokens: vec!["<|x|>".into()],
+            min_frequency: 1,
+        };
+        assert!(matches!(
+            c.train(&options, &mut no_progress()),
+            Err(Error::Config(_))
+        ));
         let empty = WordCounts::new(GPT4_PATTERN).unwrap();
-        let options = TrainOptions { vocab_size: 300, special_tokens: vec![], min_frequency: 1 };
-        assert!(matches!(empty.train(&options, &mut no_progress()), Err(Error::Config(_))));
+        let options = TrainOptions {
+            vocab_size: 300,
+            special_tokens: vec![],
+            min_frequency: 1,
+        };
+        assert!(matches!(
+            empty.train(&options, &mut no_progress()),
+            Err(Error::Config(_))
+        ));
     }
 
     #[test]
@@ -495,7 +593,14 @@ mod tests {
     fn cancel_from_progress_stops_training() {
         let mut c = WordCounts::new(GPT4_PATTERN).unwrap();
         c.add_documents(TEXT).unwrap();
-        let options = TrainOptions { vocab_size: 400, special_tokens: vec![], min_frequency: 1 };
-        assert!(matches!(c.train(&options, &mut |_| false), Err(Error::Cancelled)));
+        let options = TrainOptions {
+            vocab_size: 400,
+            special_tokens: vec![],
+            min_frequency: 1,
+        };
+        assert!(matches!(
+            c.train(&options, &mut |_| false),
+            Err(Error::Cancelled)
+        ));
     }
 }
