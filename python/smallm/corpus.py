@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -14,11 +15,19 @@ DEFAULT_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
 """File types taken from a directory when no ``extensions`` are given."""
 
 
+STDLIB_CORPUS = "@stdlib"
+"""Corpus argument meaning the Python standard library sources: real text every machine has."""
+
+_NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
 class CorpusError(ValueError):
     """A corpus argument names nothing usable."""
 
 
-def find_corpus_files(specs: Iterable[str | os.PathLike[str]], extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> list[Path]:
+def find_corpus_files(
+    specs: Iterable[str | os.PathLike[str]], extensions: Sequence[str] = DEFAULT_EXTENSIONS
+) -> list[Path]:
     """Expands files, directories (searched recursively for ``extensions``, hidden entries skipped)
     and glob patterns into a sorted, de-duplicated list of files.
 
@@ -29,7 +38,9 @@ def find_corpus_files(specs: Iterable[str | os.PathLike[str]], extensions: Seque
     for spec in specs:
         spec = os.fspath(spec)
         matches: list[Path] = []
-        if os.path.isdir(spec):
+        if spec == STDLIB_CORPUS:
+            matches = stdlib_sources()
+        elif os.path.isdir(spec):
             matches = _walk(Path(spec), wanted)
             if not matches:
                 raise CorpusError(f"{spec}: directory holds no files ending in {', '.join(wanted)}")
@@ -54,5 +65,20 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and f.endswith(extensions))
+        files.extend(
+            Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and f.endswith(extensions)
+        )
+    return files
+
+
+def stdlib_sources() -> list[Path]:
+    """The ``.py`` files of the running interpreter's standard library, without its test suites and
+    without installed packages (about 12 MB of code on CPython 3.11)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB and not d.startswith("."))
+        files.extend(Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    if not files:
+        raise CorpusError(f"{STDLIB_CORPUS}: no Python sources found under {root}")
     return files

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import islice
-from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
@@ -226,7 +225,9 @@ class Tokenizer:
     ) -> tuple[list[str] | None, list[str] | None]:
         for name, value in (("allowed_special", allowed), ("disallowed_special", disallowed)):
             if isinstance(value, str) and value != "all":
-                raise ValueError(f'{name} must be "all" or a collection of special token strings, not {value!r}')
+                raise ValueError(
+                    f'{name} must be "all" or a collection of special token strings, not {value!r}'
+                )
             if not isinstance(value, str):
                 unknown = sorted(set(value) - self._special_ids.keys())
                 if unknown:
@@ -283,6 +284,8 @@ class _ProgressBars:
 
         bar = self._bars.get(stage)
         if bar is None:
+            for other in self._bars.values():  # one stage at a time: finish the previous bar
+                other.close()  # type: ignore[attr-defined]
             if stage == "count":
                 bar = tqdm(total=total or None, desc="counting", unit="B", unit_scale=True, unit_divisor=1024)
             else:

@@ -1,6 +1,7 @@
 """``smallm-tokenize``: the data step. Finds the corpus, trains a byte-level BPE tokenizer and saves it.
 
     smallm-tokenize CORPUS... --vocab 32000 --out DIR [--doc-mode file|line|paragraph]
+    smallm-tokenize @stdlib --vocab 8000 --out tok/     # the Python standard library as corpus
 
 The command is organised as stages (find the corpus, get a tokenizer, write the outputs) so that
 packing the corpus into token shards slots in after the tokenizer stage.
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from smallm.corpus import DEFAULT_EXTENSIONS, CorpusError, find_corpus_files
+from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, CorpusError, find_corpus_files
 from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
 
@@ -24,9 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a byte-level BPE tokenizer on a corpus and save it to --out "
         "(tokenizer.json for Hugging Face, tokenizer.tiktoken for tiktoken).",
     )
-    p.add_argument("corpus", nargs="+", help="text files, directories or glob patterns")
+    p.add_argument(
+        "corpus",
+        nargs="+",
+        help=f"text files, directories or globs; {STDLIB_CORPUS} for the Python standard library sources",
+    )
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens")
+    p.add_argument(
+        "--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens"
+    )
     p.add_argument(
         "--doc-mode",
         choices=("file", "line", "paragraph"),
@@ -45,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_EXTENSIONS),
         help="file endings taken from directories (default: %(default)s)",
     )
-    p.add_argument("--lossy", action="store_true", help="replace invalid UTF-8 with U+FFFD instead of failing")
+    p.add_argument(
+        "--lossy", action="store_true", help="replace invalid UTF-8 with U+FFFD instead of failing"
+    )
     p.add_argument("--force", action="store_true", help="overwrite a tokenizer already in --out")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,7 +90,10 @@ def check_output_dir(out: Path, force: bool) -> None:
 def train_tokenizer(args: argparse.Namespace, files: list[Path]) -> Tokenizer:
     specials = [s for s in args.special_tokens.split(",") if s]
     total = sum(f.stat().st_size for f in files)
-    print(f"training a {args.vocab}-token tokenizer on {len(files)} file(s), {total / 1e6:.1f} MB", file=sys.stderr)
+    print(
+        f"training a {args.vocab}-token tokenizer on {len(files)} file(s), {total / 1e6:.1f} MB",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     tokenizer = Tokenizer.train_from_files(
         files,
