@@ -64,6 +64,9 @@ pub struct Tokenizer {
     merges: Vec<(u32, u32)>,
     /// Pair key -> merge index (the merged id is `256 + index`).
     merge_index: FxHashMap<u64, u32>,
+    /// The same for pairs of two bytes, as a dense table: every piece starts as bytes, so the
+    /// first look-ups of each piece skip hashing.
+    byte_pair_index: Box<[u32]>,
     /// Bytes of every non-special id.
     token_bytes: Vec<Vec<u8>>,
     /// Special token strings in id order; the first has id `256 + merges.len()`.
@@ -133,10 +136,17 @@ impl Tokenizer {
                     .map_err(|e| Error::Config(format!("special tokens: {e}")))?,
             )
         };
+        let mut byte_pair_index = vec![u32::MAX; 1 << 16].into_boxed_slice();
+        for (i, &(left, right)) in merges.iter().enumerate() {
+            if left < 256 && right < 256 {
+                byte_pair_index[((left << 8) | right) as usize] = i as u32;
+            }
+        }
         Ok(Tokenizer {
             pretokenizer,
             merges,
             merge_index,
+            byte_pair_index,
             token_bytes,
             specials,
             special_matcher,
@@ -315,24 +325,42 @@ impl Tokenizer {
         cache: &mut PieceCache<'t>,
         out: &mut Vec<u32>,
     ) {
-        if piece.len() == 1 {
-            out.push(piece[0] as u32);
-            return;
-        }
-        if let Some(&(start, len)) = cache.map.get(piece) {
-            out.extend_from_slice(&cache.arena[start as usize..(start + len) as usize]);
-            return;
-        }
-        let start = cache.arena.len();
-        self.encode_piece(piece, &mut cache.arena);
-        out.extend_from_slice(&cache.arena[start..]);
-        if cache.map.len() >= PieceCache::MAX_ENTRIES {
-            cache.map.clear();
-            cache.arena.clear();
-        } else {
-            cache
-                .map
-                .insert(piece, (start as u32, (cache.arena.len() - start) as u32));
+        match piece.len() {
+            0 => {}
+            1 => out.push(piece[0] as u32),
+            n if n <= SHORT_KEY_BYTES => {
+                let key = short_key(piece);
+                if let Some(hit) = cache.short.get(&key) {
+                    out.extend_from_slice(&hit.ids[..hit.len as usize]);
+                    return;
+                }
+                let start = out.len();
+                self.encode_piece(piece, out);
+                let ids = &out[start..];
+                if ids.len() <= INLINE_IDS && cache.short.len() < PieceCache::MAX_ENTRIES {
+                    let mut hit = InlineIds {
+                        ids: [0; INLINE_IDS],
+                        len: ids.len() as u32,
+                    };
+                    hit.ids[..ids.len()].copy_from_slice(ids);
+                    cache.short.insert(key, hit);
+                }
+            }
+            _ => {
+                if let Some(&(start, len)) = cache.long.get(piece) {
+                    out.extend_from_slice(&cache.arena[start as usize..(start + len) as usize]);
+                    return;
+                }
+                let start = out.len();
+                self.encode_piece(piece, out);
+                if cache.long.len() < PieceCache::MAX_ENTRIES {
+                    let at = cache.arena.len();
+                    cache.arena.extend_from_slice(&out[start..]);
+                    cache
+                        .long
+                        .insert(piece, (at as u32, (out.len() - start) as u32));
+                }
+            }
         }
     }
 
@@ -360,8 +388,8 @@ impl Tokenizer {
         for (id, &b) in ids.iter_mut().zip(piece) {
             *id = b as u32;
         }
-        for i in 0..n.saturating_sub(1) {
-            ranks[i] = self.rank_or_max(ids[i], ids[i + 1]);
+        for (rank, pair) in ranks.iter_mut().zip(piece.windows(2)) {
+            *rank = self.byte_pair_index[(pair[0] as usize) << 8 | pair[1] as usize];
         }
         let mut len = n;
         while len > 1 {
@@ -440,16 +468,37 @@ impl Tokenizer {
     }
 }
 
+/// Pieces up to this many bytes are cached under a 16-byte key holding the bytes and the length.
+const SHORT_KEY_BYTES: usize = 15;
+/// A cached short piece keeps up to this many ids inline.
+const INLINE_IDS: usize = 3;
+
+#[inline]
+fn short_key(piece: &[u8]) -> u128 {
+    let mut buf = [0u8; 16];
+    buf[..piece.len()].copy_from_slice(piece);
+    buf[15] = piece.len() as u8;
+    u128::from_le_bytes(buf)
+}
+
+#[derive(Clone, Copy)]
+struct InlineIds {
+    ids: [u32; INLINE_IDS],
+    len: u32,
+}
+
 /// Remembers the ids of pieces already encoded in one call: text repeats its words, and a hash
-/// lookup is much cheaper than re-running the merges.
+/// lookup is much cheaper than re-running the merges. Short pieces, almost all of them, are keyed
+/// by value with their ids inline, so a hit touches one hash-table slot and nothing else.
 #[derive(Default)]
 struct PieceCache<'t> {
-    map: FxHashMap<&'t [u8], (u32, u32)>,
+    short: FxHashMap<u128, InlineIds>,
+    long: FxHashMap<&'t [u8], (u32, u32)>,
     arena: Vec<u32>,
 }
 
 impl PieceCache<'_> {
-    /// Bounds the memory one encode call can spend on the cache.
+    /// Bounds the memory one encode call can spend on each map; past it, new pieces are not cached.
     const MAX_ENTRIES: usize = 1 << 20;
 }
 
