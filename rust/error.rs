@@ -10,8 +10,16 @@ pub enum Error {
     #[error("pre-tokenization pattern: {0}")]
     Pattern(String),
     /// A corpus file is not valid UTF-8.
-    #[error("{}: not valid UTF-8 at byte offset {offset} (re-run with lossy decoding to replace invalid bytes with U+FFFD)", path.display())]
-    Utf8 { path: PathBuf, offset: usize },
+    #[error(
+        "{}: {}not valid UTF-8 at byte offset {offset} (pass --lossy, or lossy=True, to replace invalid bytes with U+FFFD)",
+        path.display(),
+        line.map(|l| format!("line {l}: ")).unwrap_or_default()
+    )]
+    Utf8 {
+        path: PathBuf,
+        offset: u64,
+        line: Option<u64>,
+    },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -2,13 +2,16 @@
 //!
 //! The pipeline reads top to bottom: [`corpus`] cuts files into documents, [`pretokenize`]
 //! splits text into pieces, [`train`] learns merges from piece counts, [`bpe`] applies them,
-//! and [`serialize`] writes what the Hugging Face and tiktoken ecosystems read. The algorithms
+//! [`serialize`] writes what the Hugging Face and tiktoken ecosystems read, and [`pack`] turns a
+//! corpus into memory-mappable token shards. The algorithms
 //! are plain Rust; the PyO3 bindings live in `python` behind the `python` feature, so
 //! `cargo test` and `cargo bench` never build them.
 
+pub mod atomic;
 pub mod bpe;
 pub mod corpus;
 pub mod error;
+pub mod pack;
 pub mod pretokenize;
 pub mod serialize;
 pub mod train;

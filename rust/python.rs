@@ -8,10 +8,11 @@ use numpy::IntoPyArray;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::bpe::{SpecialPolicy, Tokenizer};
-use crate::corpus::DocMode;
+use crate::corpus::ReadOptions;
+use crate::pack::{PackOptions, PackProgress, Packer, ShardInfo, JOURNAL};
 use crate::pretokenize::{GPT2_PATTERN, GPT4_PATTERN};
 use crate::serialize;
 use crate::train::{Progress, TrainOptions, WordCounts};
@@ -52,17 +53,19 @@ struct ProgressBridge {
 }
 
 impl ProgressBridge {
-    fn report(&mut self, p: Progress) -> bool {
+    fn new(callback: Option<Py<PyAny>>) -> Self {
+        ProgressBridge {
+            callback,
+            error: None,
+        }
+    }
+
+    /// Checks for Ctrl-C and calls the callback through `call`; false means stop.
+    fn call(&mut self, call: impl FnOnce(Python<'_>, &Py<PyAny>) -> PyResult<()>) -> bool {
         Python::attach(|py| {
             let result = py.check_signals().and_then(|()| match &self.callback {
                 None => Ok(()),
-                Some(cb) => {
-                    let (stage, done, total) = match p {
-                        Progress::Counting { bytes, total } => ("count", bytes, total),
-                        Progress::Merging { done, total } => ("merge", done as u64, total as u64),
-                    };
-                    cb.call1(py, (stage, done, total)).map(drop)
-                }
+                Some(cb) => call(py, cb),
             });
             match result {
                 Ok(()) => true,
@@ -72,6 +75,14 @@ impl ProgressBridge {
                 }
             }
         })
+    }
+
+    fn report(&mut self, p: Progress) -> bool {
+        let (stage, done, total) = match p {
+            Progress::Counting { bytes, total } => ("count", bytes, total),
+            Progress::Merging { done, total } => ("merge", done as u64, total as u64),
+        };
+        self.call(|py, cb| cb.call1(py, (stage, done, total)).map(drop))
     }
 
     /// The callback's own exception when it caused the cancellation, else the core error.
@@ -275,17 +286,19 @@ impl PyTrainer {
         Ok(())
     }
 
-    #[pyo3(signature = (paths, doc_mode="file", lossy=false, progress=None, num_threads=None))]
+    #[pyo3(signature = (paths, doc_mode="file", text_field="text".to_string(), lossy=false, progress=None, num_threads=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_files(
         &mut self,
         py: Python<'_>,
         paths: Vec<PathBuf>,
         doc_mode: &str,
+        text_field: String,
         lossy: bool,
         progress: Option<Py<PyAny>>,
         num_threads: Option<usize>,
     ) -> PyResult<()> {
-        let mode: DocMode = doc_mode.parse()?;
+        let options = read_options(doc_mode, text_field, lossy)?;
         let counts = self.counts()?;
         let mut bridge = ProgressBridge {
             callback: progress,
@@ -293,7 +306,7 @@ impl PyTrainer {
         };
         let result = py.detach(|| {
             with_threads(num_threads, || {
-                counts.add_files(&paths, mode, lossy, &mut |p| bridge.report(p))
+                counts.add_files(&paths, &options, &mut |p| bridge.report(p))
             })
         })?;
         result.map_err(|e| bridge.error(e))
@@ -339,23 +352,161 @@ impl PyTrainer {
     }
 }
 
-/// Reads a corpus file the way training does and returns its documents (used by tests and by
-/// the CLI's summary; the training path itself reads files in Rust).
+#[pyclass(module = "smallm._core", name = "Packer")]
+struct PyPacker {
+    inner: Option<Packer>,
+}
+
+impl PyPacker {
+    fn packer(&mut self) -> PyResult<&mut Packer> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("this Packer has finished; make a new one"))
+    }
+}
+
+fn shard_dicts<'py>(py: Python<'py>, shards: &[ShardInfo]) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for s in shards {
+        let d = PyDict::new(py);
+        d.set_item("file", &s.file)?;
+        d.set_item("index", &s.index)?;
+        d.set_item("tokens", s.tokens)?;
+        d.set_item("documents", s.documents)?;
+        d.set_item("text_bytes", s.text_bytes)?;
+        list.append(d)?;
+    }
+    Ok(list)
+}
+
+#[pymethods]
+impl PyPacker {
+    #[new]
+    fn new(
+        tokenizer: &PyTokenizer,
+        dir: PathBuf,
+        shard_tokens: u64,
+        val_fraction: f64,
+        fingerprint: String,
+    ) -> PyResult<Self> {
+        let options = PackOptions {
+            dir,
+            shard_tokens,
+            val_fraction,
+            fingerprint,
+        };
+        Ok(PyPacker {
+            inner: Some(Packer::new(tokenizer.inner.clone(), options)?),
+        })
+    }
+
+    #[getter]
+    fn resumed_shards(&mut self) -> PyResult<(usize, usize)> {
+        Ok(self.packer()?.resumed_shards())
+    }
+
+    #[getter]
+    fn dtype(&mut self) -> PyResult<&'static str> {
+        Ok(self.packer()?.dtype().name())
+    }
+
+    #[getter]
+    fn bos_id(&mut self) -> PyResult<u32> {
+        Ok(self.packer()?.bos_id())
+    }
+
+    #[getter]
+    fn tokens_written(&mut self) -> PyResult<u64> {
+        Ok(self.packer()?.tokens_written())
+    }
+
+    #[pyo3(signature = (texts, source, first_document, num_threads=None))]
+    fn add_texts(
+        &mut self,
+        py: Python<'_>,
+        texts: Vec<PyBackedStr>,
+        source: u32,
+        first_document: u64,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
+        let packer = self.packer()?;
+        py.detach(|| {
+            with_threads(num_threads, || {
+                packer.add_documents(&texts, source, first_document)
+            })
+        })??;
+        Ok(())
+    }
+
+    #[pyo3(signature = (paths, first_source=0, doc_mode="file", text_field="text".to_string(), lossy=false, progress=None, num_threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_files(
+        &mut self,
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        first_source: u32,
+        doc_mode: &str,
+        text_field: String,
+        lossy: bool,
+        progress: Option<Py<PyAny>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
+        let options = read_options(doc_mode, text_field, lossy)?;
+        let packer = self.packer()?;
+        let mut bridge = ProgressBridge::new(progress);
+        let mut report = |p: PackProgress| {
+            bridge.call(|py, cb| cb.call1(py, (p.bytes, p.total, p.tokens)).map(drop))
+        };
+        let result = py.detach(|| {
+            with_threads(num_threads, || {
+                packer.add_files(&paths, first_source, &options, &mut report)
+            })
+        })?;
+        result.map_err(|e| bridge.error(e))
+    }
+
+    /// Writes the open shards; returns {"train": [...], "val": [...]} with every shard's counts.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let packer = self
+            .inner
+            .take()
+            .ok_or_else(|| PyValueError::new_err("this Packer has already finished"))?;
+        let (train, val) = py.detach(|| packer.finish())?;
+        let out = PyDict::new(py);
+        out.set_item("train", shard_dicts(py, &train)?)?;
+        out.set_item("val", shard_dicts(py, &val)?)?;
+        Ok(out)
+    }
+}
+
+fn read_options(doc_mode: &str, text_field: String, lossy: bool) -> PyResult<ReadOptions> {
+    Ok(ReadOptions {
+        mode: doc_mode.parse()?,
+        text_field,
+        lossy,
+    })
+}
+
+/// Reads a corpus file the way training and packing do and returns its documents.
 #[pyfunction]
-#[pyo3(signature = (path, doc_mode="file", lossy=false))]
-fn read_documents(path: PathBuf, doc_mode: &str, lossy: bool) -> PyResult<Vec<String>> {
-    let mode: DocMode = doc_mode.parse()?;
-    let text = crate::corpus::read_text(&path, lossy)?;
-    Ok(crate::corpus::documents(&text, mode)
-        .into_iter()
-        .map(str::to_owned)
-        .collect())
+#[pyo3(signature = (path, doc_mode="file", text_field="text".to_string(), lossy=false))]
+fn read_documents(
+    py: Python<'_>,
+    path: PathBuf,
+    doc_mode: &str,
+    text_field: String,
+    lossy: bool,
+) -> PyResult<Vec<String>> {
+    let options = read_options(doc_mode, text_field, lossy)?;
+    Ok(py.detach(|| crate::corpus::read_all(&path, &options))?)
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
     m.add_class::<PyTrainer>()?;
+    m.add_class::<PyPacker>()?;
+    m.add("PACK_JOURNAL", JOURNAL)?;
     m.add_function(wrap_pyfunction!(read_documents, m)?)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;

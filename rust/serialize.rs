@@ -6,12 +6,12 @@
 //! the special tokens as added tokens. `tokenizer.tiktoken` is tiktoken's rank file: one line per
 //! non-special token, the base64 of its bytes, a space, and its id.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine;
 use serde_json::{json, Value};
 
+use crate::atomic::write_atomic;
 use crate::bpe::Tokenizer;
 use crate::{Error, Result};
 
@@ -284,30 +284,6 @@ fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or_else(|| "pre_tokenizer Split step has no pattern.Regex".into())
-}
-
-/// Writes `contents` to `path` through a temporary file in the same directory and a rename, so
-/// a crash never leaves a half-written file where a good one was.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 /// Saves `dir/tokenizer.json` and `dir/tokenizer.tiktoken`, creating `dir` if needed.

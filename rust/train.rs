@@ -22,12 +22,12 @@ use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::bpe::{pair_key, Tokenizer};
-use crate::corpus::{documents, read_text, DocMode};
+use crate::corpus::{DocReader, ReadOptions};
 use crate::pretokenize::PreTokenizer;
 use crate::{Error, Result};
 
-/// Files are read and counted in batches of about this many bytes, which bounds memory.
-const FILE_BATCH_BYTES: u64 = 64 << 20;
+/// Files are read and counted in batches of about this many bytes of text, which bounds memory.
+const BATCH_BYTES: usize = 64 << 20;
 
 /// Calls the merge-phase progress callback this often.
 const PROGRESS_EVERY_MERGES: usize = 256;
@@ -143,13 +143,12 @@ impl WordCounts {
         Ok(())
     }
 
-    /// Reads and counts text files directly, `mode` saying what a document is. Invalid UTF-8 is
-    /// an error naming the file and byte offset unless `lossy`.
+    /// Reads and counts corpus files directly (see [`crate::corpus`] for the formats). Documents
+    /// of many small files are counted together so that small files still use every core.
     pub fn add_files(
         &mut self,
         paths: &[PathBuf],
-        mode: DocMode,
-        lossy: bool,
+        options: &ReadOptions,
         progress: &mut ProgressFn,
     ) -> Result<()> {
         let sizes: Vec<u64> = paths
@@ -161,24 +160,36 @@ impl WordCounts {
             })
             .collect::<Result<_>>()?;
         let total: u64 = sizes.iter().sum();
-        let mut done = 0;
-        let mut i = 0;
-        while i < paths.len() {
-            let mut batch_bytes = 0;
-            let mut texts = Vec::new();
-            while i < paths.len()
-                && (texts.is_empty() || batch_bytes + sizes[i] <= FILE_BATCH_BYTES)
-            {
-                texts.push(read_text(&paths[i], lossy)?);
-                batch_bytes += sizes[i];
-                i += 1;
+        let mut finished_bytes = 0;
+        let mut batch: Vec<String> = Vec::new();
+        let mut batch_bytes = 0;
+        for (path, size) in paths.iter().zip(&sizes) {
+            let mut reader = DocReader::open(path, options)?;
+            loop {
+                let docs = reader.next_batch(BATCH_BYTES)?;
+                if docs.is_empty() {
+                    break;
+                }
+                batch_bytes += docs.iter().map(String::len).sum::<usize>();
+                batch.extend(docs);
+                if batch_bytes >= BATCH_BYTES {
+                    self.add_documents(&batch)?;
+                    batch.clear();
+                    batch_bytes = 0;
+                    let done = finished_bytes + reader.bytes_read().min(*size);
+                    if !progress(Progress::Counting { bytes: done, total }) {
+                        return Err(Error::Cancelled);
+                    }
+                }
             }
-            let docs: Vec<&str> = texts.iter().flat_map(|t| documents(t, mode)).collect();
-            self.add_documents(&docs)?;
-            done += batch_bytes;
-            if !progress(Progress::Counting { bytes: done, total }) {
-                return Err(Error::Cancelled);
-            }
+            finished_bytes += size;
+        }
+        self.add_documents(&batch)?;
+        if !progress(Progress::Counting {
+            bytes: total,
+            total,
+        }) {
+            return Err(Error::Cancelled);
         }
         Ok(())
     }

@@ -61,6 +61,7 @@ class Trainer:
         self,
         paths: Sequence[str | PathLike[str]],
         doc_mode: str = "file",
+        text_field: str = "text",
         lossy: bool = False,
         progress: ProgressCallback | None = None,
         num_threads: int | None = None,
@@ -74,4 +75,6 @@ class Trainer:
         num_threads: int | None = None,
     ) -> tuple[Tokenizer, dict[str, int]]: ...
 
-def read_documents(path: str | PathLike[str], doc_mode: str = "file", lossy: bool = False) -> list[str]: ...
+def read_documents(
+    path: str | PathLike[str], doc_mode: str = "file", text_field: str = "text", lossy: bool = False
+) -> list[str]: ...

@@ -61,19 +61,22 @@ class Tokenizer:
         pattern: str = "gpt4",
         special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
         doc_mode: Literal["file", "line", "paragraph"] = "file",
+        text_field: str = "text",
         lossy: bool = False,
         min_frequency: int = 2,
         progress: Progress = False,
         num_threads: int | None = None,
     ) -> Tokenizer:
-        """Trains on text files, read and counted in Rust.
+        """Trains on corpus files, read and counted in Rust.
 
         Args:
-            paths: UTF-8 text files.
+            paths: UTF-8 text files (cut by ``doc_mode``) or JSON Lines files (``.jsonl``, one document
+                per record, its ``text_field``), either possibly gzip-compressed (``.gz``).
             vocab_size: 256 bytes + merges + special tokens.
             pattern: ``"gpt4"``, ``"gpt2"`` or a regex for pre-tokenization.
             special_tokens: special token strings; they get the ids after the merges.
             doc_mode: what a document is: the whole ``file``, each ``line``, or each ``paragraph``.
+            text_field: the field of a JSON Lines record that holds its text.
             lossy: replace invalid UTF-8 with U+FFFD instead of failing.
             min_frequency: pairs seen fewer times are not merged (training stops early instead).
             progress: True for tqdm bars, or a callable ``(stage, done, total)``.
@@ -81,7 +84,7 @@ class Tokenizer:
         """
         trainer = _core.Trainer(resolve_pattern(pattern))
         with _ProgressBars(progress) as report:
-            trainer.add_files([os.fspath(p) for p in paths], doc_mode, lossy, report, num_threads)
+            trainer.add_files([os.fspath(p) for p in paths], doc_mode, text_field, lossy, report, num_threads)
             return cls._finish(trainer, vocab_size, special_tokens, min_frequency, report, num_threads)
 
     @classmethod

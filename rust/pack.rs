@@ -1,0 +1,672 @@
+//! Packing documents into memory-mappable token shards.
+//!
+//! Layout (the llm.c / modded-nanogpt one, so their loaders read our shards too):
+//!
+//! * `{split}_{k:06}.bin`: a header of 256 little-endian int32 — magic 20240520, version, token
+//!   count — then the tokens. Version 1 means uint16 tokens; version 2 (our extension, for
+//!   vocabularies over 65536) means uint32 tokens.
+//! * `{split}_{k:06}.idx`: the document index — 4 little-endian int64 (magic 20240521, version 1,
+//!   document count, token count), then the int64 offset of every document's first token.
+//!
+//! Every document starts with the `<|endoftext|>` id and is encoded as ordinary text, so a special
+//! token string inside a document stays text. Documents never span shards: a shard is closed when
+//! the next document would not fit (a document longer than a shard gets a shard of its own).
+//! Documents go to the validation split by a hash of their text, so the split does not depend on
+//! thread count or file order, and duplicates land on the same side.
+//!
+//! Output is byte-identical for any thread count. Each shard is written atomically, then recorded
+//! in a journal; a re-run with the same fingerprint (inputs, options, tokenizer) skips the
+//! documents that finished shards hold and starts the next shard where the journal ends.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::{write_atomic, write_atomic_with};
+use crate::bpe::Tokenizer;
+use crate::corpus::{DocReader, ReadOptions};
+use crate::{Error, Result};
+
+/// Magic number of a token shard header.
+pub const SHARD_MAGIC: i32 = 20240520;
+/// Magic number of a document index header.
+pub const INDEX_MAGIC: i64 = 20240521;
+/// Number of int32 in a shard header.
+pub const HEADER_INTS: usize = 256;
+/// Name of the journal of finished shards, removed once the manifest is written.
+pub const JOURNAL: &str = "pack-journal.json";
+/// The special token that starts every document.
+pub const BOS: &str = "<|endoftext|>";
+
+/// Documents are read and encoded in batches of about this many bytes of text.
+const BATCH_BYTES: usize = 32 << 20;
+
+/// Token storage width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenDtype {
+    U16,
+    U32,
+}
+
+impl TokenDtype {
+    /// The narrowest width that holds every id of a vocabulary.
+    pub fn for_vocab(vocab_size: usize) -> Self {
+        if vocab_size <= 1 << 16 {
+            TokenDtype::U16
+        } else {
+            TokenDtype::U32
+        }
+    }
+
+    /// The header version that announces this width.
+    pub fn version(self) -> i32 {
+        match self {
+            TokenDtype::U16 => 1,
+            TokenDtype::U32 => 2,
+        }
+    }
+
+    /// The numpy name of this width.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenDtype::U16 => "uint16",
+            TokenDtype::U32 => "uint32",
+        }
+    }
+}
+
+/// Where a document comes from: the index of its source and its number within that source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    pub source: u32,
+    pub document: u64,
+}
+
+/// A finished shard.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name of the tokens, relative to the output directory.
+    pub file: String,
+    /// File name of the document index.
+    pub index: String,
+    pub tokens: u64,
+    pub documents: u64,
+    /// Bytes of UTF-8 text the shard's documents came from.
+    pub text_bytes: u64,
+    /// Position of the shard's last document.
+    pub end: Position,
+}
+
+/// Packing options.
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// Output directory.
+    pub dir: PathBuf,
+    /// Most tokens in one shard.
+    pub shard_tokens: u64,
+    /// Fraction of documents for the validation split, in [0, 1).
+    pub val_fraction: f64,
+    /// Identifies inputs, options and tokenizer; a journal with another fingerprint is not resumed.
+    pub fingerprint: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Journal {
+    fingerprint: String,
+    train: Vec<ShardInfo>,
+    val: Vec<ShardInfo>,
+}
+
+/// Progress of [`Packer::add_files`].
+#[derive(Clone, Copy, Debug)]
+pub struct PackProgress {
+    /// File bytes done and in all.
+    pub bytes: u64,
+    pub total: u64,
+    /// Tokens written so far (both splits, resumed shards included).
+    pub tokens: u64,
+}
+
+/// One encoded document on its way into a shard.
+struct Document<'a> {
+    bos: u32,
+    ids: &'a [u32],
+    text_bytes: usize,
+    at: Position,
+}
+
+/// Writes one split's shards.
+struct SplitWriter {
+    name: &'static str,
+    dtype: TokenDtype,
+    /// Token bytes of the open shard, little-endian in `dtype`.
+    tokens: Vec<u8>,
+    starts: Vec<u64>,
+    text_bytes: u64,
+    last: Option<Position>,
+    done: Vec<ShardInfo>,
+    /// Documents at or before this position are in shards finished by an earlier run.
+    skip_through: Option<Position>,
+}
+
+impl SplitWriter {
+    fn new(name: &'static str, dtype: TokenDtype, done: Vec<ShardInfo>) -> Self {
+        let skip_through = done.last().map(|s| s.end);
+        SplitWriter {
+            name,
+            dtype,
+            tokens: Vec::new(),
+            starts: Vec::new(),
+            text_bytes: 0,
+            last: None,
+            done,
+            skip_through,
+        }
+    }
+
+    fn width(&self) -> usize {
+        match self.dtype {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        }
+    }
+
+    fn open_tokens(&self) -> u64 {
+        (self.tokens.len() / self.width()) as u64
+    }
+
+    fn skips(&self, at: Position) -> bool {
+        self.skip_through.is_some_and(|s| at <= s)
+    }
+
+    /// Appends a document (BOS + ids), first writing the open shard if the document would not
+    /// fit in it. Returns whether a shard was written.
+    fn push(&mut self, dir: &Path, doc: Document<'_>, shard_tokens: u64) -> Result<bool> {
+        let len = doc.ids.len() as u64 + 1;
+        let flushed = !self.starts.is_empty() && self.open_tokens() + len > shard_tokens;
+        if flushed {
+            self.flush(dir)?;
+        }
+        self.starts.push(self.open_tokens());
+        match self.dtype {
+            TokenDtype::U16 => {
+                // Every id is below the vocabulary size, which fits in 16 bits for this width.
+                self.tokens
+                    .extend_from_slice(&(doc.bos as u16).to_le_bytes());
+                self.tokens
+                    .extend(doc.ids.iter().flat_map(|&id| (id as u16).to_le_bytes()));
+            }
+            TokenDtype::U32 => {
+                self.tokens.extend_from_slice(&doc.bos.to_le_bytes());
+                self.tokens
+                    .extend(doc.ids.iter().flat_map(|&id| id.to_le_bytes()));
+            }
+        }
+        self.text_bytes += doc.text_bytes as u64;
+        self.last = Some(doc.at);
+        Ok(flushed)
+    }
+
+    /// Writes the open shard, if any, and records it.
+    fn flush(&mut self, dir: &Path) -> Result<()> {
+        let Some(end) = self.last else { return Ok(()) };
+        let k = self.done.len();
+        let file = format!("{}_{k:06}.bin", self.name);
+        let index = format!("{}_{k:06}.idx", self.name);
+        let n = self.open_tokens();
+        let count = i32::try_from(n).map_err(|_| {
+            Error::Config(format!(
+                "{file}: {n} tokens do not fit the shard header's int32 count; use smaller shards"
+            ))
+        })?;
+        let mut header = vec![0i32; HEADER_INTS];
+        header[0] = SHARD_MAGIC;
+        header[1] = self.dtype.version();
+        header[2] = count;
+        write_atomic_with(&dir.join(&file), |out| {
+            for h in &header {
+                out.write_all(&h.to_le_bytes())?;
+            }
+            out.write_all(&self.tokens)
+        })?;
+        write_atomic_with(&dir.join(&index), |out| {
+            for h in [INDEX_MAGIC, 1, self.starts.len() as i64, n as i64] {
+                out.write_all(&h.to_le_bytes())?;
+            }
+            for &s in &self.starts {
+                out.write_all(&(s as i64).to_le_bytes())?;
+            }
+            Ok(())
+        })?;
+        self.done.push(ShardInfo {
+            file,
+            index,
+            tokens: n,
+            documents: self.starts.len() as u64,
+            text_bytes: self.text_bytes,
+            end,
+        });
+        self.tokens.clear();
+        self.starts.clear();
+        self.text_bytes = 0;
+        self.last = None;
+        Ok(())
+    }
+}
+
+/// Encodes documents and writes them into train and validation shards.
+pub struct Packer {
+    tokenizer: Tokenizer,
+    options: PackOptions,
+    bos: u32,
+    train: SplitWriter,
+    val: SplitWriter,
+}
+
+impl Packer {
+    /// Prepares to pack into `options.dir`, resuming from its journal when the fingerprint matches.
+    pub fn new(tokenizer: Tokenizer, options: PackOptions) -> Result<Self> {
+        let bos = tokenizer.special_id(BOS).ok_or_else(|| {
+            Error::Config(format!(
+                "the tokenizer has no {BOS} special token; shards need it to mark where each document starts"
+            ))
+        })?;
+        if options.shard_tokens == 0 || options.shard_tokens > i32::MAX as u64 {
+            return Err(Error::Config(format!(
+                "shard size {} is out of range: it must be between 1 and {} tokens",
+                options.shard_tokens,
+                i32::MAX
+            )));
+        }
+        if !(0.0..1.0).contains(&options.val_fraction) {
+            return Err(Error::Config(format!(
+                "validation fraction {} is out of range: it must be in [0, 1)",
+                options.val_fraction
+            )));
+        }
+        std::fs::create_dir_all(&options.dir).map_err(|e| Error::io(&options.dir, e))?;
+        let journal_path = options.dir.join(JOURNAL);
+        let (train, val) = match std::fs::read_to_string(&journal_path) {
+            Ok(text) => {
+                let journal: Journal = serde_json::from_str(&text).map_err(|e| Error::Format {
+                    path: journal_path.clone(),
+                    reason: format!("not a valid journal ({e}); start over with --force"),
+                })?;
+                if journal.fingerprint != options.fingerprint {
+                    return Err(Error::Config(format!(
+                        "{} holds an interrupted run with other inputs, options or tokenizer; pass --force to start over",
+                        options.dir.display()
+                    )));
+                }
+                (journal.train, journal.val)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
+            Err(e) => return Err(Error::io(&journal_path, e)),
+        };
+        let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
+        Ok(Packer {
+            tokenizer,
+            options,
+            bos,
+            train: SplitWriter::new("train", dtype, train),
+            val: SplitWriter::new("val", dtype, val),
+        })
+    }
+
+    /// Numbers of train and validation shards finished by an earlier run.
+    pub fn resumed_shards(&self) -> (usize, usize) {
+        (self.train.done.len(), self.val.done.len())
+    }
+
+    /// The storage width of the tokens.
+    pub fn dtype(&self) -> TokenDtype {
+        self.train.dtype
+    }
+
+    /// The id every document starts with.
+    pub fn bos_id(&self) -> u32 {
+        self.bos
+    }
+
+    /// Tokens written so far, both splits, open shards included.
+    pub fn tokens_written(&self) -> u64 {
+        [&self.train, &self.val]
+            .iter()
+            .map(|w| w.done.iter().map(|s| s.tokens).sum::<u64>() + w.open_tokens())
+            .sum()
+    }
+
+    /// Encodes `docs`, the documents `first_document..` of source `source`, and appends each to
+    /// its split. Documents that finished shards already hold are skipped without encoding.
+    pub fn add_documents<S: AsRef<str> + Sync>(
+        &mut self,
+        docs: &[S],
+        source: u32,
+        first_document: u64,
+    ) -> Result<()> {
+        let fraction = self.options.val_fraction;
+        let to_val: Vec<bool> = docs
+            .par_iter()
+            .map(|d| is_validation(d.as_ref(), fraction))
+            .collect();
+        let at = |i: usize| Position {
+            source,
+            document: first_document + i as u64,
+        };
+        let wanted: Vec<usize> = (0..docs.len())
+            .filter(|&i| !docs[i].as_ref().is_empty())
+            .filter(|&i| !(if to_val[i] { &self.val } else { &self.train }).skips(at(i)))
+            .collect();
+        let texts: Vec<&str> = wanted.iter().map(|&i| docs[i].as_ref()).collect();
+        let (ids, offsets) = self.tokenizer.encode_batch(&texts, None)?;
+        for (k, &i) in wanted.iter().enumerate() {
+            let doc = Document {
+                bos: self.bos,
+                ids: &ids[offsets[k]..offsets[k + 1]],
+                text_bytes: texts[k].len(),
+                at: at(i),
+            };
+            let writer = if to_val[i] {
+                &mut self.val
+            } else {
+                &mut self.train
+            };
+            if writer.push(&self.options.dir, doc, self.options.shard_tokens)? {
+                self.write_journal()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and packs corpus files; file `i` is source `first_source + i`.
+    pub fn add_files(
+        &mut self,
+        paths: &[PathBuf],
+        first_source: u32,
+        read: &ReadOptions,
+        progress: &mut dyn FnMut(PackProgress) -> bool,
+    ) -> Result<()> {
+        let sizes: Vec<u64> = paths
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .map(|m| m.len())
+                    .map_err(|e| Error::io(p, e))
+            })
+            .collect::<Result<_>>()?;
+        let total: u64 = sizes.iter().sum();
+        let mut finished = 0;
+        for (i, (path, size)) in paths.iter().zip(&sizes).enumerate() {
+            let mut reader = DocReader::open(path, read)?;
+            let mut next_document = 0;
+            loop {
+                let docs = reader.next_batch(BATCH_BYTES)?;
+                if docs.is_empty() {
+                    break;
+                }
+                self.add_documents(&docs, first_source + i as u32, next_document)?;
+                next_document += docs.len() as u64;
+                let bytes = finished + reader.bytes_read().min(*size);
+                if !progress(PackProgress {
+                    bytes,
+                    total,
+                    tokens: self.tokens_written(),
+                }) {
+                    return Err(Error::Cancelled);
+                }
+            }
+            finished += size;
+        }
+        Ok(())
+    }
+
+    /// Writes the open shards and returns every shard of each split, earlier runs' included.
+    /// The journal stays until the caller has written the manifest and removes it.
+    pub fn finish(mut self) -> Result<(Vec<ShardInfo>, Vec<ShardInfo>)> {
+        self.train.flush(&self.options.dir)?;
+        self.val.flush(&self.options.dir)?;
+        self.write_journal()?;
+        Ok((self.train.done, self.val.done))
+    }
+
+    fn write_journal(&self) -> Result<()> {
+        let journal = Journal {
+            fingerprint: self.options.fingerprint.clone(),
+            train: self.train.done.clone(),
+            val: self.val.done.clone(),
+        };
+        let text = serde_json::to_string_pretty(&journal).expect("the journal always serializes");
+        write_atomic(&self.options.dir.join(JOURNAL), text.as_bytes())
+    }
+}
+
+/// Whether a document belongs to the validation split: a stable 64-bit hash of its text (FNV-1a,
+/// then the splitmix64 finaliser to spread the bits), read as a fraction of 2^64.
+pub fn is_validation(text: &str, fraction: f64) -> bool {
+    if fraction <= 0.0 {
+        return false;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in text.as_bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    ((h >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < fraction
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pretokenize::GPT4_PATTERN;
+    use crate::train::{TrainOptions, WordCounts};
+
+    fn tokenizer() -> Tokenizer {
+        let mut c = WordCounts::new(GPT4_PATTERN).unwrap();
+        c.add_documents(&["the cat sat on the mat. 고양이가 매트 위에 앉았다. <|endoftext|> 🙂"])
+            .unwrap();
+        let options = TrainOptions {
+            vocab_size: 330,
+            special_tokens: vec!["<|endoftext|>".into(), "<|im_start|>".into()],
+            min_frequency: 1,
+        };
+        c.train(&options, &mut |_| true).unwrap().0
+    }
+
+    fn docs() -> Vec<String> {
+        (0..300)
+            .map(|i| match i % 4 {
+                0 => format!("document {i}: the cat sat on the mat"),
+                1 => format!("문서 {i}: 고양이가 매트 위에 앉았다 🙂"),
+                2 => format!("<|im_start|>user {i}<|endoftext|> stays text"),
+                _ => "x".repeat(i),
+            })
+            .collect()
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("smallm-pack-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn options(dir: &Path) -> PackOptions {
+        PackOptions {
+            dir: dir.to_path_buf(),
+            shard_tokens: 600,
+            val_fraction: 0.1,
+            fingerprint: "f1".into(),
+        }
+    }
+
+    fn pack(dir: &Path, docs: &[String]) -> (Vec<ShardInfo>, Vec<ShardInfo>) {
+        let mut p = Packer::new(tokenizer(), options(dir)).unwrap();
+        p.add_documents(&docs[..100], 0, 0).unwrap();
+        p.add_documents(&docs[100..], 0, 100).unwrap();
+        p.finish().unwrap()
+    }
+
+    /// The documents of one shard as token lists, read back from the files.
+    fn read_shard(dir: &Path, info: &ShardInfo) -> Vec<Vec<u32>> {
+        let bin = std::fs::read(dir.join(&info.file)).unwrap();
+        let header: Vec<i32> = bin[..1024]
+            .chunks(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(&header[..3], &[SHARD_MAGIC, 1, info.tokens as i32]);
+        assert!(header[3..].iter().all(|&h| h == 0));
+        assert_eq!(bin.len(), 1024 + 2 * info.tokens as usize);
+        let tokens: Vec<u32> = bin[1024..]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+            .collect();
+        let idx = std::fs::read(dir.join(&info.index)).unwrap();
+        let ints: Vec<i64> = idx
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            &ints[..4],
+            &[INDEX_MAGIC, 1, info.documents as i64, info.tokens as i64]
+        );
+        let mut starts: Vec<usize> = ints[4..].iter().map(|&s| s as usize).collect();
+        starts.push(tokens.len());
+        starts
+            .windows(2)
+            .map(|w| tokens[w[0]..w[1]].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn shards_give_back_every_document_after_its_bos() {
+        let dir = temp_dir("roundtrip");
+        let docs = docs();
+        let (train, val) = pack(&dir, &docs);
+        let tok = tokenizer();
+        let bos = tok.special_id(BOS).unwrap();
+        assert!(train.len() > 1 && !val.is_empty());
+        let mut seen = Vec::new();
+        for info in train.iter().chain(&val) {
+            assert!(
+                info.tokens <= 600 || info.documents == 1,
+                "documents never span shards"
+            );
+            for ids in read_shard(&dir, info) {
+                assert_eq!(ids[0], bos);
+                assert!(
+                    !ids[1..].contains(&bos),
+                    "special strings inside documents stay text"
+                );
+                seen.push(String::from_utf8(tok.decode_bytes(&ids[1..]).unwrap()).unwrap());
+            }
+        }
+        let mut expected = docs.clone();
+        expected.sort();
+        seen.sort();
+        assert_eq!(seen, expected);
+        let n_val: u64 = val.iter().map(|s| s.documents).sum();
+        assert!(
+            (10..=60).contains(&n_val),
+            "{n_val} validation documents of 300"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn output_is_identical_for_any_thread_count() {
+        let docs = docs();
+        let run = |threads| {
+            let dir = temp_dir(&format!("threads{threads}"));
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (train, val) = pool.install(|| pack(&dir, &docs));
+            let files: Vec<Vec<u8>> = train
+                .iter()
+                .chain(&val)
+                .flat_map(|s| [&s.file, &s.index])
+                .map(|f| std::fs::read(dir.join(f)).unwrap())
+                .collect();
+            std::fs::remove_dir_all(&dir).unwrap();
+            files
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    #[test]
+    fn interrupted_run_resumes_to_identical_shards() {
+        let docs = docs();
+        let whole = temp_dir("whole");
+        let (train, val) = pack(&whole, &docs);
+
+        let dir = temp_dir("resumed");
+        let mut first = Packer::new(tokenizer(), options(&dir)).unwrap();
+        first.add_documents(&docs[..150], 0, 0).unwrap();
+        drop(first); // interrupted: the open shards are lost, the journal keeps the finished ones
+        let mut second = Packer::new(tokenizer(), options(&dir)).unwrap();
+        assert!(second.resumed_shards().0 > 0);
+        second.add_documents(&docs[..100], 0, 0).unwrap();
+        second.add_documents(&docs[100..], 0, 100).unwrap();
+        let (train2, val2) = second.finish().unwrap();
+        assert_eq!(train.len(), train2.len());
+        assert_eq!(val.len(), val2.len());
+        for s in train.iter().chain(&val) {
+            for f in [&s.file, &s.index] {
+                assert_eq!(
+                    std::fs::read(whole.join(f)).unwrap(),
+                    std::fs::read(dir.join(f)).unwrap(),
+                    "{f}"
+                );
+            }
+        }
+        let other = PackOptions {
+            fingerprint: "f2".into(),
+            ..options(&dir)
+        };
+        let err = Packer::new(tokenizer(), other).err().unwrap().to_string();
+        assert!(err.contains("--force"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&whole).unwrap();
+    }
+
+    #[test]
+    fn bad_options_are_refused() {
+        let dir = temp_dir("options");
+        let zero = PackOptions {
+            shard_tokens: 0,
+            ..options(&dir)
+        };
+        assert!(Packer::new(tokenizer(), zero).is_err());
+        let all_val = PackOptions {
+            val_fraction: 1.0,
+            ..options(&dir)
+        };
+        assert!(Packer::new(tokenizer(), all_val).is_err());
+        let no_bos = Tokenizer::new(GPT4_PATTERN, vec![], vec!["<|im_end|>".into()]).unwrap();
+        assert!(Packer::new(no_bos, options(&dir))
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("<|endoftext|>"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn validation_choice_is_a_stable_function_of_the_text() {
+        assert!(!is_validation("anything", 0.0));
+        let picked = (0..10_000)
+            .filter(|i| is_validation(&format!("doc {i}"), 0.05))
+            .count();
+        assert!((400..600).contains(&picked), "{picked}");
+        assert_eq!(
+            is_validation("same text", 0.5),
+            is_validation("same text", 0.5)
+        );
+    }
+}
