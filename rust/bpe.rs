@@ -15,6 +15,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::pretokenize::PreTokenizer;
 use crate::{Error, Result};
 
+/// Documents are cut into units of about this size so that one big document uses every core.
+const CHUNK_BYTES: usize = 1 << 20;
+
 /// Pieces longer than this (in bytes) use the heap-based merge, which is O(n log n); shorter
 /// ones use a plain scan, which is faster for the short pieces that make up almost all text.
 const LONG_PIECE: usize = 64;
@@ -238,18 +241,33 @@ impl Tokenizer {
         texts: &[S],
         policy: Option<&SpecialPolicy>,
     ) -> Result<(Vec<u32>, Vec<usize>)> {
-        // Work in groups of documents so each task amortises its piece cache over many of them.
-        let group = (texts.len() / (rayon::current_num_threads() * 8)).clamp(1, 4096);
-        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = texts
+        // Units of work: whole documents, except that big ones are cut where the pre-tokenizer
+        // allows (same pieces, so the same ids) so a single large document uses every core.
+        // Special tokens are split out before pre-tokenization, so only plain text is cut.
+        let units: Vec<(usize, &str)> = texts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| {
+                match policy {
+                    None => self.pretokenizer.chunks(t.as_ref(), CHUNK_BYTES),
+                    Some(_) => vec![t.as_ref()],
+                }
+                .into_iter()
+                .map(move |c| (i, c))
+            })
+            .collect();
+        // Work in groups of units so each task amortises its piece cache over many of them.
+        let group = (units.len() / (rayon::current_num_threads() * 8)).clamp(1, 4096);
+        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = units
             .par_chunks(group)
-            .map(|docs| {
+            .map(|group| {
                 let mut cache = PieceCache::default();
                 let mut ids = Vec::new();
-                let mut ends = Vec::with_capacity(docs.len());
-                for doc in docs {
+                let mut ends = Vec::with_capacity(group.len());
+                for &(_, text) in group {
                     match policy {
-                        None => self.encode_ordinary_into(doc.as_ref(), &mut cache, &mut ids)?,
-                        Some(p) => self.encode_into(doc.as_ref(), p, &mut cache, &mut ids)?,
+                        None => self.encode_ordinary_into(text, &mut cache, &mut ids)?,
+                        Some(p) => self.encode_into(text, p, &mut cache, &mut ids)?,
                     }
                     ends.push(ids.len());
                 }
@@ -262,14 +280,19 @@ impl Tokenizer {
                 .map(|p| p.as_ref().map_or(0, |p| p.0.len()))
                 .sum(),
         );
-        let mut offsets = Vec::with_capacity(texts.len() + 1);
-        offsets.push(0);
+        // offsets[i + 1] is where document i ends: the end of its last unit.
+        let mut offsets = vec![0; texts.len() + 1];
+        let mut unit = 0;
         for part in parts {
             let (ids, ends) = part?;
             let base = all.len();
-            offsets.extend(ends.into_iter().map(|e| base + e));
+            for end in ends {
+                offsets[units[unit].0 + 1] = base + end;
+                unit += 1;
+            }
             all.extend_from_slice(&ids);
         }
+        debug_assert_eq!(unit, units.len(), "every document has at least one unit");
         Ok((all, offsets))
     }
 
@@ -599,6 +622,22 @@ mod tests {
             assert_eq!(
                 ids[offsets[i]..offsets[i + 1]],
                 t.encode_ordinary(d).unwrap()[..]
+            );
+        }
+    }
+
+    #[test]
+    fn big_documents_cut_into_units_encode_the_same() {
+        let t = toy();
+        let line = "aab ab aaab\nbaa b\n  aa\tab\n";
+        let big = line.repeat((3 << 20) / line.len());
+        let docs = vec!["ab", big.as_str(), "", "aaab"];
+        let (ids, offsets) = t.encode_batch(&docs, None).unwrap();
+        for (i, d) in docs.iter().enumerate() {
+            assert_eq!(
+                ids[offsets[i]..offsets[i + 1]],
+                t.encode_ordinary(d).unwrap()[..],
+                "document {i}"
             );
         }
     }

@@ -346,18 +346,25 @@ impl Packer {
         source: u32,
         first_document: u64,
     ) -> Result<()> {
+        let positions: Vec<Position> = (0..docs.len() as u64)
+            .map(|i| Position {
+                source,
+                document: first_document + i,
+            })
+            .collect();
+        self.add_at(docs, &positions)
+    }
+
+    /// [`Packer::add_documents`] with the position of every document given.
+    fn add_at<S: AsRef<str> + Sync>(&mut self, docs: &[S], positions: &[Position]) -> Result<()> {
         let fraction = self.options.val_fraction;
         let to_val: Vec<bool> = docs
             .par_iter()
             .map(|d| is_validation(d.as_ref(), fraction))
             .collect();
-        let at = |i: usize| Position {
-            source,
-            document: first_document + i as u64,
-        };
         let wanted: Vec<usize> = (0..docs.len())
             .filter(|&i| !docs[i].as_ref().is_empty())
-            .filter(|&i| !(if to_val[i] { &self.val } else { &self.train }).skips(at(i)))
+            .filter(|&i| !(if to_val[i] { &self.val } else { &self.train }).skips(positions[i]))
             .collect();
         let texts: Vec<&str> = wanted.iter().map(|&i| docs[i].as_ref()).collect();
         let (ids, offsets) = self.tokenizer.encode_batch(&texts, None)?;
@@ -366,7 +373,7 @@ impl Packer {
                 bos: self.bos,
                 ids: &ids[offsets[k]..offsets[k + 1]],
                 text_bytes: texts[k].len(),
-                at: at(i),
+                at: positions[i],
             };
             let writer = if to_val[i] {
                 &mut self.val
@@ -380,7 +387,8 @@ impl Packer {
         Ok(())
     }
 
-    /// Reads and packs corpus files; file `i` is source `first_source + i`.
+    /// Reads and packs corpus files; file `i` is source `first_source + i`. Documents of many
+    /// small files are encoded together so that small files still use every core.
     pub fn add_files(
         &mut self,
         paths: &[PathBuf],
@@ -398,7 +406,11 @@ impl Packer {
             .collect::<Result<_>>()?;
         let total: u64 = sizes.iter().sum();
         let mut finished = 0;
+        let mut batch: Vec<String> = Vec::new();
+        let mut positions: Vec<Position> = Vec::new();
+        let mut batch_bytes = 0;
         for (i, (path, size)) in paths.iter().zip(&sizes).enumerate() {
+            let source = first_source + i as u32;
             let mut reader = DocReader::open(path, read)?;
             let mut next_document = 0;
             loop {
@@ -406,18 +418,39 @@ impl Packer {
                 if docs.is_empty() {
                     break;
                 }
-                self.add_documents(&docs, first_source + i as u32, next_document)?;
-                next_document += docs.len() as u64;
-                let bytes = finished + reader.bytes_read().min(*size);
-                if !progress(PackProgress {
-                    bytes,
-                    total,
-                    tokens: self.tokens_written(),
-                }) {
-                    return Err(Error::Cancelled);
+                for doc in docs {
+                    batch_bytes += doc.len();
+                    batch.push(doc);
+                    positions.push(Position {
+                        source,
+                        document: next_document,
+                    });
+                    next_document += 1;
+                }
+                if batch_bytes >= BATCH_BYTES {
+                    self.add_at(&batch, &positions)?;
+                    batch.clear();
+                    positions.clear();
+                    batch_bytes = 0;
+                    let bytes = finished + reader.bytes_read().min(*size);
+                    if !progress(PackProgress {
+                        bytes,
+                        total,
+                        tokens: self.tokens_written(),
+                    }) {
+                        return Err(Error::Cancelled);
+                    }
                 }
             }
             finished += size;
+        }
+        self.add_at(&batch, &positions)?;
+        if !progress(PackProgress {
+            bytes: total,
+            total,
+            tokens: self.tokens_written(),
+        }) {
+            return Err(Error::Cancelled);
         }
         Ok(())
     }
@@ -633,6 +666,55 @@ mod tests {
         assert!(err.contains("--force"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&whole).unwrap();
+    }
+
+    #[test]
+    fn packing_files_equals_packing_their_documents() {
+        let docs = docs();
+        let src = temp_dir("files-src");
+        std::fs::create_dir_all(&src).unwrap();
+        let paths: Vec<PathBuf> = docs
+            .chunks(60)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let p = src.join(format!("part{i}.txt"));
+                std::fs::write(
+                    &p,
+                    chunk.iter().map(|d| format!("{d}\n")).collect::<String>(),
+                )
+                .unwrap();
+                p
+            })
+            .collect();
+        let lines = ReadOptions {
+            mode: crate::corpus::DocMode::Line,
+            ..ReadOptions::default()
+        };
+        let from_files = temp_dir("from-files");
+        let mut p = Packer::new(tokenizer(), options(&from_files)).unwrap();
+        p.add_files(&paths, 0, &lines, &mut |_| true).unwrap();
+        let (train, val) = p.finish().unwrap();
+        let from_docs = temp_dir("from-docs");
+        let mut p = Packer::new(tokenizer(), options(&from_docs)).unwrap();
+        for (i, chunk) in docs.chunks(60).enumerate() {
+            p.add_documents(chunk, i as u32, 0).unwrap();
+        }
+        p.finish().unwrap();
+        for s in train.iter().chain(&val) {
+            assert_eq!(
+                std::fs::read(from_files.join(&s.file)).unwrap(),
+                std::fs::read(from_docs.join(&s.file)).unwrap()
+            );
+        }
+        let journal = |d: &Path| std::fs::read_to_string(d.join(JOURNAL)).unwrap();
+        assert_eq!(
+            journal(&from_files),
+            journal(&from_docs),
+            "same positions recorded"
+        );
+        for d in [&src, &from_files, &from_docs] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 
     #[test]

@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
 
 from smallm import _core
+from smallm.corpus import Corpus, FileGroup
 
 GPT4_PATTERN: str = _core.GPT4_PATTERN
 """The GPT-4 (cl100k) split pattern: the default."""
@@ -82,9 +84,41 @@ class Tokenizer:
             progress: True for tqdm bars, or a callable ``(stage, done, total)``.
             num_threads: threads to use (default: all cores).
         """
+        corpus = Corpus(files=[Path(p) for p in paths], doc_mode=doc_mode, text_field=text_field, lossy=lossy)
+        return cls.train_from_corpus(
+            corpus,
+            vocab_size,
+            pattern=pattern,
+            special_tokens=special_tokens,
+            min_frequency=min_frequency,
+            progress=progress,
+            num_threads=num_threads,
+        )
+
+    @classmethod
+    def train_from_corpus(
+        cls,
+        corpus: Corpus,
+        vocab_size: int,
+        *,
+        pattern: str = "gpt4",
+        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+        min_frequency: int = 2,
+        progress: Progress = False,
+        num_threads: int | None = None,
+    ) -> Tokenizer:
+        """Trains on a :class:`~smallm.corpus.Corpus`: files the core reads itself, parquet files and
+        a Hugging Face dataset. Arguments as in :meth:`train_from_files`."""
         trainer = _core.Trainer(resolve_pattern(pattern))
         with _ProgressBars(progress) as report:
-            trainer.add_files([os.fspath(p) for p in paths], doc_mode, text_field, lossy, report, num_threads)
+            for source in corpus.sources():
+                if isinstance(source, FileGroup):
+                    paths = [os.fspath(p) for p in source.paths]
+                    options = (corpus.doc_mode, corpus.text_field, corpus.lossy)
+                    trainer.add_files(paths, *options, report, num_threads)
+                else:
+                    for batch in source.batches():
+                        trainer.add_texts(batch, num_threads)
             return cls._finish(trainer, vocab_size, special_tokens, min_frequency, report, num_threads)
 
     @classmethod

@@ -1,10 +1,13 @@
-"""``smallm-tokenize``: the data step. Finds the corpus, trains a byte-level BPE tokenizer and saves it.
+"""``smallm-tokenize``: the whole data step. Finds the corpus, trains a byte-level BPE tokenizer (or
+reuses one), and packs every document into token shards for training.
 
-    smallm-tokenize CORPUS... --vocab 32000 --out DIR [--doc-mode file|line|paragraph]
-    smallm-tokenize @stdlib --vocab 8000 --out tok/     # the Python standard library as corpus
+    smallm-tokenize CORPUS... --vocab 32000 --out DIR
+    smallm-tokenize CORPUS... --tokenizer TOKDIR --out DIR        # reuse a tokenizer
+    smallm-tokenize --hf-dataset json --hf-data-files a.jsonl --out DIR
+    smallm-tokenize @stdlib --vocab 8000 --out DIR                 # the Python standard library
 
-The command is organised as stages (find the corpus, get a tokenizer, write the outputs) so that
-packing the corpus into token shards slots in after the tokenizer stage.
+DIR receives ``tokenizer.json``, ``tokenizer.tiktoken``, the shards ``train_*.bin``/``val_*.bin`` with
+their ``.idx`` document indexes, and ``manifest.json``. An interrupted run resumes when run again.
 """
 
 from __future__ import annotations
@@ -15,47 +18,66 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, CorpusError, find_corpus_files
+from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
+from smallm.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
 from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.tiktoken")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smallm-tokenize",
-        description="Train a byte-level BPE tokenizer on a corpus and save it to --out "
-        "(tokenizer.json for Hugging Face, tokenizer.tiktoken for tiktoken).",
+        description="Train a byte-level BPE tokenizer on a corpus and pack the corpus into token shards.",
     )
     p.add_argument(
         "corpus",
-        nargs="+",
-        help=f"text files, directories or globs; {STDLIB_CORPUS} for the Python standard library sources",
+        nargs="*",
+        help=f"files (.txt, .jsonl, .parquet, .gz), directories or globs; {STDLIB_CORPUS}: the Python stdlib",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument(
         "--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens"
     )
-    p.add_argument(
+    p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer in this directory instead of training")
+    p.add_argument("--no-shards", action="store_true", help="only train and save the tokenizer")
+
+    g = p.add_argument_group("documents")
+    g.add_argument(
         "--doc-mode",
         choices=("file", "line", "paragraph"),
         default="file",
-        help="what one document is: a whole file, each line, or each blank-line separated paragraph",
+        help="what a document is in a text file: the file, each line, or each blank-line separated paragraph",
     )
-    p.add_argument("--pattern", default="gpt4", help="pre-tokenization: gpt4, gpt2 or a regex (default gpt4)")
-    p.add_argument(
+    g.add_argument(
+        "--text-field", default="text", help="field holding the text in jsonl, parquet and datasets"
+    )
+    g.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file endings taken from directories")
+    g.add_argument(
+        "--lossy", action="store_true", help="replace invalid UTF-8 with U+FFFD instead of failing"
+    )
+    g.add_argument("--hf-dataset", help="a datasets name or builder (json, parquet, text), read streaming")
+    g.add_argument("--hf-config", help="the dataset configuration")
+    g.add_argument("--split", default="train", help="the dataset split to read (default: %(default)s)")
+    g.add_argument("--hf-data-files", nargs="+", help="data files for a local builder such as json")
+
+    g = p.add_argument_group("tokenizer training")
+    g.add_argument("--pattern", default="gpt4", help="pre-tokenization: gpt4, gpt2 or a regex (default gpt4)")
+    g.add_argument(
         "--special-tokens",
         default=",".join(DEFAULT_SPECIAL_TOKENS),
         help="comma-separated special tokens, given the ids after the merges (default: %(default)s)",
     )
-    p.add_argument("--min-frequency", type=int, default=2, help="do not merge pairs seen fewer times")
-    p.add_argument(
-        "--ext",
-        default=",".join(DEFAULT_EXTENSIONS),
-        help="file endings taken from directories (default: %(default)s)",
+    g.add_argument("--min-frequency", type=int, default=2, help="do not merge pairs seen fewer times")
+
+    g = p.add_argument_group("shards")
+    defaults = PackOptions()
+    g.add_argument(
+        "--val-fraction", type=float, default=defaults.val_fraction, help="validation share of documents"
     )
-    p.add_argument(
-        "--lossy", action="store_true", help="replace invalid UTF-8 with U+FFFD instead of failing"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite a tokenizer already in --out")
+    g.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens, help="most tokens per shard")
+
+    p.add_argument("--force", action="store_true", help="replace what is already in --out")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -64,52 +86,97 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        files = find_corpus_files(args.corpus, [e.strip() for e in args.ext.split(",") if e.strip()])
-        check_output_dir(args.out, args.force)
-        tokenizer = train_tokenizer(args, files)
-        tokenizer.save(args.out)
-    except (CorpusError, ValueError, OSError) as e:
+        corpus = find_corpus(args)
+        resuming = prepare_output(args.out, args)
+        tokenizer = get_tokenizer(args, corpus, resuming)
+        if not args.no_shards:
+            write_shards(args, corpus, tokenizer)
+    except (ValueError, OSError) as e:
         print(f"smallm-tokenize: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("smallm-tokenize: interrupted; nothing was written", file=sys.stderr)
+        print("smallm-tokenize: interrupted; finished shards are kept and a re-run resumes", file=sys.stderr)
         return 130
-    print(f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}")
     return 0
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuses to replace a tokenizer that is already there unless ``force``."""
+def find_corpus(args: argparse.Namespace) -> Corpus:
+    if not args.corpus and not args.hf_dataset:
+        raise CorpusError("give corpus files, directories or globs, or --hf-dataset")
+    extensions = [e.strip() for e in args.ext.split(",") if e.strip()]
+    files = find_corpus_files(args.corpus, extensions) if args.corpus else []
+    return Corpus(
+        files=files,
+        doc_mode=args.doc_mode,
+        text_field=args.text_field,
+        lossy=args.lossy,
+        hf_dataset=args.hf_dataset,
+        hf_config=args.hf_config,
+        hf_split=args.split,
+        hf_data_files=args.hf_data_files,
+    )
+
+
+def prepare_output(out: Path, args: argparse.Namespace) -> bool:
+    """Checks --out, clearing it under --force. Returns whether an interrupted run is resumed."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    existing = [n for n in ("tokenizer.json", "tokenizer.tiktoken") if (out / n).exists()]
-    if existing and not force:
+    shard_files = sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")) if out.is_dir() else []
+    if args.force:
+        for f in [*shard_files, *(p.with_suffix(".idx") for p in shard_files), out / MANIFEST, out / JOURNAL]:
+            f.unlink(missing_ok=True)
+        return False
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{out} already holds packed shards ({MANIFEST}); pass --force to replace them")
+    if (out / JOURNAL).exists() and not args.no_shards:
+        return True
+    if shard_files:
+        raise ValueError(f"{out} holds shards without a manifest or journal; pass --force to replace them")
+    existing = [n for n in TOKENIZER_FILES if (out / n).exists()]
+    reused_here = args.tokenizer is not None and args.tokenizer.resolve() == out.resolve()
+    if existing and not reused_here:
         raise ValueError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
+    return False
 
 
-def train_tokenizer(args: argparse.Namespace, files: list[Path]) -> Tokenizer:
+def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> Tokenizer:
+    """Loads --tokenizer, or the tokenizer of the run being resumed, or trains one; saves it to --out."""
+    if args.tokenizer is not None or resuming:
+        source = args.tokenizer if args.tokenizer is not None else args.out
+        tokenizer = Tokenizer.load(source)
+        note = "resuming an interrupted run with" if resuming and args.tokenizer is None else "using"
+        print(f"{note} the tokenizer in {source} (vocab {tokenizer.vocab_size})", file=sys.stderr)
+    else:
+        tokenizer = train_tokenizer(args, corpus)
+    if not (args.out / "tokenizer.json").exists() or not resuming:
+        same_dir = args.tokenizer is not None and args.tokenizer.resolve() == args.out.resolve()
+        if not same_dir:
+            tokenizer.save(args.out)
+            print(
+                f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr
+            )
+    return tokenizer
+
+
+def train_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:
     specials = [s for s in args.special_tokens.split(",") if s]
-    total = sum(f.stat().st_size for f in files)
-    print(
-        f"training a {args.vocab}-token tokenizer on {len(files)} file(s), {total / 1e6:.1f} MB",
-        file=sys.stderr,
-    )
+    what = f"{len(corpus.files)} file(s), {corpus.total_file_bytes() / 1e6:.1f} MB"
+    if corpus.hf_dataset:
+        what += f" and dataset {corpus.hf_dataset}"
+    print(f"training a {args.vocab}-token tokenizer on {what}", file=sys.stderr)
     start = time.perf_counter()
-    tokenizer = Tokenizer.train_from_files(
-        files,
+    tokenizer = Tokenizer.train_from_corpus(
+        corpus,
         args.vocab,
         pattern=args.pattern,
         special_tokens=specials,
-        doc_mode=args.doc_mode,
-        lossy=args.lossy,
         min_frequency=args.min_frequency,
         progress=not args.quiet,
         num_threads=args.threads,
     )
     report = tokenizer.training_report or {}
-    seconds = time.perf_counter() - start
     print(
-        f"trained in {seconds:.1f} s: {report.get('documents', 0)} documents, "
+        f"trained in {time.perf_counter() - start:.1f} s: {report.get('documents', 0)} documents, "
         f"{report.get('total_pieces', 0)} pieces ({report.get('unique_pieces', 0)} distinct), "
         f"vocab {tokenizer.vocab_size}",
         file=sys.stderr,
@@ -121,6 +188,26 @@ def train_tokenizer(args: argparse.Namespace, files: list[Path]) -> Tokenizer:
             file=sys.stderr,
         )
     return tokenizer
+
+
+def write_shards(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer) -> None:
+    options = PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
+    start = time.perf_counter()
+    manifest = pack_corpus(
+        corpus, tokenizer, args.out, options, progress=not args.quiet, num_threads=args.threads
+    )
+    seconds = time.perf_counter() - start
+    totals = manifest["totals"]
+    all_bytes = sum(t["text_bytes"] for t in totals.values())
+    all_tokens = sum(t["tokens"] for t in totals.values())
+    print(
+        f"packed in {seconds:.1f} s ({all_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s, "
+        f"{all_tokens / 1e6 / max(seconds, 1e-9):.2f}M tokens/s) into {args.out}:"
+    )
+    print(f"  {'split':<6} {'shards':>6} {'documents':>10} {'tokens':>12} {'bytes/token':>11}")
+    for name, t in totals.items():
+        counts = f"{t['shards']:>6} {t['documents']:>10} {t['tokens']:>12}"
+        print(f"  {name:<6} {counts} {t['bytes_per_token']:>11.3f}")
 
 
 if __name__ == "__main__":
