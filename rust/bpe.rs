@@ -256,10 +256,21 @@ impl Tokenizer {
                 .map(move |c| (i, c))
             })
             .collect();
-        // Work in groups of units so each task amortises its piece cache over many of them.
-        let group = (units.len() / (rayon::current_num_threads() * 8)).clamp(1, 4096);
-        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = units
-            .par_chunks(group)
+        // Work in groups of units of similar byte size, several per thread for balance; each task
+        // amortises its piece cache over the many small documents a group may hold.
+        let total: usize = units.iter().map(|u| u.1.len()).sum();
+        let target = (total / (rayon::current_num_threads() * 8)).max(1 << 16);
+        let mut groups: Vec<&[(usize, &str)]> = Vec::new();
+        let (mut start, mut size) = (0, 0);
+        for (i, unit) in units.iter().enumerate() {
+            size += unit.1.len();
+            if size >= target || i + 1 == units.len() {
+                groups.push(&units[start..=i]);
+                (start, size) = (i + 1, 0);
+            }
+        }
+        let parts: Vec<Result<(Vec<u32>, Vec<usize>)>> = groups
+            .into_par_iter()
             .map(|group| {
                 let mut cache = PieceCache::default();
                 let mut ids = Vec::new();
