@@ -9,6 +9,7 @@ import numpy.typing as npt
 __version__: str
 GPT4_PATTERN: str
 GPT2_PATTERN: str
+PACK_JOURNAL: str
 
 ProgressCallback = Callable[[str, int, int], object]
 
@@ -74,6 +75,33 @@ class Trainer:
         progress: ProgressCallback | None = None,
         num_threads: int | None = None,
     ) -> tuple[Tokenizer, dict[str, int]]: ...
+
+class Packer:
+    def __init__(
+        self, tokenizer: Tokenizer, dir: str | PathLike[str], shard_tokens: int, val_fraction: float, fingerprint: str
+    ) -> None: ...
+    @property
+    def resumed_shards(self) -> tuple[int, int]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def tokens_written(self) -> int: ...
+    def add_texts(
+        self, texts: Sequence[str], source: int, first_document: int, num_threads: int | None = None
+    ) -> None: ...
+    def add_files(
+        self,
+        paths: Sequence[str | PathLike[str]],
+        first_source: int = 0,
+        doc_mode: str = "file",
+        text_field: str = "text",
+        lossy: bool = False,
+        progress: Callable[[int, int, int], object] | None = None,
+        num_threads: int | None = None,
+    ) -> None: ...
+    def finish(self) -> dict[str, list[dict[str, int | str]]]: ...
 
 def read_documents(
     path: str | PathLike[str], doc_mode: str = "file", text_field: str = "text", lossy: bool = False
