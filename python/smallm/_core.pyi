@@ -78,7 +78,12 @@ class Trainer:
 
 class Packer:
     def __init__(
-        self, tokenizer: Tokenizer, dir: str | PathLike[str], shard_tokens: int, val_fraction: float, fingerprint: str
+        self,
+        tokenizer: Tokenizer,
+        dir: str | PathLike[str],
+        shard_tokens: int,
+        val_fraction: float,
+        fingerprint: str,
     ) -> None: ...
     @property
     def resumed_shards(self) -> tuple[int, int]: ...

@@ -209,7 +209,10 @@ class Tokenizer:
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes token ``id`` stands for (a special token: its string)."""
-        return self._core.token_bytes(id)
+        try:
+            return self._core.token_bytes(id)
+        except OverflowError:
+            raise self._unknown_id(id) from None
 
     def token_byte_lengths(self) -> np.ndarray:
         """Byte length of every id (0 for special tokens): the denominator of bits per byte."""
@@ -219,7 +222,10 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encodes ``text`` as plain text: special token strings in it are ordinary characters."""
-        return self._core.encode_ordinary(text)
+        try:
+            return self._core.encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self._core.encode_ordinary(_replace_surrogates(text))
 
     def encode(
         self, text: str, *, allowed_special: SpecialSet = frozenset(), disallowed_special: SpecialSet = "all"
@@ -230,7 +236,10 @@ class Tokenizer:
         raises ``ValueError``; one in neither set is encoded as plain text.
         """
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
-        return self._core.encode(text, allowed, disallowed)
+        try:
+            return self._core.encode(text, allowed, disallowed)
+        except UnicodeEncodeError:
+            return self._core.encode(_replace_surrogates(text), allowed, disallowed)
 
     def encode_batch(
         self,
@@ -247,15 +256,30 @@ class Tokenizer:
         uint16 when the vocabulary fits in 16 bits, else uint32), which avoids building Python ints.
         """
         allowed, disallowed = self._policy(allowed_special, disallowed_special)
-        ids, offsets = self._core.encode_batch(list(texts), False, allowed, disallowed, num_threads)
+        ids, offsets = self._encode_batch(texts, False, allowed, disallowed, num_threads)
         return _split(ids, offsets, return_numpy)
 
     def encode_ordinary_batch(
         self, texts: Sequence[str], *, num_threads: int | None = None, return_numpy: bool = False
     ) -> list[list[int]] | list[np.ndarray]:
         """:meth:`encode_batch` with special token strings treated as plain text."""
-        ids, offsets = self._core.encode_batch(list(texts), True, None, None, num_threads)
+        ids, offsets = self._encode_batch(texts, True, None, None, num_threads)
         return _split(ids, offsets, return_numpy)
+
+    def _encode_batch(
+        self,
+        texts: Sequence[str],
+        ordinary: bool,
+        allowed: list[str] | None,
+        disallowed: list[str] | None,
+        num_threads: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        texts = list(texts)
+        try:
+            return self._core.encode_batch(texts, ordinary, allowed, disallowed, num_threads)
+        except UnicodeEncodeError:
+            texts = [_replace_surrogates(t) for t in texts]
+            return self._core.encode_batch(texts, ordinary, allowed, disallowed, num_threads)
 
     def _policy(
         self, allowed: SpecialSet, disallowed: SpecialSet
@@ -281,9 +305,16 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes of ``ids`` concatenated. Unknown ids raise ``ValueError``."""
-        if isinstance(ids, np.ndarray):
-            ids = ids.tolist()
-        return self._core.decode_bytes(list(ids))
+        ids = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+        try:
+            return self._core.decode_bytes(ids)
+        except OverflowError:
+            raise self._unknown_id(next(i for i in ids if not 0 <= i < 2**32)) from None
+
+    def _unknown_id(self, id: int) -> ValueError:
+        return ValueError(
+            f"token id {id} is out of range: the vocabulary has {self.vocab_size} ids (0..{self.vocab_size})"
+        )
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """Decodes ``ids`` to text; ``errors`` is how to treat bytes that are not valid UTF-8 (a
@@ -296,11 +327,18 @@ class Tokenizer:
 
 
 def _split(ids: np.ndarray, offsets: np.ndarray, return_numpy: bool) -> list[list[int]] | list[np.ndarray]:
+    if len(offsets) <= 1:
+        return []
     if return_numpy:
         return np.split(ids, offsets[1:-1])
     flat = ids.tolist()
     bounds = offsets.tolist()
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _replace_surrogates(text: str) -> str:
+    """Lone surrogates cannot be UTF-8 encoded; like tiktoken, encode them as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class _ProgressBars:

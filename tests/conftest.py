@@ -1,0 +1,57 @@
+"""Shared fixtures: a mixed in-test corpus, one small tokenizer trained on it, the shared corpora.
+
+Everything the suite trains on is made here from inline strings (a few tens of KB), so the suite is
+hermetic; only the tests that need ``../shared/data`` use it, and they skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from sample_text import mixed_documents
+from smallm import Tokenizer
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=200,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("dev", deadline=None, max_examples=50)
+settings.register_profile("thorough", deadline=None, max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus_docs() -> list[str]:
+    """The mixed in-test corpus (about 75 KB), one string per document."""
+    return mixed_documents()
+
+
+@pytest.fixture(scope="session")
+def tok(corpus_docs: list[str]) -> Tokenizer:
+    """One small tokenizer (1200 ids, default gpt4 pattern and special tokens) most tests reuse."""
+    return Tokenizer.train_from_iterator(corpus_docs, 1200)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session tokenizer saved as ``tokenizer.json`` and ``tokenizer.tiktoken``."""
+    out = tmp_path_factory.mktemp("tok")
+    tok.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` next to the repository; tests that use it skip when it is absent."""
+    path = REPO_ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"../shared/data is absent (a fresh clone has no shared corpora): looked in {path}")
+    return path
