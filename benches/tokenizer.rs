@@ -1,4 +1,4 @@
-//! Criterion benches of the tokenizer core: pre-tokenization, training and encoding throughput.
+//! Criterion benches of the core: pre-tokenization, training, encoding and shard packing throughput.
 //!
 //! The corpus is `SMALLM_BENCH_CORPUS` (a file or a directory of `.txt`/`.py`/`.md` files) or, by
 //! default, the Python standard library sources of `python3` (present on any machine with Python),
@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use smallm::pack::{PackOptions, Packer};
 use smallm::pretokenize::{PreTokenizer, GPT2_PATTERN, GPT4_PATTERN};
 use smallm::train::{TrainOptions, WordCounts};
 
@@ -160,6 +161,32 @@ fn benches(c: &mut Criterion) {
     group.bench_function("batch_of_lines", |b| {
         b.iter(|| tokenizer.encode_batch(&lines, None).unwrap())
     });
+    group.finish();
+
+    // Packing = batch encoding + splitting + writing shards; compare with encode/batch_of_documents.
+    let mut group = c.benchmark_group("pack");
+    group
+        .throughput(Throughput::Bytes(bytes as u64))
+        .sample_size(10);
+    group.bench_function("batch_of_documents", |b| {
+        b.iter(|| tokenizer.encode_batch(&docs, None).unwrap())
+    });
+    let dir = std::env::temp_dir().join(format!("smallm-bench-pack-{}", std::process::id()));
+    group.bench_function("shards", |b| {
+        b.iter(|| {
+            let _ = std::fs::remove_dir_all(&dir);
+            let options = PackOptions {
+                dir: dir.clone(),
+                shard_tokens: 1 << 24,
+                val_fraction: 0.005,
+                fingerprint: "bench".into(),
+            };
+            let mut packer = Packer::new(tokenizer.clone(), options).unwrap();
+            packer.add_documents(&docs, 0, 0).unwrap();
+            packer.finish().unwrap()
+        })
+    });
+    let _ = std::fs::remove_dir_all(&dir);
     group.finish();
 
     // A single piece with no split point must cost linear time, not quadratic.
