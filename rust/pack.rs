@@ -41,7 +41,7 @@ pub const JOURNAL: &str = "pack-journal.json";
 pub const BOS: &str = "<|endoftext|>";
 
 /// Documents are read and encoded in batches of about this many bytes of text.
-const BATCH_BYTES: usize = 32 << 20;
+const BATCH_BYTES: usize = 8 << 20;
 
 /// Token storage width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,13 +306,17 @@ impl Packer {
             Err(e) => return Err(Error::io(&journal_path, e)),
         };
         let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
-        Ok(Packer {
+        let packer = Packer {
             tokenizer,
             options,
             bos,
             train: SplitWriter::new("train", dtype, train),
             val: SplitWriter::new("val", dtype, val),
-        })
+        };
+        // The journal exists from the start, so a run interrupted before its first shard is
+        // still recognised as one to resume.
+        packer.write_journal()?;
+        Ok(packer)
     }
 
     /// Numbers of train and validation shards finished by an earlier run.
@@ -388,7 +392,8 @@ impl Packer {
     }
 
     /// Reads and packs corpus files; file `i` is source `first_source + i`. Documents of many
-    /// small files are encoded together so that small files still use every core.
+    /// small files are encoded together so that small files still use every core, and a reader
+    /// thread reads the next batch while this one is encoded.
     pub fn add_files(
         &mut self,
         paths: &[PathBuf],
@@ -405,54 +410,25 @@ impl Packer {
             })
             .collect::<Result<_>>()?;
         let total: u64 = sizes.iter().sum();
-        let mut finished = 0;
-        let mut batch: Vec<String> = Vec::new();
-        let mut positions: Vec<Position> = Vec::new();
-        let mut batch_bytes = 0;
-        for (i, (path, size)) in paths.iter().zip(&sizes).enumerate() {
-            let source = first_source + i as u32;
-            let mut reader = DocReader::open(path, read)?;
-            let mut next_document = 0;
-            loop {
-                let docs = reader.next_batch(BATCH_BYTES)?;
-                if docs.is_empty() {
-                    break;
-                }
-                for doc in docs {
-                    batch_bytes += doc.len();
-                    batch.push(doc);
-                    positions.push(Position {
-                        source,
-                        document: next_document,
-                    });
-                    next_document += 1;
-                }
-                if batch_bytes >= BATCH_BYTES {
-                    self.add_at(&batch, &positions)?;
-                    batch.clear();
-                    positions.clear();
-                    batch_bytes = 0;
-                    let bytes = finished + reader.bytes_read().min(*size);
-                    if !progress(PackProgress {
-                        bytes,
-                        total,
-                        tokens: self.tokens_written(),
-                    }) {
-                        return Err(Error::Cancelled);
-                    }
+        std::thread::scope(|scope| {
+            let (sender, batches) = std::sync::mpsc::sync_channel(1);
+            let sizes = &sizes;
+            scope.spawn(move || read_batches(paths, sizes, first_source, read, sender));
+            // Returning early drops `batches`, which stops the reader at its next send.
+            for batch in batches {
+                let batch: FileBatch = batch?;
+                self.add_at(&batch.docs, &batch.positions)?;
+                let tokens = self.tokens_written();
+                if !progress(PackProgress {
+                    bytes: batch.bytes_done,
+                    total,
+                    tokens,
+                }) {
+                    return Err(Error::Cancelled);
                 }
             }
-            finished += size;
-        }
-        self.add_at(&batch, &positions)?;
-        if !progress(PackProgress {
-            bytes: total,
-            total,
-            tokens: self.tokens_written(),
-        }) {
-            return Err(Error::Cancelled);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Writes the open shards and returns every shard of each split, earlier runs' included.
@@ -472,6 +448,72 @@ impl Packer {
         };
         let text = serde_json::to_string_pretty(&journal).expect("the journal always serializes");
         write_atomic(&self.options.dir.join(JOURNAL), text.as_bytes())
+    }
+}
+
+/// Documents read from files, with their positions, ready to encode.
+struct FileBatch {
+    docs: Vec<String>,
+    positions: Vec<Position>,
+    /// File bytes read once this batch is done (for progress).
+    bytes_done: u64,
+}
+
+/// Reads `paths` into batches of about [`BATCH_BYTES`] and sends them, or the first error.
+fn read_batches(
+    paths: &[PathBuf],
+    sizes: &[u64],
+    first_source: u32,
+    read: &ReadOptions,
+    sender: std::sync::mpsc::SyncSender<Result<FileBatch>>,
+) {
+    let mut batch = FileBatch {
+        docs: Vec::new(),
+        positions: Vec::new(),
+        bytes_done: 0,
+    };
+    let mut batch_bytes = 0;
+    let mut finished = 0;
+    let result = (|| {
+        for (i, (path, size)) in paths.iter().zip(sizes).enumerate() {
+            let source = first_source + i as u32;
+            let mut reader = DocReader::open(path, read)?;
+            let mut document = 0;
+            loop {
+                let docs = reader.next_batch(BATCH_BYTES)?;
+                if docs.is_empty() {
+                    break;
+                }
+                for doc in docs {
+                    batch_bytes += doc.len();
+                    batch.docs.push(doc);
+                    batch.positions.push(Position { source, document });
+                    document += 1;
+                }
+                if batch_bytes >= BATCH_BYTES {
+                    batch.bytes_done = finished + reader.bytes_read().min(*size);
+                    let full = std::mem::replace(
+                        &mut batch,
+                        FileBatch {
+                            docs: Vec::new(),
+                            positions: Vec::new(),
+                            bytes_done: 0,
+                        },
+                    );
+                    batch_bytes = 0;
+                    if sender.send(Ok(full)).is_err() {
+                        return Ok(()); // the packer stopped
+                    }
+                }
+            }
+            finished += size;
+        }
+        batch.bytes_done = finished;
+        let _ = sender.send(Ok(batch));
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = sender.send(Err(e));
     }
 }
 

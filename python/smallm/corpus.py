@@ -158,12 +158,21 @@ class Corpus:
             st = path.stat()
             out.append({"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
         if self.hf_dataset is not None:
+            data_files = []
+            for f in self.hf_data_files or []:
+                # Local files are recorded with size and time, so a resumed run notices a change.
+                p = Path(f)
+                data_files.append(
+                    {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                    if p.is_file()
+                    else {"path": f}
+                )
             out.append(
                 {
                     "hf_dataset": self.hf_dataset,
                     "config": self.hf_config,
                     "split": self.hf_split,
-                    "data_files": self.hf_data_files,
+                    "data_files": data_files,
                 }
             )
         return out

@@ -40,6 +40,14 @@ class PackOptions:
     val_fraction: float = 0.005
     """Fraction of documents, chosen by a hash of their text, that go to the validation split."""
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard_tokens <= 2**31 - 1:
+            raise ValueError(
+                f"shard size {self.shard_tokens} is out of range: it must be 1 to {2**31 - 1} tokens"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"validation fraction {self.val_fraction} is out of range: it must be in [0, 1)")
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

@@ -13,6 +13,8 @@ their ``.idx`` document indexes, and ``manifest.json``. An interrupted run resum
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -87,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         corpus = find_corpus(args)
+        check_options(args)
         resuming = prepare_output(args.out, args)
         tokenizer = get_tokenizer(args, corpus, resuming)
         if not args.no_shards:
@@ -115,6 +118,19 @@ def find_corpus(args: argparse.Namespace) -> Corpus:
         hf_split=args.split,
         hf_data_files=args.hf_data_files,
     )
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuses bad options before any work (training can take long) and before --out is touched."""
+    if args.no_shards:
+        return
+    PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
+    specials = [s for s in args.special_tokens.split(",") if s]
+    if args.tokenizer is None and "<|endoftext|>" not in specials:
+        raise ValueError(
+            "--special-tokens must include <|endoftext|>: shards mark where each document starts with it "
+            "(or pass --no-shards to only train a tokenizer)"
+        )
 
 
 def prepare_output(out: Path, args: argparse.Namespace) -> bool:
@@ -148,14 +164,26 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> T
         print(f"{note} the tokenizer in {source} (vocab {tokenizer.vocab_size})", file=sys.stderr)
     else:
         tokenizer = train_tokenizer(args, corpus)
-    if not (args.out / "tokenizer.json").exists() or not resuming:
-        same_dir = args.tokenizer is not None and args.tokenizer.resolve() == args.out.resolve()
-        if not same_dir:
-            tokenizer.save(args.out)
-            print(
-                f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr
-            )
+    if resuming or (args.tokenizer is not None and args.tokenizer.resolve() == args.out.resolve()):
+        return tokenizer  # already in --out
+    if args.tokenizer is not None:
+        # Copy the files as they are: the shards' manifest records the sha256 of tokenizer.json.
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            copy_atomic(args.tokenizer / name, args.out / name)
+    else:
+        tokenizer.save(args.out)
+    print(f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr)
     return tokenizer
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:
