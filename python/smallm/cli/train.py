@@ -1,0 +1,134 @@
+"""``smallm-train``: pretrain a LLaMA-style model on shards from ``smallm-tokenize``.
+
+    smallm-train                                  # the built-in demo: the Python stdlib, the tiny preset
+    smallm-train --data DIR --out RUN --preset 124m --max-steps 5000
+    smallm-train --config run.toml --lr 1e-3      # a file, then flags on top of it
+    smallm-train --data DIR --out RUN --resume    # continue from RUN's latest checkpoint
+    smallm-train --data DIR --preset 350m --dry-run
+    torchrun --nproc_per_node 8 -m smallm.cli.train --data DIR --out RUN --preset 350m
+
+With no ``--data``, the Python standard library sources of this interpreter (about 12 MB of code, on
+every machine) are tokenized and packed once into a user cache directory and used as the corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from smallm.config import TrainConfig, add_dataclass_arguments, build_config, read_config_file
+from smallm.model import ModelConfig
+
+DEFAULT_VOCAB = 8192
+"""Vocabulary of the built-in stdlib corpus: small enough for the tiny preset's embedding table."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smallm-train",
+        description="Pretrain a LLaMA-style language model. With no arguments: a few-minute demo on the "
+        "Python standard library sources.",
+    )
+    p.add_argument("--config", type=Path, help="a TOML or JSON file of settings (flags override it)")
+    add_dataclass_arguments(p, TrainConfig)
+    model = p.add_argument_group("model shape (overrides of the preset)")
+    add_dataclass_arguments(model, ModelConfig, prefix="model-")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    source = str(config_file) if config_file else "command line"
+    model = dict(values.pop("model", {}) or {})
+    for key in list(args):
+        if key.startswith("model_"):
+            model[key[len("model_") :]] = args.pop(key)
+    values.update(args)
+    values["model"] = model
+    return build_config(values, source)
+
+
+def cache_dir() -> Path:
+    """``$SMALLM_CACHE``, else ``$XDG_CACHE_HOME/smallm``, else ``~/.cache/smallm``."""
+    if os.environ.get("SMALLM_CACHE"):
+        return Path(os.environ["SMALLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallm"
+
+
+def default_corpus() -> Path:
+    """Tokenizes and packs the stdlib sources once; later runs reuse the cached shards."""
+    from smallm.corpus import Corpus, stdlib_sources
+    from smallm.shards import MANIFEST, PackOptions, pack_corpus
+    from smallm.tokenizer import Tokenizer
+
+    target = cache_dir() / f"stdlib-py{sys.version_info[0]}{sys.version_info[1]}-v{DEFAULT_VOCAB}"
+    if (target / MANIFEST).exists():
+        return target
+    print(f"preparing the built-in corpus (Python stdlib sources) in {target}, once", file=sys.stderr)
+    corpus = Corpus(files=stdlib_sources())
+    building = target.with_name(target.name + f".tmp-{os.getpid()}")
+    building.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.train_from_corpus(corpus, DEFAULT_VOCAB, progress=True)
+    tokenizer.save(building)
+    pack_corpus(corpus, tokenizer, building, PackOptions(val_fraction=0.02), progress=True)
+    building.rename(target)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from smallm.data import ShardError
+    from smallm.trainer import TrainingError
+
+    try:
+        cfg = parse_config(argv)
+        if cfg.data is None:
+            cfg.data = str(default_corpus())
+            if cfg.out == TrainConfig.out:
+                cfg.out = "runs/stdlib-tiny" if cfg.preset == "tiny" else f"runs/stdlib-{cfg.preset}"
+        print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
+        if cfg.dry_run:
+            return dry_run(cfg)
+        from smallm.trainer import train
+
+        result = train(cfg)
+    except (ValueError, OSError, ShardError, TrainingError) as e:
+        print(f"smallm-train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("smallm-train: interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
+        return 130
+    if "sample" in result:
+        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "sample"}
+        print(f"final: {json.dumps(summary)}")
+        print(f"checkpoints, metrics.jsonl and loss_curve.png are in {cfg.out}")
+        print("sample:\n" + result["sample"])
+    return 0
+
+
+def dry_run(cfg: TrainConfig) -> int:
+    import torch
+
+    from smallm.memory import describe_run
+    from smallm.tokenizer import Tokenizer
+    from smallm.trainer import autocast_dtype, model_config_for
+
+    tokenizer = Tokenizer.load(cfg.data or ".")
+    mc = model_config_for(cfg, tokenizer)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
+    dtype = autocast_dtype(cfg.precision, device if cfg.device == "auto" else torch.device(cfg.device))
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(describe_run(mc, cfg.batch_size, cfg.seq_len or mc.max_seq_len, precision, world_size=world, fsdp=cfg.fsdp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The pretraining loop: shards in, checkpoints, metrics and a sample out.
+
+One optimizer step: ``grad_accum`` micro-batches per rank; the loss of each is summed over its target
+tokens and divided by the number of target tokens of *all* micro-batches on *all* ranks, so the
+gradient is the mean over every token of the step (not a mean of per-micro-batch means). AdamW
+(betas 0.9/0.95, decay on 2-D weights only, fused on CUDA), linear warm-up then cosine decay to
+``min_lr_ratio`` of the peak, the global gradient norm clipped after synchronisation. Mixed precision
+by autocast (bf16, or fp16 with a GradScaler) over fp32 weights. Under torchrun: DDP, or FSDP2.
+Checkpoints (see :mod:`smallm.checkpoint`) hold everything needed to resume bitwise-identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smallm.checkpoint import (
+    CheckpointError,
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from smallm.config import TrainConfig
+from smallm.data import ShardSet, TokenLoader, ValidationLoader
+from smallm.memory import mfu, peak_flops
+from smallm.model import ModelConfig, SmallLM
+from smallm.tokenizer import Tokenizer
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (the message says what to do)."""
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: its rank, the world size and the device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(rank, world, local, dev)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None: plain fp32)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings included), not on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The preset with the run's overrides; the vocabulary defaults to the tokenizer's, rounded up to a
+    multiple of 64 for faster matmuls."""
+    overrides = dict(cfg.model)
+    overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
+    mc = ModelConfig.preset(cfg.preset, **overrides)
+    if mc.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"the model's vocab_size {mc.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}: "
+            "ids past the embedding table would crash training; raise model.vocab_size"
+        )
+    return mc
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs the loop; :meth:`fit` returns the summary."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.rt = setup_runtime(cfg.device)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        data = Path(cfg.data) if cfg.data else None
+        if data is None or not data.is_dir():
+            raise ValueError(f"--data {cfg.data}: not a directory; make one with smallm-tokenize CORPUS --out DIR")
+        self.tokenizer = Tokenizer.load(data)
+        self.train_set = ShardSet.open(data, "train")
+        val_set = ShardSet.open(data, "val")
+        self.val_set = val_set if val_set.num_tokens > 0 else None
+        self.model_config = model_config_for(cfg, self.tokenizer)
+        self.seq_len = cfg.seq_len or self.model_config.max_seq_len
+        if self.seq_len > self.model_config.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's context {self.model_config.max_seq_len}")
+        self.model = SmallLM(self.model_config).to(self.rt.device)
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.amp_dtype = autocast_dtype(cfg.precision, self.rt.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.rt.device)
+        schedule = lambda step: cosine_with_warmup(  # noqa: E731
+            step, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        fp16 = self.amp_dtype == torch.float16 and self.rt.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16) if fp16 else None
+        self.loader = TokenLoader(
+            self.train_set, cfg.batch_size, self.seq_len, mode=cfg.sampling, seed=cfg.seed,
+            rank=self.rt.rank, world_size=self.rt.world_size, device=self.rt.device,
+        )  # fmt: skip
+        self.state = TrainingState(step=0, tokens_seen=0, best_val_loss=None, loader={}, extra={})
+        if cfg.resume:
+            self._resume()
+        self.net = self._wrap(self.model)
+        # Bytes of text per id (0 for special tokens) turn a loss in nats per token into bits per byte.
+        lengths = self.tokenizer.token_byte_lengths()
+        table = np.zeros(self.model_config.vocab_size, dtype=np.int64)
+        table[: len(lengths)] = lengths
+        self.byte_lengths = torch.from_numpy(table).to(self.rt.device)
+        self.flops_per_token = self.model.flops_per_token(self.seq_len)
+        self.peak = peak_flops(self.rt.device, self.amp_dtype or torch.float32)
+
+    # ----- setup ----------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; train without --resume first")
+        self.state, _ = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.loader.load_state_dict(self.state.loader)
+        self.log(f"resumed from {path} at step {self.state.step}")
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        net: nn.Module = model
+        if self.rt.world_size > 1:
+            if self.cfg.fsdp:
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            else:
+                ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+                net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:
+            try:
+                net = torch.compile(net)
+            except Exception as e:  # torch.compile raises many types where it cannot work
+                warnings.warn(f"torch.compile is not available here ({e}); training without it", stacklevel=2)
+        return net
+
+    def log(self, message: str) -> None:
+        if self.rt.main:
+            print(message, file=sys.stderr)
+
+    # ----- the loop -------------------------------------------------------------------------------
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.rt.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the mean loss per target token over all ranks."""
+        cfg = self.cfg
+        batches = [next(self.loader) for _ in range(cfg.grad_accum)]
+        counts = torch.stack([(y != -100).sum() for _, y in batches]).to(torch.float32)
+        total = self._all_reduce(counts.sum().clone())
+        # DDP and FSDP average gradients over ranks; scaling by world size makes it a sum over ranks,
+        # so the result is d(sum of all token losses)/d(params) / (all target tokens).
+        scale = self.rt.world_size / total.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for i, (x, y) in enumerate(batches):
+            sync = i == len(batches) - 1
+            no_sync = getattr(self.net, "no_sync", None)
+            ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
+            with (
+                ctx,
+                torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
+            ):
+                _, loss = self.net(x, y, reduction="sum")
+            scaled = loss * scale
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        mean = (self._all_reduce(loss_sum) / total).item()
+        self.state.tokens_seen += int(total.item())
+        return mean
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats per token), perplexity and bits per byte over the val split."""
+        if self.val_set is None:
+            return {}
+        self.model.eval()
+        loader = ValidationLoader(
+            self.val_set, self.cfg.batch_size, self.seq_len, rank=self.rt.rank,
+            world_size=self.rt.world_size, device=self.rt.device,
+        )  # fmt: skip
+        sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # loss, tokens, bytes
+        for i, (x, y) in enumerate(loader):
+            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+                break
+            with torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                _, loss = self.model(x, y, reduction="sum")
+            mask = y != -100
+            sums[0] += loss.double()
+            sums[1] += mask.sum()
+            sums[2] += self.byte_lengths[y[mask]].sum()
+        self._all_reduce(sums)
+        self.model.train()
+        loss, tokens, nbytes = sums.tolist()
+        if tokens == 0:
+            return {}
+        mean = loss / tokens
+        return {
+            "val_loss": mean,
+            "val_ppl": math.exp(min(mean, 50.0)),
+            "val_bpb": loss / math.log(2) / max(nbytes, 1),
+        }
+
+    def save(self, is_best: bool = False) -> None:
+        self.state.loader = self.loader.state_dict()
+        if self.rt.world_size > 1 and self.cfg.fsdp:
+            raise TrainingError("checkpointing FSDP-sharded models is not supported yet; use DDP")
+        if self.rt.main:
+            config = {"train": asdict(self.cfg), "model": asdict(self.model_config)}
+            save_checkpoint(
+                self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.state, config,
+                keep_last=self.cfg.keep_last, is_best=is_best,
+            )  # fmt: skip
+        if self.rt.world_size > 1:
+            dist.barrier()
+
+    def fit(self) -> dict[str, Any]:
+        """Trains to ``max_steps`` and returns the last metrics."""
+        from smallm.metrics import MetricsLogger
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rt.main:
+            resolved = {"train": asdict(cfg), "model": asdict(self.model_config)}
+            (self.out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        logger = MetricsLogger(self.out, cfg, enabled=self.rt.main, start_step=self.state.step)
+        self.model.train()
+        last: dict[str, Any] = {}
+        t0, tokens0 = time.perf_counter(), self.state.tokens_seen
+        try:
+            while self.state.step < cfg.max_steps:
+                loss = self.train_step()
+                self.state.step += 1
+                step = self.state.step
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss} at step {step}; stopping. The last good checkpoint in "
+                        f"{self.out / 'checkpoints'} is intact: resume from it with a lower --lr or more --warmup-steps"
+                    )
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    elapsed = time.perf_counter() - t0
+                    tps = (self.state.tokens_seen - tokens0) / max(elapsed, 1e-9)
+                    last = {
+                        "step": step,
+                        "loss": loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": tps,
+                    }
+                    util = mfu(self.flops_per_token, tps, self.peak)
+                    if util is not None:
+                        last["mfu"] = util
+                    t0, tokens0 = time.perf_counter(), self.state.tokens_seen
+                    logger.log(last)
+                evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+                is_best = False
+                if evaluating:
+                    metrics = self.evaluate()
+                    if metrics:
+                        logger.log({"step": step, **metrics})
+                        best = self.state.best_val_loss
+                        is_best = best is None or metrics["val_loss"] < best
+                        if is_best:
+                            self.state.best_val_loss = metrics["val_loss"]
+                        last.update(metrics)
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or is_best:
+                    self.save(is_best=is_best)
+        except torch.cuda.OutOfMemoryError as e:
+            raise TrainingError(
+                f"CUDA ran out of memory ({e}). Try a smaller --batch-size with more --grad-accum, "
+                "--activation-checkpointing, a shorter --seq-len, or bf16 precision"
+            ) from e
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from e
+        finally:
+            logger.close()
+        if self.rt.main:
+            logger.plot()
+            last["sample"] = self.sample()
+        return last
+
+    def sample(self) -> str:
+        """Text generated from ``sample_prompt`` (greedy-free: temperature 0.8, top-k 50)."""
+        from smallm.generate import generate_text
+
+        prompt = self.cfg.sample_prompt or ""
+        return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=self.cfg.sample_tokens, seed=0)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs one training job (one process of it under torchrun)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["Trainer", "TrainingError", "cosine_with_warmup", "train"]
