@@ -1,0 +1,398 @@
+"""The model: a decoder-only LLaMA-style transformer, small enough to read in one sitting.
+
+Architecture (LLaMA, Touvron et al. 2023), pre-norm: token embedding, then ``n_layer`` blocks of
+``x + attn(RMSNorm(x))`` and ``x + mlp(RMSNorm(x))``, a final RMSNorm and the output projection.
+
+* Attention: rotary position embeddings (RoFormer, Su et al. 2021) in Hugging Face's "rotate_half"
+  layout (the two halves of a head are the pairs, not interleaved neighbours), grouped-query attention
+  (GQA, Ainslie et al. 2023: ``n_kv_head`` key/value heads shared by ``n_head`` query heads), computed by
+  ``torch.nn.functional.scaled_dot_product_attention``.
+* MLP: SwiGLU (Shazeer 2020), ``down(silu(gate(x)) * up(x))``.
+* RMSNorm (Zhang & Sennrich 2019) in fp32; no biases anywhere.
+
+Module names are those of Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``, ...),
+so the state dict loads into it unchanged (the tests check logits match to 1e-5) and peft
+``target_modules`` names transfer as-is. :class:`KVCache` holds keys and values for incremental decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+__all__ = ["IGNORE_INDEX", "PRESETS", "KVCache", "ModelConfig", "SmallLM"]
+
+IGNORE_INDEX = -100  # target id the loss skips; the loader pads with it (smallm.data.IGNORE_INDEX)
+MLP_MULTIPLE = 256  # the default intermediate size is rounded up to this, for matmul-friendly shapes
+# enable_gqa arrived in torch 2.5; before it the kv heads are repeated to match the query heads.
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+Rope = tuple[Tensor, Tensor]  # the (cos, sin) tables of the positions being computed
+
+# name -> ModelConfig fields. Parameter counts are at vocab_size 32000 unless said otherwise.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo: 300 steps of 8 x 256 tokens take ~3 min on 2 cores and write Shakespeare-shaped text;
+    # 11.3M params (5.2M at vocab 8000).
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=True),
+    # Deep and thin (MobileLLM's advice for small models), one GPU-hour scale; 38.3M params.
+    "38m": dict(n_layer=16, n_embd=384, n_head=6, n_kv_head=3, max_seq_len=1024, tie_embeddings=True),
+    # GPT-2 small's shape, full multi-head attention to compare with GPT-2 runs; 124M at vocab 50304.
+    "124m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, max_seq_len=1024, tie_embeddings=True),
+    # GPT-2 medium's shape, full multi-head attention; 341M (360M at vocab 50304).
+    "350m": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=16, max_seq_len=1024, tie_embeddings=True),
+    # TinyLlama 1.1B (Zhang et al. 2024) exactly: untied, 4 KV heads, its own 32000-id vocabulary.
+    "tinyllama-1.1b": dict(
+        vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_kv_head=4, intermediate_size=5632,
+        max_seq_len=2048, rope_theta=10000.0, tie_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line help, which ``smallm-train --model-<field>`` shows."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a model; everything else about it follows from these fields."""
+
+    vocab_size: int = doc(32000, "number of token ids (embedding rows and logits)")
+    n_layer: int = doc(12, "number of transformer blocks")
+    n_embd: int = doc(768, "width of the residual stream (d)")
+    n_head: int = doc(12, "query heads per attention layer; head_dim = n_embd // n_head")
+    n_kv_head: int | None = doc(None, "key/value heads (GQA), a divisor of n_head; None means n_head")
+    intermediate_size: int | None = doc(
+        None, "SwiGLU hidden width; None means 8/3 n_embd rounded up to a multiple of 256"
+    )
+    max_seq_len: int = doc(1024, "context length: what the rotary tables and KV caches cover")
+    rope_theta: float = doc(10000.0, "base of the rotary frequencies (larger suits longer contexts)")
+    norm_eps: float = doc(1e-5, "epsilon added to the mean square in RMSNorm")
+    tie_embeddings: bool = doc(True, "share one matrix between embed_tokens and lm_head")
+    init_std: float = doc(0.02, "standard deviation of the normal init of linear and embedding weights")
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            # LLaMA keeps the MLP's parameter count of a 4d GELU MLP with three matrices: 2/3 * 4d.
+            self.intermediate_size = -(-8 * self.n_embd // (3 * MLP_MULTIPLE)) * MLP_MULTIPLE
+        sizes = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "intermediate_size", "max_seq_len")
+        for name in sizes:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim (n_embd // n_head = {self.head_dim}) must be even for rotary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The config of preset ``name`` (see :data:`PRESETS`), with any field overridden, e.g. vocab_size."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm in fp32, with Hugging Face's order of casts so bf16 results match too."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin tables of shape (max_seq_len, head_dim), fp32, indexed by position."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.build_tables(self.cos.device)
+
+    def build_tables(self, device: torch.device) -> None:
+        exponents = torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim
+        inv_freq = 1.0 / self.theta**exponents
+        angles = torch.arange(self.max_seq_len, device=device).float()[:, None] * inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)  # rotate_half layout: dim i pairs with i + head_dim/2
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
+        # The tables are a function of the config, so rebuild them after every move or cast: this keeps
+        # them fp32 under model.to(torch.bfloat16) (bf16 angles near position 2048 are off by whole
+        # radians) and makes them valid after to_empty() from the meta device.
+        super()._apply(fn, recurse)
+        if self.cos.device.type != "meta":
+            self.build_tables(self.cos.device)
+        return self
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> Rope:
+        """cos, sin for ``positions`` (B or 1, T), shaped (B or 1, 1, T, head_dim) to broadcast over heads."""
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (x[i], x[i + head_dim/2]) pair of ``x`` (B, H, T, head_dim) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, preallocated per layer as
+    (batch_size, n_kv_head, max_len, head_dim). The cache has no cursor: ``forward`` writes the new
+    positions at ``start_pos`` and attends to everything before them."""
+
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+
+    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k``, ``v`` (B, n_kv_head, T, head_dim) at positions start_pos.. and return all keys and
+        values up to the last of them."""
+        end = start_pos + k.size(2)
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx  # which KVCache slot is this layer's
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv_dim, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, start_pos: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)
+        # No mask and as many keys as queries: plain causal attention (the flash kernels' fast path).
+        # No mask and more keys: a decode step, which sees every cached position.
+        is_causal = mask is None and k.size(2) == T
+        if SDPA_HAS_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        else:
+            groups = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, start_pos: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm: Hugging Face's ``LlamaModel``, the ``model.`` in the state dict."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, input_ids: Tensor, kv_cache: KVCache | None, start_pos: int, attention_mask: Tensor | None
+    ) -> Tensor:
+        B, T = input_ids.shape
+        past = start_pos if kv_cache is not None else 0  # positions before these whose keys we attend to
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask must be (batch, start_pos + seq) = {(B, past + T)} with a "
+                    f"KV cache, (batch, seq) without; got {tuple(attention_mask.shape)}"
+                )
+            # Left padding: a row's positions count its real tokens only, so a padded prompt is rotated
+            # exactly like the unpadded one.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:] + (start_pos - past)
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)[None]
+        mask = causal_mask(T, past, attention_mask, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions, x.dtype)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if checkpoint and kv_cache is None:
+                # Recompute each block's activations in backward: memory per block drops to its input.
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, None, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, kv_cache, start_pos)
+        return self.norm(x)
+
+
+def causal_mask(T: int, past: int, attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """Boolean (B or 1, 1, T, past + T) mask of the keys each query may see, or None when SDPA's own
+    causal or full masking is exact (no padding, and no past or a single query)."""
+    if attention_mask is None and (past == 0 or T == 1):
+        return None
+    query_pos = torch.arange(past, past + T, device=device)[:, None]
+    key_pos = torch.arange(past + T, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if attention_mask is not None:
+        # A padding query would see no key at all, which some SDPA kernels answer with NaN that then
+        # leaks through 0 * NaN in the next layer; letting every query see itself keeps padding finite.
+        mask = mask & (attention_mask.bool()[:, None, :] | (key_pos == query_pos))
+    return mask[:, None] if mask.dim() == 3 else mask[None, None]
+
+
+class SmallLM(nn.Module):
+    """The language model: Hugging Face's ``LlamaForCausalLM`` with the same state-dict keys."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Recompute each block in backward while training (torch.utils.checkpoint, non-reentrant)."""
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights and unit norms. The projections that write into the residual
+        stream (o_proj, down_proj) get std / sqrt(2 * n_layer), as in GPT-2: the stream sums 2 * n_layer
+        of them, so this keeps its variance at init independent of depth. Call it after to_empty()."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                residual = name.endswith(("o_proj", "down_proj"))
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if residual else 1.0
+                nn.init.normal_(module.weight, 0.0, std * scale)
+            elif isinstance(module, nn.Embedding) and not self.config.tie_embeddings:
+                nn.init.normal_(module.weight, 0.0, std)  # tied: lm_head has just drawn it
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        attention_mask: Tensor | None = None,
+        reduction: Literal["mean", "sum", "none"] = "mean",
+        last_only: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, vocab_size) for ``input_ids`` (B, T); with ``targets`` (B, T), ``(logits, loss)``.
+
+        The loss is the cross entropy over targets other than -100, in fp32: their mean, their sum (so a
+        trainer can divide by the target count of all its micro-batches) or, with ``"none"``, one loss per
+        target (B, T), 0 where ignored. With ``kv_cache``, the T new tokens take positions ``start_pos..``
+        and attend to the cached ones before them. ``attention_mask`` (B, start_pos + T with a cache,
+        else B, T; 1 = token, 0 = left padding) lets prompts of different lengths share a batch.
+        ``last_only`` (no targets): logits of the last position only, (B, 1, vocab_size).
+        """
+        B, T = input_ids.shape
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
+        if kv_cache is not None and (kv_cache.batch_size != B or start_pos + T > kv_cache.max_len):
+            raise ValueError(
+                f"KV cache of batch {kv_cache.batch_size}, length {kv_cache.max_len} cannot "
+                f"take batch {B} at positions {start_pos}..{start_pos + T - 1}"
+            )
+        h = self.model(input_ids, kv_cache, start_pos, attention_mask)
+        if targets is None:
+            return self.lm_head(h[:, -1:] if last_only else h)
+        # Upcast before the softmax: bf16 logits lose the small differences the loss is made of.
+        logits = self.lm_head(h).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        return logits, loss.view_as(targets) if reduction == "none" else loss
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` (default max_seq_len) tokens,
+        in the model's dtype (or ``dtype``, e.g. bf16 under autocast) on its device."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= self.config.max_seq_len:
+            raise ValueError(f"max_len must be in 1..max_seq_len ({self.config.max_seq_len}), got {max_len}")
+        weight = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype or weight.dtype, weight.device)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, a tied matrix counted once. ``exclude_embeddings``: without the token
+        embedding table (Kaplan et al.'s non-embedding count; a tied lm_head goes with it)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token at context ``seq_len`` (default max_seq_len):
+        6 * (weights of every matmul, lm_head included even when tied; not the embedding lookup)
+        + 12 * n_layer * n_embd * seq_len for the attention scores and their weighted sum (PaLM,
+        Chowdhery et al. 2022, appendix B; counts the full T x T matrix, not the causal half)."""
+        T = self.config.max_seq_len if seq_len is None else seq_len
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_params + 12 * self.config.n_layer * self.config.n_embd * T
