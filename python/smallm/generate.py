@@ -22,9 +22,11 @@ def generate_ids(
     top_k: int | None = 50,
     stop_ids: tuple[int, ...] = (),
     seed: int | None = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
     """Continues ``prompt_ids`` by up to ``max_new_tokens`` ids (temperature 0: greedy); returns the new
-    ids, without the stop id that ended them. The prompt keeps its last ids when it would not fit."""
+    ids, without the stop id that ended them. The prompt keeps its last ids when it would not fit.
+    ``vocab_size``: the tokenizer's, when the model's embedding table is padded past it."""
     if not prompt_ids:
         raise ValueError("the prompt needs at least one id (start it with <|endoftext|>)")
     context = model.config.max_seq_len
@@ -42,6 +44,8 @@ def generate_ids(
     position, out = len(prompt_ids), []
     for _ in range(max_new_tokens):
         scores = logits[0, -1].float()
+        if vocab_size is not None:
+            scores[vocab_size:] = float("-inf")  # padding rows of the embedding table are not tokens
         if temperature <= 0:
             next_id = int(scores.argmax())
         else:
@@ -75,5 +79,8 @@ def generate_text(
     bos = tokenizer.eot_token
     ids = ([bos] if bos is not None else []) + tokenizer.encode_ordinary(prompt)
     stops = tuple(i for i in (bos, tokenizer.special_tokens.get("<|im_end|>")) if i is not None)
-    new = generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=stops, seed=seed)
+    new = generate_ids(
+        model, ids, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=stops, seed=seed,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip
     return prompt + tokenizer.decode(new)

@@ -225,8 +225,11 @@ class Trainer:
             loss_sum += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # The norm of the synchronised gradients (clipped when grad_clip > 0). A GradScaler skips
+        # non-finite steps itself; without one, such a step would poison the weights.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        if self.scaler is None and not torch.isfinite(norm):
+            self.diverged(f"the gradient norm became {norm.item()}")
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -270,7 +273,15 @@ class Trainer:
             "val_bpb": loss / math.log(2) / max(nbytes, 1),
         }
 
+    def diverged(self, what: str) -> None:
+        raise TrainingError(
+            f"{what} at step {self.state.step}; stopping. The last good checkpoint in {self.out / 'checkpoints'} "
+            "is intact: resume from it with a lower --lr or more --warmup-steps"
+        )
+
     def save(self, is_best: bool = False) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            self.diverged("the weights are no longer finite")
         self.state.loader = self.loader.state_dict()
         if self.rt.world_size > 1 and self.cfg.fsdp:
             raise TrainingError("checkpointing FSDP-sharded models is not supported yet; use DDP")
@@ -302,10 +313,7 @@ class Trainer:
                 self.state.step += 1
                 step = self.state.step
                 if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"the loss became {loss} at step {step}; stopping. The last good checkpoint in "
-                        f"{self.out / 'checkpoints'} is intact: resume from it with a lower --lr or more --warmup-steps"
-                    )
+                    self.diverged(f"the loss became {loss}")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     elapsed = time.perf_counter() - t0
                     tps = (self.state.tokens_seen - tokens0) / max(elapsed, 1e-9)

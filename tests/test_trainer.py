@@ -1,0 +1,173 @@
+"""The pretraining loop: learning, exact resume, loss normalisation, DDP, configuration and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from smallm.checkpoint import latest_checkpoint, load_weights
+from smallm.cli import train as train_cli
+from smallm.config import TrainConfig
+from smallm.corpus import Corpus
+from smallm.shards import PackOptions, pack_corpus
+from smallm.tokenizer import Tokenizer
+from smallm.trainer import Trainer, TrainingError, cosine_with_warmup
+
+TINY_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "max_seq_len": 32}
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    lines = [f"the quick brown fox {i} jumps over the lazy dog; 빠른 갈색 여우가 {i}번 뛰어요." for i in range(300)] + [
+        f"def f{i}(x):\n    return x * {i} + 1\n" for i in range(100)
+    ]
+    corpus_file = root / "corpus.txt"
+    corpus_file.write_text("\n".join(lines), encoding="utf-8")
+    corpus = Corpus(files=[corpus_file], doc_mode="line")
+    out = root / "data"
+    out.mkdir()
+    tok = Tokenizer.train_from_corpus(corpus, 400)
+    tok.save(out)
+    pack_corpus(corpus, tok, out, PackOptions(val_fraction=0.1), progress=False)
+    return out
+
+
+def config(shard_dir: Path, out: Path, **overrides: object) -> TrainConfig:
+    values: dict = dict(
+        data=str(shard_dir), out=str(out), preset="tiny", model=dict(TINY_MODEL), max_steps=8, batch_size=4,
+        seq_len=32, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, checkpoint_every=4, device="cpu",
+        sample_tokens=8,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_loss_falls_and_run_directory_has_everything(shard_dir: Path, tmp_path: Path) -> None:
+    result = Trainer(config(shard_dir, tmp_path, max_steps=40, eval_every=20, checkpoint_every=20)).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in records if "loss" in r)
+    val = [r for r in records if "val_loss" in r]
+    assert val and all(r["val_bpb"] > 0 and math.isclose(r["val_ppl"], math.exp(r["val_loss"])) for r in val)
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["n_layer"] == 2
+    assert latest_checkpoint(tmp_path) is not None
+    assert isinstance(result["sample"], str)
+
+
+def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = tmp_path / "whole"
+    Trainer(config(shard_dir, whole)).fit()
+
+    interrupted = tmp_path / "interrupted"
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def step_then_crash(self: Trainer) -> float:
+        if calls["n"] == 6:  # after the checkpoint at step 4 and two more steps
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(shard_dir, interrupted)).fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    Trainer(config(shard_dir, interrupted, resume=True)).fit()
+
+    a = load_weights(latest_checkpoint(whole))
+    b = load_weights(latest_checkpoint(interrupted))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_gradient_is_the_mean_over_all_target_tokens_of_the_step(shard_dir: Path, tmp_path: Path) -> None:
+    """Micro-batches with different numbers of targets: the step's gradient must weigh every token
+    equally (the mean over all of them), not average the micro-batches' means."""
+    trainer = Trainer(config(shard_dir, tmp_path, grad_accum=2, grad_clip=0.0))
+    torch.manual_seed(0)
+    x = torch.randint(0, 300, (2, 4, 32))
+    y = torch.randint(0, 300, (2, 4, 32))
+    y[0, :, 5:] = -100  # the first micro-batch has far fewer targets
+    batches = iter([(x[0], y[0]), (x[1], y[1])])
+    trainer.loader = batches  # type: ignore[assignment]
+    trainer.optimizer.step = lambda *a, **k: None  # type: ignore[method-assign]
+    trainer.optimizer.zero_grad = lambda *a, **k: None  # type: ignore[method-assign]
+    trainer.train_step()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    for p in trainer.model.parameters():
+        p.grad = None
+    _, loss = trainer.model(torch.cat([x[0], x[1]]), torch.cat([y[0], y[1]]))  # mean over all targets
+    loss.backward()
+    for n, p in trainer.model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
+    lr = [cosine_with_warmup(s, warmup=10, total=100, min_ratio=0.1) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    assert cosine_with_warmup(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_exploding_loss_stops_with_advice_and_keeps_the_last_checkpoint(shard_dir: Path, tmp_path: Path) -> None:
+    cfg = config(shard_dir, tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, eval_every=0)
+    with pytest.raises(TrainingError, match="lower --lr"):
+        Trainer(cfg).fit()
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and last.name == "step_00000001"
+    assert all(torch.isfinite(w).all() for w in load_weights(last).values())
+
+
+def test_bad_data_and_vocab_are_clear_errors(shard_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="smallm-tokenize"):
+        Trainer(config(shard_dir, tmp_path, data=str(tmp_path / "missing")))
+    small = dict(TINY_MODEL, vocab_size=100)
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        Trainer(config(shard_dir, tmp_path, model=small))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        Trainer(config(shard_dir, tmp_path / "fresh", resume=True))
+
+
+def test_config_file_then_flags(shard_dir: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("max_steps = 5\nbatch_size = 2\n[model]\nn_layer = 3\nn_embd = 48\n", encoding="utf-8")
+    cfg = train_cli.parse_config(["--config", str(toml), "--batch-size", "3", "--model-n-embd", "64"])
+    assert (cfg.max_steps, cfg.batch_size) == (5, 3)
+    assert cfg.model == {"n_layer": 3, "n_embd": 64}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"max_step": 5}', encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown setting"):
+        train_cli.parse_config(["--config", str(bad)])
+
+
+def test_dry_run_prints_sizes_and_memory(shard_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_cli.main(["--data", str(shard_dir), "--preset", "124m", "--dry-run"]) == 0
+    out = capsys.readouterr().out.lower()
+    assert "param" in out and "flops" in out and "checkpointing" in out
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_trains_and_checkpoints(shard_dir: Path, tmp_path: Path) -> None:
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "smallm.cli.train", "--data", str(shard_dir), "--out", str(tmp_path), "--max-steps", "3",
+        "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--checkpoint-every", "3",
+        "--model-n-layer", "2", "--model-n-embd", "32", "--model-n-head", "2", "--model-n-kv-head", "1",
+        "--model-max-seq-len", "32", "--sample-tokens", "4",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = load_weights(latest_checkpoint(tmp_path))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
