@@ -52,14 +52,10 @@ def test_directory_input_is_searched_recursively(corpus: Path, tmp_path: Path, c
 
 
 def test_extension_filter_picks_the_files(corpus: Path, tmp_path: Path, capsys) -> None:
-    code, _, stderr = run(
-        [str(corpus), "--ext", "md", "--vocab", "400", "--out", str(tmp_path / "t")], capsys
-    )
+    code, _, stderr = run([str(corpus), "--ext", "md", "--vocab", "400", "--out", str(tmp_path / "t")], capsys)
     assert code == 0, stderr
     assert "1 file(s)" in stderr
-    code, _, stderr = run(
-        [str(corpus), "--ext", ".rst", "--vocab", "400", "--out", str(tmp_path / "u")], capsys
-    )
+    code, _, stderr = run([str(corpus), "--ext", ".rst", "--vocab", "400", "--out", str(tmp_path / "u")], capsys)
     assert code == 1 and ".rst" in stderr
 
 
@@ -116,9 +112,7 @@ def test_non_utf8_file_fails_with_its_name_and_offset_unless_lossy(tmp_path: Pat
     assert code == 1
     assert str(bad) in stderr and "offset 500" in stderr
     assert not (tmp_path / "t" / "tokenizer.json").exists()
-    code, _, stderr = run(
-        [str(bad), "--vocab", "300", "--out", str(tmp_path / "t"), "--lossy", "--quiet"], capsys
-    )
+    code, _, stderr = run([str(bad), "--vocab", "300", "--out", str(tmp_path / "t"), "--lossy", "--quiet"], capsys)
     assert code == 0, stderr
 
 

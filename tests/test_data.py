@@ -144,9 +144,7 @@ def test_shard_tensors_share_memory_with_the_file_map(corpus_dir: Path) -> None:
 def test_uint32_shards_load_and_give_the_same_batches_as_uint16(vocab: TokenizerFile, tmp_path: Path) -> None:
     docs = random_documents(vocab, list(range(2, 60)), seed=3)
     narrow = ShardSet.open(write_shard_dir(tmp_path / "u16", {"train": [docs[:30], docs[30:]]}, vocab))
-    wide = ShardSet.open(
-        write_shard_dir(tmp_path / "u32", {"train": [docs[:30], docs[30:]]}, vocab, "uint32")
-    )
+    wide = ShardSet.open(write_shard_dir(tmp_path / "u32", {"train": [docs[:30], docs[30:]]}, vocab, "uint32"))
     assert wide.shards[0].tokens.dtype == torch.uint32
     for mode in ("random", "documents"):
         a, b = TokenLoader(narrow, 3, 16, mode=mode), TokenLoader(wide, 3, 16, mode=mode)
@@ -177,15 +175,11 @@ def test_same_seed_gives_the_same_batches_and_another_seed_others(corpus_dir: Pa
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
 
 
-def test_random_windows_reach_every_valid_start_weighted_by_shard_length(
-    vocab: TokenizerFile, tmp_path: Path
-) -> None:
+def test_random_windows_reach_every_valid_start_weighted_by_shard_length(vocab: TokenizerFile, tmp_path: Path) -> None:
     # T + 1 = 8: shard 0 has 11 tokens (starts 0..3), shard 1 has 19 (starts 0..11): weights 4 : 12.
     docs = random_documents(vocab, [5, 6, 7, 12], seed=4)
     shards = ShardSet.open(write_shard_dir(tmp_path, {"train": [docs[:2], docs[2:]]}, vocab))
-    lookup = {
-        window: (k, i) for k, s in enumerate(shards.shards) for i, window in enumerate(windows(s.array, 8))
-    }
+    lookup = {window: (k, i) for k, s in enumerate(shards.shards) for i, window in enumerate(windows(s.array, 8))}
     assert len(lookup) == 4 + 12  # random tokens: every window is unique, so its content gives its place
     seen = []
     for x, y in take(TokenLoader(shards, 50, 7, mode="random", seed=1), 40):
@@ -239,9 +233,7 @@ def test_a_document_longer_than_a_row_starts_a_row_of_its_own(vocab: TokenizerFi
     assert loader.cropped_fraction == pytest.approx((24 + 4) / (40 + 10 + 5 + 5))
 
 
-def test_cropped_fraction_is_dropped_tokens_over_consumed_tokens(
-    vocab: TokenizerFile, tmp_path: Path
-) -> None:
+def test_cropped_fraction_is_dropped_tokens_over_consumed_tokens(vocab: TokenizerFile, tmp_path: Path) -> None:
     # Rows of 16 from 12-token documents: one whole, one cropped to 4 (8 dropped of 24 taken).
     shards = ShardSet.open(write_shard_dir(tmp_path, {"train": [tagged_documents(vocab, [12] * 40)]}, vocab))
     loader = TokenLoader(shards, 2, 15, mode="documents")
@@ -356,18 +348,14 @@ def test_ranks_see_disjoint_documents_that_cover_the_epoch(vocab: TokenizerFile,
     seen = []
     for rank in range(2):
         loader = TokenLoader(shards, 4, 15, mode="documents", seed=9, rank=rank, world_size=2)
-        ids = [
-            int(p[1]) for x, y in take(loader, 3) for row in x.numpy() for p in segments(row, vocab.bos_id)
-        ]
+        ids = [int(p[1]) for x, y in take(loader, 3) for row in x.numpy() for p in segments(row, vocab.bos_id)]
         assert loader.epoch == 0 and len(ids) == len(set(ids)) == 24
         seen.append(set(ids))
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(48))
 
 
-def test_ranks_sample_random_windows_inside_disjoint_parts_of_each_shard(
-    vocab: TokenizerFile, tmp_path: Path
-) -> None:
+def test_ranks_sample_random_windows_inside_disjoint_parts_of_each_shard(vocab: TokenizerFile, tmp_path: Path) -> None:
     docs = random_documents(vocab, [30] * 20, seed=5)
     shards = ShardSet.open(write_shard_dir(tmp_path, {"train": [docs[:8], docs[8:]]}, vocab))
     lookup = {w: (k, i) for k, s in enumerate(shards.shards) for i, w in enumerate(windows(s.array, 11))}
@@ -399,9 +387,7 @@ def test_validation_makes_every_token_a_target_exactly_once(
         loader = ValidationLoader(shards, 3, 8, rank=rank, world_size=world_size)
         batches = list(loader)
         assert len(batches) == len(loader)
-        assert all(
-            x.shape[0] <= 3 and x.shape == y.shape and x.dtype == y.dtype == torch.int64 for x, y in batches
-        )
+        assert all(x.shape[0] <= 3 and x.shape == y.shape and x.dtype == y.dtype == torch.int64 for x, y in batches)
         per_rank.append([(xr, yr) for x, y in batches for xr, yr in zip(x.tolist(), y.tolist())])
     rows = [per_rank[i % world_size][i // world_size] for i in range(sum(map(len, per_rank)))]
     assert len(rows) == 0 + 2 + 2 + 5
@@ -518,9 +504,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, list[str]]] = {
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
-def test_a_malformed_shard_directory_fails_naming_the_file(
-    vocab: TokenizerFile, tmp_path: Path, name: str
-) -> None:
+def test_a_malformed_shard_directory_fails_naming_the_file(vocab: TokenizerFile, tmp_path: Path, name: str) -> None:
     corrupt, file, words = CORRUPTIONS[name]
     shards = [random_documents(vocab, [3, 7], seed=1), random_documents(vocab, [4, 5, 6], seed=2)]
     directory = write_shard_dir(tmp_path, {"train": shards}, vocab)

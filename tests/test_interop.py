@@ -149,9 +149,7 @@ def test_arbitrary_text_gives_the_same_ids_everywhere(
 TRICKY = st.text(
     st.one_of(
         st.sampled_from(list("'sStTdDmMlLvVrReE \t\n\r\x0b\x0c\x85\u00a0\u1680\u2028\u3000\u017f\u212a")),
-        st.sampled_from(
-            list("aZ\u00e9\u0301\u0663\uff15\u00b2\u2167\uac00\u3131\u4e00!?.,-_#\U0001f642\u200d")
-        ),
+        st.sampled_from(list("aZ\u00e9\u0301\u0663\uff15\u00b2\u2167\uac00\u3131\u4e00!?.,-_#\U0001f642\u200d")),
         st.characters(exclude_categories=("Cs",)),
     ),
     max_size=40,
@@ -187,9 +185,7 @@ def test_concatenations_of_tricky_text_give_the_same_ids(
 
 
 @pytest.mark.parametrize("pattern", ["gpt2", r"\S+|\s+", r"\p{L}+|\p{N}"])
-def test_other_patterns_agree_with_hf_and_tiktoken(
-    corpus_docs: list[str], tmp_path: Path, pattern: str
-) -> None:
+def test_other_patterns_agree_with_hf_and_tiktoken(corpus_docs: list[str], tmp_path: Path, pattern: str) -> None:
     t = Tokenizer.train_from_iterator(corpus_docs, 700, pattern=pattern)
     t.save(tmp_path)
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))

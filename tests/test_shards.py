@@ -191,9 +191,7 @@ def corpus_txt_paragraph(root: Path) -> tuple[list[str], list[str]]:
 
 def corpus_jsonl(root: Path) -> tuple[list[str], list[str]]:
     """Records with the text in ``body``, other fields beside it, and a record with empty text."""
-    records: list[dict[str, Any]] = [
-        {"id": i, "body": d, "meta": {"n": [i]}} for i, d in enumerate(DOCUMENTS)
-    ]
+    records: list[dict[str, Any]] = [{"id": i, "body": d, "meta": {"n": [i]}} for i, d in enumerate(DOCUMENTS)]
     records.insert(5, {"id": -1, "body": ""})
     path = write_jsonl(root / "records.jsonl", records)
     return [str(path), "--text-field", "body"], DOCUMENTS
@@ -330,9 +328,7 @@ def test_special_token_strings_inside_documents_stay_text(
     assert sorted(got["train"] + got["val"]) == sorted(docs)
 
 
-def test_vocabularies_over_65536_ids_are_stored_as_uint32(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_vocabularies_over_65536_ids_are_stored_as_uint32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     every_byte_pair = [(a, b) for a in range(256) for b in range(256)]
     tok = Tokenizer(_core.Tokenizer.from_merges(GPT4_PATTERN, every_byte_pair, [BOS]))
     assert tok.vocab_size > 1 << 16
@@ -352,9 +348,7 @@ def test_vocabularies_over_65536_ids_are_stored_as_uint32(
 # ----- determinism and layout ----------------------------------------------------------------------
 
 
-def test_output_is_byte_identical_for_one_or_two_threads(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_output_is_byte_identical_for_one_or_two_threads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mixed_corpus(tmp_path / "corpus")
     runs = []
     for threads in ("1", "2"):
@@ -397,9 +391,7 @@ def test_documents_never_span_shards_and_shards_respect_the_size(
     assert sorted(got["train"] + got["val"]) == sorted(docs)
 
 
-def test_manifest_describes_the_files(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path
-) -> None:
+def test_manifest_describes_the_files(tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path) -> None:
     expected = mixed_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     argv = [str(tmp_path / "corpus"), "--tokenizer", str(tokenizer_dir), "--shard-tokens", "500"]
@@ -494,18 +486,14 @@ def test_interrupted_run_resumes_to_byte_identical_files(
     options = ["--shard-tokens", "300", "--val-fraction", str(VAL_FRACTION)]
 
     whole = tmp_path / "whole"
-    code, _, err = run_cli(
-        [str(root), "--tokenizer", str(tokenizer_dir), *options, "--out", str(whole)], capsys
-    )
+    code, _, err = run_cli([str(root), "--tokenizer", str(tokenizer_dir), *options, "--out", str(whole)], capsys)
     assert code == 0, err
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(smallm.corpus, "BATCH_DOCUMENTS", 8)
         patch.setattr(smallm.corpus, "_parquet_batches", interrupting_parquet_batches(after=2))
-        code, _, err = run_cli(
-            [str(root), "--tokenizer", str(tokenizer_dir), *options, "--out", str(out)], capsys
-        )
+        code, _, err = run_cli([str(root), "--tokenizer", str(tokenizer_dir), *options, "--out", str(out)], capsys)
     assert code == 130, err
     assert "interrupted" in err
     assert (out / JOURNAL).exists() and not (out / MANIFEST).exists()
@@ -525,8 +513,7 @@ def test_interrupted_run_resumes_to_byte_identical_files(
 
 def test_interrupted_packing_resumes_only_with_the_same_setup(tmp_path: Path, tokenizer_dir: Path) -> None:
     paths = [
-        write_jsonl(tmp_path / "corpus" / f"part{i}.jsonl", [{"text": d} for d in DOCUMENTS[i::3]])
-        for i in range(3)
+        write_jsonl(tmp_path / "corpus" / f"part{i}.jsonl", [{"text": d} for d in DOCUMENTS[i::3]]) for i in range(3)
     ]
     corpus = Corpus(files=paths)
     tok = Tokenizer.load(tokenizer_dir)
@@ -652,9 +639,7 @@ def test_given_tokenizer_is_reused_without_training(
 ) -> None:
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCUMENTS])
     out = tmp_path / "out"
-    code, _, err = run_cli(
-        [str(path), "--tokenizer", str(tokenizer_dir), "--vocab", "300", "--out", str(out)], capsys
-    )
+    code, _, err = run_cli([str(path), "--tokenizer", str(tokenizer_dir), "--vocab", "300", "--out", str(out)], capsys)
     assert code == 0, err
     assert "training" not in err and "using the tokenizer" in err
     for name in ("tokenizer.json", "tokenizer.tiktoken"):
@@ -686,9 +671,7 @@ def test_no_shards_writes_only_the_tokenizer(tmp_path: Path, capsys: pytest.Capt
 # ----- bad input -------------------------------------------------------------------------------------
 
 
-def test_malformed_json_line_is_named_by_file_and_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_malformed_json_line_is_named_by_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n{"text": "unterminated\n{"text": "fine"}\n', encoding="utf-8")
     code, _, err = run_cli([str(path), "--vocab", "300", "--out", str(tmp_path / "out")], capsys)
@@ -701,9 +684,7 @@ def test_jsonl_record_without_the_text_field_lists_its_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path
 ) -> None:
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "fine"}, {"content": "x", "id": 7}])
-    code, _, err = run_cli(
-        [str(path), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")], capsys
-    )
+    code, _, err = run_cli([str(path), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")], capsys)
     assert code == 1
     assert str(path) in err and "line 2" in err
     assert '"content"' in err and '"id"' in err and "--text-field" in err
@@ -713,9 +694,7 @@ def test_parquet_without_the_text_column_lists_its_columns(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], tokenizer_dir: Path
 ) -> None:
     path = write_parquet(tmp_path / "rows.parquet", {"content": ["a", "b"], "id": [1, 2]})
-    code, _, err = run_cli(
-        [str(path), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")], capsys
-    )
+    code, _, err = run_cli([str(path), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")], capsys)
     assert code == 1
     assert str(path) in err and "'text'" in err and "content" in err and "--text-field" in err
     code, _, err = run_cli(
@@ -748,9 +727,7 @@ def test_invalid_utf8_is_named_by_byte_offset_and_lossy_replaces_it(
 
     lines = tmp_path / "lines.txt"
     lines.write_bytes(b"good\nstill good\nbad \xfe here\n")
-    code, _, err = run_cli(
-        [str(lines), "--doc-mode", "line", *argv[1:], "--out", str(tmp_path / "o2")], capsys
-    )
+    code, _, err = run_cli([str(lines), "--doc-mode", "line", *argv[1:], "--out", str(tmp_path / "o2")], capsys)
     assert code == 1
     assert str(lines) in err and "line 3" in err and "byte offset 20" in err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,30 @@ def test_ddp_on_two_cpu_processes_trains_and_checkpoints(shard_dir: Path, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     weights = load_weights(latest_checkpoint(tmp_path))
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_resumes_to_identical_weights(shard_dir: Path, tmp_path: Path) -> None:
+    def run(*extra: str) -> None:
+        args = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+            "-m", "smallm.cli.train", "--data", str(shard_dir), "--out", str(tmp_path), "--fsdp", "--max-steps", "4",
+            "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--checkpoint-every", "2", "--eval-every", "2",
+            "--model-n-layer", "2", "--model-n-embd", "32", "--model-n-head", "2", "--model-n-kv-head", "1",
+            "--model-max-seq-len", "32", "--sample-tokens", "4", *extra,
+        ]  # fmt: skip
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run()
+    checkpoints = tmp_path / "checkpoints"
+    final = load_weights(checkpoints / "step_00000004")
+    # Forget step 4 and resume from step 2: the sharded run must reach the same weights.
+    shutil.rmtree(checkpoints / "step_00000004")
+    (checkpoints / "latest").unlink()
+    run("--resume")
+    again = load_weights(checkpoints / "step_00000004")
+    for name in final:
+        assert torch.equal(final[name], again[name]), name

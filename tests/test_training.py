@@ -36,9 +36,7 @@ def reference_pieces(docs: list[str], pattern: str) -> list[str]:
 def test_merges_equal_reference_bpe_on_small_corpora(corpus: str, pattern: str, min_frequency: int) -> None:
     docs = SMALL_CORPORA[corpus]
     n_merges = 150
-    tok = Tokenizer.train_from_iterator(
-        docs, 256 + n_merges + N_SPECIAL, pattern=pattern, min_frequency=min_frequency
-    )
+    tok = Tokenizer.train_from_iterator(docs, 256 + n_merges + N_SPECIAL, pattern=pattern, min_frequency=min_frequency)
     expected = train_reference(reference_pieces(docs, pattern), n_merges, min_frequency)
     assert tok.merges == expected
     assert tok.vocab_size == 256 + len(expected) + N_SPECIAL
@@ -293,9 +291,7 @@ def test_exception_in_progress_callback_aborts_training(corpus_files: list[Path]
     with pytest.raises(Stop, match=stage):
         Tokenizer.train_from_files(corpus_files, 1000, progress=callback)
     with pytest.raises(Stop, match=stage):
-        Tokenizer.train_from_iterator(
-            [p.read_bytes().decode("utf-8") for p in corpus_files], 1000, progress=callback
-        )
+        Tokenizer.train_from_iterator([p.read_bytes().decode("utf-8") for p in corpus_files], 1000, progress=callback)
 
 
 def test_progress_true_draws_bars_without_failing(corpus_files: list[Path]) -> None:

@@ -71,9 +71,7 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(
-            Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and f.endswith(extensions)
-        )
+        files.extend(Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and f.endswith(extensions))
     return files
 
 
@@ -210,9 +208,7 @@ def _parquet_batches(path: Path, text_field: str) -> Iterator[list[str]]:
         raise CorpusError(f"{path}: not a readable parquet file: {e}") from e
     names = pf.schema_arrow.names
     if text_field not in names:
-        raise CorpusError(
-            f"{path}: no column {text_field!r} (the columns are {names}); choose one with --text-field"
-        )
+        raise CorpusError(f"{path}: no column {text_field!r} (the columns are {names}); choose one with --text-field")
     for record_batch in pf.iter_batches(batch_size=BATCH_DOCUMENTS, columns=[text_field]):
         column = record_batch.column(0)
         values = column.to_pylist()
@@ -234,9 +230,7 @@ def load_hf_dataset(
     try:
         return datasets.load_dataset(name, config, split=split, streaming=True, data_files=data_files)
     except Exception as e:  # datasets raises many types for hub, network and file problems
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get(
-            "HF_DATASETS_OFFLINE"
-        )
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE")
         hint = (
             "the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE is set)"
             if offline

@@ -109,9 +109,7 @@ class _PackedDocuments:
     crops them at row ends, where little room is left, and lets the longest fill up the buffer.
     """
 
-    def __init__(
-        self, shards: ShardSet, row_len: int, seed: int, rank: int, world_size: int, buffer_size: int
-    ) -> None:
+    def __init__(self, shards: ShardSet, row_len: int, seed: int, rank: int, world_size: int, buffer_size: int) -> None:
         self.row_len, self.seed, self.rank, self.world_size = row_len, seed, rank, world_size
         self.buffer_size = buffer_size
         self.arrays = [s.array for s in shards.shards]

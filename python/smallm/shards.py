@@ -42,9 +42,7 @@ class PackOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.shard_tokens <= 2**31 - 1:
-            raise ValueError(
-                f"shard size {self.shard_tokens} is out of range: it must be 1 to {2**31 - 1} tokens"
-            )
+            raise ValueError(f"shard size {self.shard_tokens} is out of range: it must be 1 to {2**31 - 1} tokens")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"validation fraction {self.val_fraction} is out of range: it must be in [0, 1)")
 
@@ -168,9 +166,7 @@ class _PackProgress:
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(
-                total=self.total or None, desc="packing", unit="B", unit_scale=True, unit_divisor=1024
-            )
+            self._bar = tqdm(total=self.total or None, desc="packing", unit="B", unit_scale=True, unit_divisor=1024)
         return self
 
     def update(self, bytes_done: int, tokens: int, texts: list[str] | None = None) -> None:

@@ -141,9 +141,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not all(type(manifest[k]) is int for k in ("vocab_size", "bos_id")):
         raise ShardError(f"{path}: vocab_size and bos_id must be integers")
     if not 0 <= manifest["bos_id"] < manifest["vocab_size"]:
-        raise ShardError(
-            f"{path}: bos_id {manifest['bos_id']} is not below vocab_size {manifest['vocab_size']}"
-        )
+        raise ShardError(f"{path}: bos_id {manifest['bos_id']} is not below vocab_size {manifest['vocab_size']}")
     if manifest["dtype"] not in TOKEN_VERSIONS:
         raise ShardError(f"{path}: dtype {manifest['dtype']!r} is not one of {sorted(TOKEN_VERSIONS)}")
     return manifest

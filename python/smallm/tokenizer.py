@@ -281,14 +281,10 @@ class Tokenizer:
             texts = [_replace_surrogates(t) for t in texts]
             return self._core.encode_batch(texts, ordinary, allowed, disallowed, num_threads)
 
-    def _policy(
-        self, allowed: SpecialSet, disallowed: SpecialSet
-    ) -> tuple[list[str] | None, list[str] | None]:
+    def _policy(self, allowed: SpecialSet, disallowed: SpecialSet) -> tuple[list[str] | None, list[str] | None]:
         for name, value in (("allowed_special", allowed), ("disallowed_special", disallowed)):
             if isinstance(value, str) and value != "all":
-                raise ValueError(
-                    f'{name} must be "all" or a collection of special token strings, not {value!r}'
-                )
+                raise ValueError(f'{name} must be "all" or a collection of special token strings, not {value!r}')
             if not isinstance(value, str):
                 unknown = sorted(set(value) - self._special_ids.keys())
                 if unknown:

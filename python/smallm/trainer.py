@@ -14,11 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from smallm.checkpoint import (
 )
 from smallm.config import TrainConfig
 from smallm.data import ShardSet, TokenLoader, ValidationLoader
+from smallm.distributed import all_finite, gather_to_replica, scatter_from_replica, setup_runtime, shard_model
 from smallm.memory import mfu, peak_flops
 from smallm.model import ModelConfig, SmallLM
 from smallm.tokenizer import Tokenizer
@@ -43,34 +43,6 @@ from smallm.tokenizer import Tokenizer
 
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user must act on (the message says what to do)."""
-
-
-@dataclass
-class Runtime:
-    """Where this process trains: its rank, the world size and the device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device: str) -> Runtime:
-    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(rank, world, local, dev)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -138,6 +110,9 @@ class Trainer:
         self.model = SmallLM(self.model_config).to(self.rt.device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.amp_dtype = autocast_dtype(cfg.precision, self.rt.device)
+        self.sharded = cfg.fsdp and self.rt.world_size > 1
+        if self.sharded:
+            shard_model(self.model)  # before the optimizer: sharding replaces the parameters
         self.optimizer = make_optimizer(self.model, cfg, self.rt.device)
         schedule = lambda step: cosine_with_warmup(  # noqa: E731
             step, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio
@@ -167,22 +142,31 @@ class Trainer:
         path = latest_checkpoint(self.out)
         if path is None:
             raise ValueError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; train without --resume first")
-        self.state, _ = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
-        self.loader.load_state_dict(self.state.loader)
+        if self.sharded:
+            replica, replica_opt = self._replica()
+            self.state, _ = load_checkpoint(path, replica, replica_opt, self.scheduler, self.scaler)
+            scatter_from_replica(self.model, self.optimizer, replica, replica_opt)
+        else:
+            self.state, _ = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+        saved = self.state.loader
+        if saved.get("world_size") != self.rt.world_size:
+            raise ValueError(
+                f"{path} was written by {saved.get('world_size')} process(es); resume it with as many "
+                f"(this run has {self.rt.world_size}): each one continues its own part of the data"
+            )
+        self.loader.load_state_dict(saved["ranks"][self.rt.rank])
         self.log(f"resumed from {path} at step {self.state.step}")
+
+    def _replica(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """An unsharded CPU copy of the model and its optimizer, for checkpoints of a sharded run."""
+        replica = SmallLM(self.model_config)
+        return replica, make_optimizer(replica, self.cfg, torch.device("cpu"))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         net: nn.Module = model
-        if self.rt.world_size > 1:
-            if self.cfg.fsdp:
-                from torch.distributed.fsdp import fully_shard
-
-                for layer in model.model.layers:
-                    fully_shard(layer)
-                fully_shard(model)
-            else:
-                ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-                net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.rt.world_size > 1 and not self.sharded:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.compile:
             try:
                 net = torch.compile(net)
@@ -228,6 +212,7 @@ class Trainer:
         # The norm of the synchronised gradients (clipped when grad_clip > 0). A GradScaler skips
         # non-finite steps itself; without one, such a step would poison the weights.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         if self.scaler is None and not torch.isfinite(norm):
             self.diverged(f"the gradient norm became {norm.item()}")
         if self.scaler:
@@ -252,9 +237,19 @@ class Trainer:
             world_size=self.rt.world_size, device=self.rt.device,
         )  # fmt: skip
         sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # loss, tokens, bytes
-        for i, (x, y) in enumerate(loader):
-            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
-                break
+        n_batches = len(loader) if not self.cfg.eval_batches else min(len(loader), self.cfg.eval_batches)
+        if self.sharded:
+            # Every rank must run as many forwards as the others (each gathers the shards); ranks
+            # with fewer rows run padding batches whose targets are all ignored.
+            most = torch.tensor(n_batches, device=self.rt.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            n_batches = int(most)
+        batches = iter(loader)
+        for _ in range(n_batches):
+            x, y = next(batches, (None, None))
+            if x is None:
+                x = torch.zeros(1, self.seq_len, dtype=torch.long, device=self.rt.device)
+                y = torch.full_like(x, -100)
             with torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 _, loss = self.model(x, y, reduction="sum")
             mask = y != -100
@@ -280,15 +275,23 @@ class Trainer:
         )
 
     def save(self, is_best: bool = False) -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        if not all_finite(self.model):
             self.diverged("the weights are no longer finite")
-        self.state.loader = self.loader.state_dict()
-        if self.rt.world_size > 1 and self.cfg.fsdp:
-            raise TrainingError("checkpointing FSDP-sharded models is not supported yet; use DDP")
+        # Every rank reads its own part of the data, so the checkpoint keeps every rank's position.
+        states: list[Any] = [self.loader.state_dict()]
+        if self.rt.world_size > 1:
+            states = [None] * self.rt.world_size
+            dist.all_gather_object(states, self.loader.state_dict())
+        self.state.loader = {"world_size": self.rt.world_size, "ranks": states}
+        model, optimizer = self.model, self.optimizer
+        if self.sharded:
+            gathered = gather_to_replica(self.model, self.optimizer, self._replica, self.rt.rank)
+            if gathered is not None:
+                model, optimizer = gathered
         if self.rt.main:
             config = {"train": asdict(self.cfg), "model": asdict(self.model_config)}
             save_checkpoint(
-                self.out, self.model, self.optimizer, self.scheduler, self.scaler, self.state, config,
+                self.out, model, optimizer, self.scheduler, self.scaler, self.state, config,
                 keep_last=self.cfg.keep_last, is_best=is_best,
             )  # fmt: skip
         if self.rt.world_size > 1:
@@ -350,17 +353,21 @@ class Trainer:
             raise TrainingError(str(e)) from e
         finally:
             logger.close()
-        if self.rt.main:
+        model: nn.Module | None = self.model
+        if self.sharded:  # generation runs on rank 0 alone, so on a gathered copy
+            gathered = gather_to_replica(self.model, self.optimizer, self._replica, self.rt.rank)
+            model = gathered[0] if gathered is not None else None
+        if self.rt.main and model is not None:
             logger.plot()
-            last["sample"] = self.sample()
+            last["sample"] = self.sample(model)
         return last
 
-    def sample(self) -> str:
-        """Text generated from ``sample_prompt`` (greedy-free: temperature 0.8, top-k 50)."""
+    def sample(self, model: nn.Module) -> str:
+        """Text generated from ``sample_prompt`` (temperature 0.8, top-k 50)."""
         from smallm.generate import generate_text
 
         prompt = self.cfg.sample_prompt or ""
-        return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=self.cfg.sample_tokens, seed=0)
+        return generate_text(model, self.tokenizer, prompt, max_new_tokens=self.cfg.sample_tokens, seed=0)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

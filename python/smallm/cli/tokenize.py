@@ -38,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"files (.txt, .jsonl, .parquet, .gz), directories or globs; {STDLIB_CORPUS}: the Python stdlib",
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument(
-        "--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens"
-    )
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens")
     p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer in this directory instead of training")
     p.add_argument("--no-shards", action="store_true", help="only train and save the tokenizer")
 
@@ -51,13 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="file",
         help="what a document is in a text file: the file, each line, or each blank-line separated paragraph",
     )
-    g.add_argument(
-        "--text-field", default="text", help="field holding the text in jsonl, parquet and datasets"
-    )
+    g.add_argument("--text-field", default="text", help="field holding the text in jsonl, parquet and datasets")
     g.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="file endings taken from directories")
-    g.add_argument(
-        "--lossy", action="store_true", help="replace invalid UTF-8 with U+FFFD instead of failing"
-    )
+    g.add_argument("--lossy", action="store_true", help="replace invalid UTF-8 with U+FFFD instead of failing")
     g.add_argument("--hf-dataset", help="a datasets name or builder (json, parquet, text), read streaming")
     g.add_argument("--hf-config", help="the dataset configuration")
     g.add_argument("--split", default="train", help="the dataset split to read (default: %(default)s)")
@@ -74,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("shards")
     defaults = PackOptions()
-    g.add_argument(
-        "--val-fraction", type=float, default=defaults.val_fraction, help="validation share of documents"
-    )
+    g.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="validation share of documents")
     g.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens, help="most tokens per shard")
 
     p.add_argument("--force", action="store_true", help="replace what is already in --out")
@@ -221,9 +213,7 @@ def train_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:
 def write_shards(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer) -> None:
     options = PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
     start = time.perf_counter()
-    manifest = pack_corpus(
-        corpus, tokenizer, args.out, options, progress=not args.quiet, num_threads=args.threads
-    )
+    manifest = pack_corpus(corpus, tokenizer, args.out, options, progress=not args.quiet, num_threads=args.threads)
     seconds = time.perf_counter() - start
     totals = manifest["totals"]
     all_bytes = sum(t["text_bytes"] for t in totals.values())

@@ -1,0 +1,133 @@
+"""Multi-process training under torchrun: the process group, FSDP2 sharding, and checkpoints of
+sharded models in the same format as unsharded ones.
+
+A sharded (FSDP2) model's checkpoint is written from a full copy: the weights and optimizer state are
+gathered to rank 0 on the CPU, loaded into an unsharded CPU replica, and saved by
+:mod:`smallm.checkpoint` like any other run, so every checkpoint loads anywhere, sharded or not.
+Loading reverses it: each rank reads the checkpoint into a replica and scatters it into its shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: its rank, the world size and the device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group
+    (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(rank, world, local, dev)
+
+
+def shard_model(model: nn.Module) -> None:
+    """FSDP2: each decoder layer is a unit, then the rest (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every weight of every rank is finite (a collective under torchrun)."""
+    bad = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local.detach())).sum()
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return bool(bad == 0)
+
+
+def _full_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def indexed_optimizer_state(named: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's form) in the
+    ``optimizer.state_dict()`` form, whose keys are positions in the optimizer's parameter groups."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    # A tied weight has several names; the gathered state may use any of them.
+    canonical = {n: names[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    position: dict[str, int] = {}
+    groups = []
+    for saved, group in zip(named["param_groups"], optimizer.param_groups):
+        ids = []
+        for p in group["params"]:
+            position[names[id(p)]] = len(position)
+            ids.append(position[names[id(p)]])
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    return {"state": {position[canonical[n]]: s for n, s in named["state"].items()}, "param_groups": groups}
+
+
+def named_optimizer_state(indexed: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of :func:`indexed_optimizer_state`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [
+        {**{k: v for k, v in saved.items() if k != "params"}, "params": [ordered[i] for i in saved["params"]]}
+        for saved in indexed["param_groups"]
+    ]
+    return {"state": {ordered[i]: s for i, s in indexed["state"].items()}, "param_groups": groups}
+
+
+Replica = Callable[[], "tuple[nn.Module, torch.optim.Optimizer]"]
+
+
+def gather_to_replica(
+    model: nn.Module, optimizer: torch.optim.Optimizer, make_replica: Replica, rank: int
+) -> tuple[nn.Module, torch.optim.Optimizer] | None:
+    """Collective: gathers a sharded model's weights and optimizer state to rank 0 (on the CPU) and
+    returns them there in an unsharded replica made by ``make_replica``; None on other ranks."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _full_options(cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    opt_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if rank != 0:
+        return None
+    replica, replica_opt = make_replica()
+    replica.load_state_dict(weights)
+    replica_opt.load_state_dict(indexed_optimizer_state(opt_state, replica, replica_opt))
+    return replica, replica_opt
+
+
+def scatter_from_replica(
+    model: nn.Module, optimizer: torch.optim.Optimizer, replica: nn.Module, replica_opt: torch.optim.Optimizer
+) -> None:
+    """Collective: loads every rank's shards from a full replica (each rank holds one)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, replica.state_dict(), options=_full_options())
+    named = named_optimizer_state(replica_opt.state_dict(), replica, replica_opt)
+    set_optimizer_state_dict(model, optimizer, named, options=_full_options())
