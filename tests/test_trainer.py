@@ -199,3 +199,20 @@ def test_fsdp_on_two_cpu_processes_resumes_to_identical_weights(shard_dir: Path,
     again = load_weights(checkpoints / "step_00000004")
     for name in final:
         assert torch.equal(final[name], again[name]), name
+
+
+def test_compile_that_fails_falls_back_with_a_warning(
+    shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Broken(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        result = Trainer(config(shard_dir, tmp_path, compile=True, max_steps=3, eval_every=0)).fit()
+    assert result["step"] == 3 and math.isfinite(result["loss"])

@@ -268,6 +268,21 @@ class Trainer:
             "val_bpb": loss / math.log(2) / max(nbytes, 1),
         }
 
+    def _first_step(self) -> float:
+        """The first step; a compiled model that fails there (torch.compile reports most problems
+        only when it first runs) is replaced by the plain one, from the same batch."""
+        if not self.cfg.compile:
+            return self.train_step()
+        position = self.loader.state_dict()
+        try:
+            return self.train_step()
+        except Exception as e:  # compilation raises many types
+            warnings.warn(f"torch.compile failed here ({type(e).__name__}: {e}); training without it", stacklevel=2)
+            self.net = getattr(self.net, "_orig_mod", self.net)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loader.load_state_dict(position)
+            return self.train_step()
+
     def diverged(self, what: str) -> None:
         raise TrainingError(
             f"{what} at step {self.state.step}; stopping. The last good checkpoint in {self.out / 'checkpoints'} "
@@ -310,9 +325,10 @@ class Trainer:
         self.model.train()
         last: dict[str, Any] = {}
         t0, tokens0 = time.perf_counter(), self.state.tokens_seen
+        start_step = self.state.step
         try:
             while self.state.step < cfg.max_steps:
-                loss = self.train_step()
+                loss = self.train_step() if self.state.step > start_step else self._first_step()
                 self.state.step += 1
                 step = self.state.step
                 if not math.isfinite(loss):
