@@ -321,6 +321,8 @@ class Trainer:
         if self.rt.main:
             resolved = {"train": asdict(cfg), "model": asdict(self.model_config)}
             (self.out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            if not (self.out / "tokenizer.json").exists():
+                self.tokenizer.save(self.out)  # the run directory is usable without the data
         logger = MetricsLogger(self.out, cfg, enabled=self.rt.main, start_step=self.state.step)
         self.model.train()
         last: dict[str, Any] = {}
