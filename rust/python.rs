@@ -99,6 +99,33 @@ struct PyTokenizer {
     inner: Tokenizer,
 }
 
+/// Cuts `joined` into consecutive pieces of `char_lengths` code points each.
+fn split_by_char_lengths<'a>(joined: &'a str, char_lengths: &[usize]) -> PyResult<Vec<&'a str>> {
+    let mismatch =
+        || PyValueError::new_err("the document lengths do not add up to the joined text");
+    let ascii = joined.is_ascii();
+    let mut texts = Vec::with_capacity(char_lengths.len());
+    let mut rest = joined;
+    for &n in char_lengths {
+        let cut = if ascii {
+            (n <= rest.len()).then_some(n)
+        } else {
+            match rest.char_indices().nth(n) {
+                Some((i, _)) => Some(i),
+                None => (rest.chars().count() == n).then_some(rest.len()),
+            }
+        };
+        let (doc, tail) = rest.split_at(cut.ok_or_else(mismatch)?);
+        texts.push(doc);
+        rest = tail;
+    }
+    if rest.is_empty() {
+        Ok(texts)
+    } else {
+        Err(mismatch())
+    }
+}
+
 fn policy(allowed: Option<Vec<String>>, disallowed: Option<Vec<String>>) -> SpecialPolicy {
     SpecialPolicy {
         allowed,
@@ -188,12 +215,16 @@ impl PyTokenizer {
             .map_err(Into::into)
     }
 
-    /// Returns (ids, offsets) as numpy arrays: ids uint16 when the vocabulary fits, else uint32.
-    #[pyo3(signature = (texts, ordinary, allowed_special, disallowed_special, num_threads=None))]
+    /// Encodes the documents of `joined`, the concatenation of documents whose lengths in code
+    /// points are `char_lengths` (one string crosses into Rust far faster than many). Returns (ids,
+    /// offsets) as numpy arrays: ids uint16 when the vocabulary fits, else uint32.
+    #[pyo3(signature = (joined, char_lengths, ordinary, allowed_special, disallowed_special, num_threads=None))]
+    #[allow(clippy::too_many_arguments)]
     fn encode_batch<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<PyBackedStr>,
+        joined: PyBackedStr,
+        char_lengths: Vec<usize>,
         ordinary: bool,
         allowed_special: Option<Vec<String>>,
         disallowed_special: Option<Vec<String>>,
@@ -202,11 +233,13 @@ impl PyTokenizer {
         let p = policy(allowed_special, disallowed_special);
         let fits_u16 = self.inner.vocab_size() <= 1 << 16;
         let (ids, offsets) = py.detach(|| {
+            let texts = split_by_char_lengths(&joined, &char_lengths)?;
             with_threads(num_threads, || {
                 self.inner
                     .encode_batch(&texts, if ordinary { None } else { Some(&p) })
-            })
-        })??;
+            })?
+            .map_err(PyErr::from)
+        })?;
         let offsets: Vec<i64> = offsets.into_iter().map(|o| o as i64).collect();
         let ids = if fits_u16 {
             let narrow: Vec<u16> = ids.into_iter().map(|i| i as u16).collect();

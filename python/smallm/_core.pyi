@@ -39,7 +39,8 @@ class Tokenizer:
     ) -> list[int]: ...
     def encode_batch(
         self,
-        texts: Sequence[str],
+        joined: str,
+        char_lengths: Sequence[int],
         ordinary: bool,
         allowed_special: Sequence[str] | None,
         disallowed_special: Sequence[str] | None,

@@ -274,12 +274,16 @@ class Tokenizer:
         disallowed: list[str] | None,
         num_threads: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        texts = list(texts)
+        # One joined string and the lengths cross into Rust much faster than many small strings.
+        texts = texts if isinstance(texts, list) else list(texts)
+        lengths = [len(t) for t in texts]
+        joined = "".join(texts)
         try:
-            return self._core.encode_batch(texts, ordinary, allowed, disallowed, num_threads)
+            return self._core.encode_batch(joined, lengths, ordinary, allowed, disallowed, num_threads)
         except UnicodeEncodeError:
-            texts = [_replace_surrogates(t) for t in texts]
-            return self._core.encode_batch(texts, ordinary, allowed, disallowed, num_threads)
+            joined = "".join(_replace_surrogates(t) for t in texts)
+            lengths = [len(_replace_surrogates(t)) for t in texts]
+            return self._core.encode_batch(joined, lengths, ordinary, allowed, disallowed, num_threads)
 
     def _policy(self, allowed: SpecialSet, disallowed: SpecialSet) -> tuple[list[str] | None, list[str] | None]:
         for name, value in (("allowed_special", allowed), ("disallowed_special", disallowed)):
@@ -325,10 +329,10 @@ class Tokenizer:
 def _split(ids: np.ndarray, offsets: np.ndarray, return_numpy: bool) -> list[list[int]] | list[np.ndarray]:
     if len(offsets) <= 1:
         return []
-    if return_numpy:
-        return np.split(ids, offsets[1:-1])
-    flat = ids.tolist()
     bounds = offsets.tolist()
+    if return_numpy:  # views into one buffer (np.split is several times slower for many documents)
+        return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    flat = ids.tolist()
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
