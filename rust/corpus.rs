@@ -294,6 +294,107 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Where a document comes from: the index of its source (file) and its number within it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Position {
+    pub source: u32,
+    pub document: u64,
+}
+
+/// Documents read from files, with their positions.
+#[derive(Default)]
+pub struct FileBatch {
+    pub docs: Vec<String>,
+    pub positions: Vec<Position>,
+    /// File bytes read once this batch is done (for progress; compressed files count their
+    /// decompressed bytes up to their size).
+    pub bytes_done: u64,
+}
+
+/// The size of every file, or an error naming the first that cannot be read.
+pub fn file_sizes(paths: &[PathBuf]) -> Result<Vec<u64>> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.len())
+                .map_err(|e| Error::io(p, e))
+        })
+        .collect()
+}
+
+/// Reads `paths` (file `i` is source `first_source + i`) in batches of about `batch_bytes` of text,
+/// gathering the documents of small files together, and calls `consume` on each batch in order. A
+/// reader thread reads the next batch while `consume` works on this one. An error from either side
+/// stops both and is returned.
+pub fn for_each_batch(
+    paths: &[PathBuf],
+    first_source: u32,
+    options: &ReadOptions,
+    batch_bytes: usize,
+    mut consume: impl FnMut(FileBatch) -> Result<()>,
+) -> Result<()> {
+    let sizes = file_sizes(paths)?;
+    std::thread::scope(|scope| {
+        let (sender, batches) = std::sync::mpsc::sync_channel(1);
+        let sizes = &sizes;
+        scope.spawn(move || {
+            let result = read_batches(paths, sizes, first_source, options, batch_bytes, &sender);
+            if let Err(e) = result {
+                let _ = sender.send(Err(e));
+            }
+        });
+        // Returning early drops `batches`, which stops the reader at its next send.
+        for batch in batches {
+            consume(batch?)?;
+        }
+        Ok(())
+    })
+}
+
+fn read_batches(
+    paths: &[PathBuf],
+    sizes: &[u64],
+    first_source: u32,
+    options: &ReadOptions,
+    batch_bytes: usize,
+    sender: &std::sync::mpsc::SyncSender<Result<FileBatch>>,
+) -> Result<()> {
+    let mut batch = FileBatch::default();
+    let mut size = 0;
+    let mut finished = 0;
+    for (i, (path, file_size)) in paths.iter().zip(sizes).enumerate() {
+        let source = first_source + i as u32;
+        let mut reader = DocReader::open(path, options)?;
+        let mut document = 0;
+        loop {
+            let docs = reader.next_batch(batch_bytes)?;
+            if docs.is_empty() {
+                break;
+            }
+            for doc in docs {
+                size += doc.len();
+                batch.docs.push(doc);
+                batch.positions.push(Position { source, document });
+                document += 1;
+            }
+            if size >= batch_bytes {
+                batch.bytes_done = finished + reader.bytes_read().min(*file_size);
+                size = 0;
+                if sender.send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return Ok(()); // the consumer stopped
+                }
+            }
+        }
+        finished += file_size;
+    }
+    batch.bytes_done = finished;
+    let _ = sender.send(Ok(batch));
+    Ok(())
+}
+
 /// Reads every document of a file (for tests and small files).
 pub fn read_all(path: &Path, options: &ReadOptions) -> Result<Vec<String>> {
     let mut reader = DocReader::open(path, options)?;

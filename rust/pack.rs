@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic::{write_atomic, write_atomic_with};
 use crate::bpe::Tokenizer;
-use crate::corpus::{DocReader, ReadOptions};
+pub use crate::corpus::Position;
+use crate::corpus::{file_sizes, for_each_batch, ReadOptions};
 use crate::{Error, Result};
 
 /// Magic number of a token shard header.
@@ -75,13 +76,6 @@ impl TokenDtype {
             TokenDtype::U32 => "uint32",
         }
     }
-}
-
-/// Where a document comes from: the index of its source and its number within that source.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Position {
-    pub source: u32,
-    pub document: u64,
 }
 
 /// A finished shard.
@@ -401,33 +395,18 @@ impl Packer {
         read: &ReadOptions,
         progress: &mut dyn FnMut(PackProgress) -> bool,
     ) -> Result<()> {
-        let sizes: Vec<u64> = paths
-            .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .map(|m| m.len())
-                    .map_err(|e| Error::io(p, e))
-            })
-            .collect::<Result<_>>()?;
-        let total: u64 = sizes.iter().sum();
-        std::thread::scope(|scope| {
-            let (sender, batches) = std::sync::mpsc::sync_channel(1);
-            let sizes = &sizes;
-            scope.spawn(move || read_batches(paths, sizes, first_source, read, sender));
-            // Returning early drops `batches`, which stops the reader at its next send.
-            for batch in batches {
-                let batch: FileBatch = batch?;
-                self.add_at(&batch.docs, &batch.positions)?;
-                let tokens = self.tokens_written();
-                if !progress(PackProgress {
-                    bytes: batch.bytes_done,
-                    total,
-                    tokens,
-                }) {
-                    return Err(Error::Cancelled);
-                }
+        let total: u64 = file_sizes(paths)?.iter().sum();
+        for_each_batch(paths, first_source, read, BATCH_BYTES, |batch| {
+            self.add_at(&batch.docs, &batch.positions)?;
+            let tokens = self.tokens_written();
+            match progress(PackProgress {
+                bytes: batch.bytes_done,
+                total,
+                tokens,
+            }) {
+                true => Ok(()),
+                false => Err(Error::Cancelled),
             }
-            Ok(())
         })
     }
 
@@ -448,72 +427,6 @@ impl Packer {
         };
         let text = serde_json::to_string_pretty(&journal).expect("the journal always serializes");
         write_atomic(&self.options.dir.join(JOURNAL), text.as_bytes())
-    }
-}
-
-/// Documents read from files, with their positions, ready to encode.
-struct FileBatch {
-    docs: Vec<String>,
-    positions: Vec<Position>,
-    /// File bytes read once this batch is done (for progress).
-    bytes_done: u64,
-}
-
-/// Reads `paths` into batches of about [`BATCH_BYTES`] and sends them, or the first error.
-fn read_batches(
-    paths: &[PathBuf],
-    sizes: &[u64],
-    first_source: u32,
-    read: &ReadOptions,
-    sender: std::sync::mpsc::SyncSender<Result<FileBatch>>,
-) {
-    let mut batch = FileBatch {
-        docs: Vec::new(),
-        positions: Vec::new(),
-        bytes_done: 0,
-    };
-    let mut batch_bytes = 0;
-    let mut finished = 0;
-    let result = (|| {
-        for (i, (path, size)) in paths.iter().zip(sizes).enumerate() {
-            let source = first_source + i as u32;
-            let mut reader = DocReader::open(path, read)?;
-            let mut document = 0;
-            loop {
-                let docs = reader.next_batch(BATCH_BYTES)?;
-                if docs.is_empty() {
-                    break;
-                }
-                for doc in docs {
-                    batch_bytes += doc.len();
-                    batch.docs.push(doc);
-                    batch.positions.push(Position { source, document });
-                    document += 1;
-                }
-                if batch_bytes >= BATCH_BYTES {
-                    batch.bytes_done = finished + reader.bytes_read().min(*size);
-                    let full = std::mem::replace(
-                        &mut batch,
-                        FileBatch {
-                            docs: Vec::new(),
-                            positions: Vec::new(),
-                            bytes_done: 0,
-                        },
-                    );
-                    batch_bytes = 0;
-                    if sender.send(Ok(full)).is_err() {
-                        return Ok(()); // the packer stopped
-                    }
-                }
-            }
-            finished += size;
-        }
-        batch.bytes_done = finished;
-        let _ = sender.send(Ok(batch));
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = sender.send(Err(e));
     }
 }
 

@@ -22,12 +22,12 @@ use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::bpe::{pair_key, Tokenizer};
-use crate::corpus::{DocReader, ReadOptions};
+use crate::corpus::{file_sizes, for_each_batch, ReadOptions};
 use crate::pretokenize::PreTokenizer;
 use crate::{Error, Result};
 
 /// Files are read and counted in batches of about this many bytes of text, which bounds memory.
-const BATCH_BYTES: usize = 64 << 20;
+const BATCH_BYTES: usize = 16 << 20;
 
 /// Calls the merge-phase progress callback this often.
 const PROGRESS_EVERY_MERGES: usize = 256;
@@ -151,47 +151,17 @@ impl WordCounts {
         options: &ReadOptions,
         progress: &mut ProgressFn,
     ) -> Result<()> {
-        let sizes: Vec<u64> = paths
-            .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .map(|m| m.len())
-                    .map_err(|e| Error::io(p, e))
-            })
-            .collect::<Result<_>>()?;
-        let total: u64 = sizes.iter().sum();
-        let mut finished_bytes = 0;
-        let mut batch: Vec<String> = Vec::new();
-        let mut batch_bytes = 0;
-        for (path, size) in paths.iter().zip(&sizes) {
-            let mut reader = DocReader::open(path, options)?;
-            loop {
-                let docs = reader.next_batch(BATCH_BYTES)?;
-                if docs.is_empty() {
-                    break;
-                }
-                batch_bytes += docs.iter().map(String::len).sum::<usize>();
-                batch.extend(docs);
-                if batch_bytes >= BATCH_BYTES {
-                    self.add_documents(&batch)?;
-                    batch.clear();
-                    batch_bytes = 0;
-                    let done = finished_bytes + reader.bytes_read().min(*size);
-                    if !progress(Progress::Counting { bytes: done, total }) {
-                        return Err(Error::Cancelled);
-                    }
-                }
+        let total: u64 = file_sizes(paths)?.iter().sum();
+        for_each_batch(paths, 0, options, BATCH_BYTES, |batch| {
+            self.add_documents(&batch.docs)?;
+            match progress(Progress::Counting {
+                bytes: batch.bytes_done,
+                total,
+            }) {
+                true => Ok(()),
+                false => Err(Error::Cancelled),
             }
-            finished_bytes += size;
-        }
-        self.add_documents(&batch)?;
-        if !progress(Progress::Counting {
-            bytes: total,
-            total,
-        }) {
-            return Err(Error::Cancelled);
-        }
-        Ok(())
+        })
     }
 
     /// Learns the merges and returns the tokenizer with a report.
