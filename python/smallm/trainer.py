@@ -36,7 +36,7 @@ from smallm.checkpoint import (
 from smallm.config import TrainConfig
 from smallm.data import ShardSet, TokenLoader, ValidationLoader
 from smallm.distributed import all_finite, gather_to_replica, scatter_from_replica, setup_runtime, shard_model
-from smallm.memory import mfu, peak_flops
+from smallm.memory import mfu, peak_flops, warn_unknown_device
 from smallm.model import ModelConfig, SmallLM
 from smallm.tokenizer import Tokenizer
 
@@ -135,6 +135,8 @@ class Trainer:
         self.byte_lengths = torch.from_numpy(table).to(self.rt.device)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_flops(self.rt.device, self.amp_dtype or torch.float32)
+        if self.peak is None and self.rt.device.type == "cuda":
+            warn_unknown_device(torch.cuda.get_device_name(self.rt.device))  # MFU is left out
 
     # ----- setup ----------------------------------------------------------------------------------
 
