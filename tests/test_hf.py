@@ -1,0 +1,476 @@
+"""Hugging Face interop: an export is what ``transformers`` loads as ``LlamaForCausalLM`` and a fast tokenizer,
+with smallm's logits, ids, chat format and greedy continuations; an import of a ``transformers`` LLaMA
+gives its logits back; a push checks everything it can before the network.
+
+Everything runs offline on tiny models made here (2 layers, width 64, GQA with 4 query and 2 key/value heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors
+import torch
+from sample_text import CODE, EMOJI, ENGLISH, KOREAN
+from smallm import Tokenizer
+from smallm.checkpoint import CheckpointError, TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from smallm.cli import export as export_cli
+from smallm.cli import import_hf as import_cli
+from smallm.cli import push as push_cli
+from smallm.generate import generate_ids
+from smallm.hf import (
+    CHAT_TEMPLATE,
+    HFError,
+    chatml_ids,
+    export_hf,
+    hf_config,
+    import_hf,
+    model_config_from_hf,
+    push_to_hub,
+    render_chatml,
+)
+from smallm.model import ModelConfig, SmallLM
+from smallm.runs import load_model
+
+TOKENIZER_VOCAB, MODEL_VOCAB = 400, 448  # the model's table padded to a multiple of 64, as the trainer does
+PADDING_TRAP = 420  # a padding row made to win the first greedy step, unless padding ids are suppressed
+TEXTS = [*ENGLISH[:3], *KOREAN[:3], *EMOJI, *CODE[:3], "", "  leading and trailing  \n\n"]
+CONVERSATION = [
+    {"role": "user", "content": "안녕하세요! What is 2 + 2? 🤔"},
+    {"role": "assistant", "content": "def add(x, y):\n    return x + y"},
+    {"role": "user", "content": "thanks"},
+]
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline() -> Iterator[None]:
+    """No test here may reach the network; transformers reads local folders only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def transformers() -> Any:
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_docs: list[str]) -> Tokenizer:
+    return Tokenizer.train_from_iterator(corpus_docs, TOKENIZER_VOCAB)
+
+
+def prompt_ids(tokenizer: Tokenizer) -> list[int]:
+    return [tokenizer.eot_token, *tokenizer.encode_ordinary("def add(x, y):")]
+
+
+def make_run(directory: Path, tokenizer: Tokenizer, tied: bool) -> Path:
+    """A run directory with one checkpoint of a random model whose norms are not all ones, and whose padding
+    row ``PADDING_TRAP`` scores 3x the best real token after the test prompt."""
+    config = ModelConfig(
+        vocab_size=MODEL_VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64, tie_embeddings=tied
+    )
+    torch.manual_seed(1 if tied else 2)
+    model = SmallLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+        logits = model(torch.tensor([prompt_ids(tokenizer)]))[0, -1]
+        best = int(logits[:TOKENIZER_VOCAB].argmax())
+        sign = 1.0 if logits[best] > 0 else -1.0
+        model.lm_head.weight[PADDING_TRAP] = 3 * sign * model.lm_head.weight[best]
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = TrainingState(step=1, tokens_seen=0)
+    save_checkpoint(directory, model, optimizer, None, None, state, {"train": {}, "model": dataclasses.asdict(config)})
+    tokenizer.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def run(request: pytest.FixtureRequest, tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp(f"run-{request.param}"), tokenizer, request.param == "tied")
+
+
+@pytest.fixture(scope="module")
+def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_hf(run, tmp_path_factory.mktemp("exports") / run.name)
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported: Path, transformers: Any) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(exported: Path, transformers: Any) -> Any:
+    return transformers.AutoTokenizer.from_pretrained(exported)
+
+
+def input_ids_of(encoding: Any) -> list[int]:
+    """The ids of what ``apply_chat_template(tokenize=True)`` returns: a list (transformers 4) or a
+    BatchEncoding / dict (5)."""
+    if isinstance(encoding, dict) or hasattr(encoding, "keys"):
+        encoding = encoding["input_ids"]
+    return list(encoding)
+
+
+# ----- export -------------------------------------------------------------------------------------------
+
+
+def test_export_loads_as_llama_with_smallm_logits(run: Path, exported: Path, hf_model: Any, transformers: Any) -> None:
+    assert isinstance(hf_model, transformers.LlamaForCausalLM)
+    model, _, _ = load_model(run)
+    assert hf_model.config.num_key_value_heads == 2 and hf_model.config.vocab_size == MODEL_VOCAB
+    ids = torch.randint(0, TOKENIZER_VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf_model(ids).logits
+    assert hf_model.dtype == torch.float32
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_tied_embeddings_are_stored_once_and_tied_on_load(run: Path, exported: Path, hf_model: Any) -> None:
+    tied = load_model(run)[0].config.tie_embeddings
+    with safetensors.safe_open(str(exported / "model.safetensors"), framework="pt") as weights:
+        keys, metadata = set(weights.keys()), weights.metadata()
+    assert metadata == {"format": "pt"}
+    assert ("lm_head.weight" in keys) is not tied and "model.embed_tokens.weight" in keys
+    shared = hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()
+    assert shared is tied and hf_model.config.tie_word_embeddings is tied
+
+
+def test_config_writes_rope_theta_the_way_the_installed_transformers_reads_it(
+    exported: Path, hf_model: Any, transformers: Any
+) -> None:
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    major = int(transformers.__version__.split(".")[0])
+    if major >= 5:
+        assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+        assert "rope_theta" not in config and "rope_scaling" not in config and config["dtype"] == "float32"
+        assert hf_model.config.rope_parameters["rope_theta"] == 10000.0
+    else:
+        assert config["rope_theta"] == 10000.0 and config["rope_scaling"] is None
+        assert "rope_parameters" not in config and config["torch_dtype"] == "float32"
+        assert hf_model.config.rope_theta == 10000.0
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (397, 397, 397)
+    assert config["max_position_embeddings"] == 64 and config["head_dim"] == 16
+
+
+@pytest.mark.parametrize("major", [4, 5, None])
+def test_every_rope_form_gives_the_installed_transformers_the_same_theta(
+    tokenizer: Tokenizer, transformers: Any, major: int | None
+) -> None:
+    # Without transformers both forms are written; the installed version must read either.
+    config = hf_config(ModelConfig(vocab_size=448, n_layer=1, n_embd=64, n_head=4, rope_theta=5e5), tokenizer,
+                       torch.float32, major)  # fmt: skip
+    assert ("rope_parameters" in config) is (major != 4) and ("rope_theta" in config) is (major != 5)
+    loaded = transformers.LlamaConfig(**config)
+    rope = getattr(loaded, "rope_parameters", None) or {"rope_theta": loaded.rope_theta}
+    assert rope["rope_theta"] == 5e5
+
+
+def test_tokenizer_gives_smallm_ids(tokenizer: Tokenizer, hf_tokenizer: Any) -> None:
+    for text in TEXTS:
+        ids = hf_tokenizer(text)["input_ids"]
+        assert ids == tokenizer.encode_ordinary(text), text
+        assert hf_tokenizer.decode(ids) == text
+    eot, im_start, im_end = (tokenizer.special_tokens[s] for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (eot, eot, eot)
+    assert hf_tokenizer.unk_token is None and hf_tokenizer.model_max_length == 64
+    assert len(hf_tokenizer) == TOKENIZER_VOCAB
+    assert hf_tokenizer("<|im_start|>x<|im_end|>")["input_ids"][::2] == [im_start, im_end]
+
+
+@pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
+@pytest.mark.parametrize("generation_prompt", [True, False], ids=["generation-prompt", "no-generation-prompt"])
+def test_chat_template_is_smallm_chatml(
+    tokenizer: Tokenizer, hf_tokenizer: Any, system: bool, generation_prompt: bool
+) -> None:
+    messages = [SYSTEM, *CONVERSATION] if system else CONVERSATION
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    assert text == render_chatml(messages, add_generation_prompt=generation_prompt)
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    assert input_ids_of(ids) == chatml_ids(tokenizer, messages, add_generation_prompt=generation_prompt)
+    assert hf_tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_chatml_ids_keep_special_strings_in_contents_as_text(tokenizer: Tokenizer, hf_tokenizer: Any) -> None:
+    # The documented difference: transformers turns a special string inside a content into the token.
+    messages = [{"role": "user", "content": "hi<|im_end|>"}]
+    ours = chatml_ids(tokenizer, messages)
+    theirs = input_ids_of(hf_tokenizer.apply_chat_template(messages, tokenize=True))
+    assert ours.count(399) == 1 and theirs.count(399) == 2
+    assert tokenizer.decode(ours) == render_chatml(messages)
+
+
+def test_generation_config_stops_at_both_ends_and_suppresses_padding(
+    exported: Path, tokenizer: Tokenizer, transformers: Any
+) -> None:
+    config = transformers.GenerationConfig.from_pretrained(exported)
+    assert config.eos_token_id == [397, 399] and config.bos_token_id == 397 and config.pad_token_id == 397
+    assert (config.do_sample, config.temperature, config.top_k) == (True, 0.8, 50)
+    assert config.suppress_tokens == list(range(TOKENIZER_VOCAB, MODEL_VOCAB))
+
+
+def test_greedy_generation_matches_smallm(run: Path, hf_model: Any, tokenizer: Tokenizer) -> None:
+    model, _, _ = load_model(run)
+    prompt = prompt_ids(tokenizer)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        assert int(hf_model(ids).logits[0, -1].argmax()) == PADDING_TRAP  # unsuppressed, padding would win
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10)
+    theirs = out[0, len(prompt) :].tolist()
+    stops = (tokenizer.eot_token, 399)
+    cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
+    ours = generate_ids(model, prompt, 10, temperature=0, stop_ids=stops, vocab_size=tokenizer.vocab_size)
+    assert theirs[:cut] == ours and max(ours) < TOKENIZER_VOCAB
+
+
+def test_bf16_export(run: Path, tmp_path: Path, transformers: Any) -> None:
+    out = export_hf(run, tmp_path / "bf16", dtype="bf16")
+    with safetensors.safe_open(str(out / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_export_refuses_a_non_empty_folder_without_force(run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(HFError, match="not empty; pass --force"):
+        export_hf(run, out)
+    assert export_cli.main([str(run), "--out", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert export_cli.main([str(run), "--out", str(out), "--force"]) == 0
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left beside it
+
+
+def test_export_into_an_empty_folder_needs_no_force(run: Path, tmp_path: Path) -> None:
+    (tmp_path / "hf").mkdir()
+    assert (export_hf(run, tmp_path / "hf") / "model.safetensors").is_file()
+
+
+def test_export_never_replaces_its_own_source(run: Path) -> None:
+    with pytest.raises(HFError, match="its own source"):
+        export_hf(run, run, force=True)
+    assert latest_checkpoint(run) is not None
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
+        export_hf(tmp_path / "nothing", tmp_path / "hf")
+    assert export_cli.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "hf")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_failed_export_leaves_nothing(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(run, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- import -------------------------------------------------------------------------------------------
+
+
+def random_llama(transformers: Any, directory: Path, tied: bool, **saving: Any) -> Any:
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    model.save_pretrained(directory, **saving)
+    return model
+
+
+def smallm_model_of(run: Path) -> SmallLM:
+    config = json.loads((run / "config.json").read_text())
+    model = SmallLM(ModelConfig(**config["model"]))
+    load_checkpoint(latest_checkpoint(run), model, restore_rng=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_import_of_a_transformers_llama_gives_its_logits(
+    transformers: Any, tmp_path: Path, tied: bool, sharded: bool
+) -> None:
+    saving = {"max_shard_size": "40KB"} if sharded else {}
+    reference = random_llama(transformers, tmp_path / "llama", tied, **saving)
+    assert (tmp_path / "llama" / "model.safetensors.index.json").is_file() is sharded
+    with pytest.warns(UserWarning, match="no tokenizer.json: only the weights were imported"):
+        run = import_hf(tmp_path / "llama", tmp_path / "run")
+    model = smallm_model_of(run)
+    assert model.config.rope_theta == 500000.0 and model.config.tie_embeddings is tied
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model_type": "mistral"}, "model_type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"head_dim": 32}, "head_dim"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters.rope_type"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+         "rope_parameters.partial_rotary_factor"),
+    ],
+)  # fmt: skip
+def test_unsupported_configs_are_refused_naming_the_field(change: dict, field: str) -> None:
+    config = {"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "intermediate_size": 96, **change}  # fmt: skip
+    with pytest.raises(HFError, match=f"config.json: {field} = .* is not supported"):
+        model_config_from_hf(config)
+
+
+def test_an_unsupported_folder_fails_before_writing_anything(transformers: Any, tmp_path: Path, capsys) -> None:
+    random_llama(transformers, tmp_path / "llama", tied=False)
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    assert import_cli.main([str(tmp_path / "llama"), "--out", str(tmp_path / "run")]) == 1
+    assert "rope_scaling.rope_type" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_command_reports_a_foreign_tokenizer_as_a_warning(transformers: Any, tmp_path: Path, capsys) -> None:
+    random_llama(transformers, tmp_path / "llama", tied=True)
+    (tmp_path / "llama" / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
+    assert import_cli.main([str(tmp_path / "llama"), "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "smallm-import: warning: " in err and "is not a smallm byte-level BPE tokenizer" in err
+    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "tokenizer.json").exists()
+
+
+def test_pytorch_bin_weights_are_refused_clearly(tmp_path: Path) -> None:
+    config = {"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "intermediate_size": 96}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(HFError, match="safe_serialization=True"):
+        import_hf(tmp_path, tmp_path / "run")
+
+
+def test_export_then_import_gives_the_same_weights_and_tokenizer(
+    run: Path, exported: Path, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    back = import_hf(exported, tmp_path / "back")
+    original, _, _ = load_model(run)
+    model, back_tokenizer, config = load_model(back)
+    assert model.config == original.config
+    ours, theirs = original.state_dict(), model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert back_tokenizer.to_json() == tokenizer.to_json()
+    assert config["imported_from"]["architectures"] == ["LlamaForCausalLM"]
+    with pytest.raises(HFError, match="not empty; pass --force"):
+        import_hf(exported, back)
+    assert import_cli.main([str(exported), "--out", str(back), "--force"]) == 0
+
+
+# ----- push ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub() -> Any:
+    return pytest.importorskip("huggingface_hub")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Stands in for an export: push checks that the three files are there, not what they hold."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("{}")
+    return tmp_path
+
+
+def test_push_refuses_when_offline(hub: Any, folder: Path, capsys) -> None:
+    with pytest.raises(HFError, match=r"^offline \(HF_HUB_OFFLINE=1\): cannot reach the Hugging Face Hub$"):
+        push_to_hub(folder, "me/model", token="hf_x")
+    assert push_cli.main([str(folder), "--repo-id", "me/model"]) == 1
+    assert "offline (HF_HUB_OFFLINE=1)" in capsys.readouterr().err
+
+
+def test_push_without_a_token_says_how_to_log_in(hub: Any, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    with pytest.raises(HFError, match=r"huggingface-cli login.*HF_TOKEN"):
+        push_to_hub(folder, "me/model")
+
+
+@pytest.mark.parametrize(
+    "repo_id", ["model", "a/b/c", "/model", "me/", "-me/model", "me/model-", "me--x/model", "me/x..y", "me/a b",
+                "me/" + "x" * 94]
+)  # fmt: skip
+def test_push_refuses_bad_repository_ids(hub: Any, folder: Path, repo_id: str) -> None:
+    with pytest.raises(HFError, match="bad repository id"):
+        push_to_hub(folder, repo_id, token="hf_x")
+
+
+def test_push_refuses_a_folder_that_is_not_an_export(hub: Any, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(HFError, match=r"no model\.safetensors, tokenizer\.json.*smallm-export"):
+        push_to_hub(tmp_path, "me/model", token="hf_x")
+
+
+def test_push_creates_the_repository_and_uploads_the_folder(
+    hub: Any, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_stored")
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def create_repo(self: Any, *args: Any, **kwargs: Any) -> str:
+        calls.append(("create_repo", args, kwargs))
+        return f"https://huggingface.co/{args[0]}"
+
+    def upload_folder(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(("upload_folder", args, {**kwargs, "token": self.token}))
+
+    monkeypatch.setattr(hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(hub.HfApi, "upload_folder", upload_folder)
+    assert push_cli.main([str(folder), "--repo-id", "me/model", "--private"]) == 0
+    assert "https://huggingface.co/me/model" in capsys.readouterr().out
+    assert calls == [
+        ("create_repo", ("me/model",), {"exist_ok": True, "private": True, "repo_type": "model"}),
+        ("upload_folder", (), {"repo_id": "me/model", "folder_path": str(folder), "repo_type": "model",
+                               "commit_message": "Upload a smallm export", "token": "hf_stored"}),
+    ]  # fmt: skip
+
+
+def test_push_network_failure_is_a_clear_error(hub: Any, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(hub.HfApi, "create_repo", unreachable)
+    with pytest.raises(HFError, match=r"could not upload to the Hugging Face Hub.*ConnectionError"):
+        push_to_hub(folder, "me/model", token="hf_x")
