@@ -216,3 +216,13 @@ def test_compile_that_fails_falls_back_with_a_warning(
     with pytest.warns(UserWarning, match="torch.compile failed"):
         result = Trainer(config(shard_dir, tmp_path, compile=True, max_steps=3, eval_every=0)).fit()
     assert result["step"] == 3 and math.isfinite(result["loss"])
+
+
+def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(shard_dir: Path, tmp_path: Path) -> None:
+    Trainer(config(shard_dir, tmp_path / "base", max_steps=4)).fit()
+    base = load_weights(latest_checkpoint(tmp_path / "base"))
+    trainer = Trainer(config(shard_dir, tmp_path / "tuned", init_from=str(tmp_path / "base"), model={}))
+    assert trainer.model_config.n_layer == TINY_MODEL["n_layer"]
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, base[name]), name
+    assert trainer.state.step == 0 and not trainer.optimizer.state

@@ -59,6 +59,11 @@ class TrainConfig:
     checkpoint_every: int = doc("steps between checkpoints (the last step is always saved)", 100)
     keep_last: int = doc("checkpoints kept besides the best one", 3)
     resume: bool = doc("continue from the latest checkpoint in --out", False)
+    init_from: str | None = doc(
+        "start from these weights (a run, checkpoint or smallm-import directory) with a fresh optimizer; "
+        "the model shape comes from there",
+        None,
+    )
     tensorboard: bool = doc("also log to TensorBoard (needs the tensorboard package)", False)
     wandb_project: str | None = doc("also log to this Weights & Biases project (needs wandb)", None)
     sample_prompt: str = doc("prompt of the sample generated at the end", "")

@@ -31,6 +31,7 @@ from smallm.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
 )
 from smallm.config import TrainConfig
@@ -38,6 +39,7 @@ from smallm.data import ShardSet, TokenLoader, ValidationLoader
 from smallm.distributed import all_finite, gather_to_replica, scatter_from_replica, setup_runtime, shard_model
 from smallm.memory import mfu, peak_flops, warn_unknown_device
 from smallm.model import ModelConfig, SmallLM
+from smallm.runs import read_config, resolve_checkpoint
 from smallm.tokenizer import Tokenizer
 
 
@@ -72,12 +74,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
-    """The preset with the run's overrides; the vocabulary defaults to the tokenizer's, rounded up to a
-    multiple of 64 for faster matmuls."""
-    overrides = dict(cfg.model)
-    overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
-    mc = ModelConfig.preset(cfg.preset, **overrides)
+def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer, init: Path | None = None) -> ModelConfig:
+    """The preset with the run's overrides, or the shape of the ``init`` checkpoint; the vocabulary
+    defaults to the tokenizer's, rounded up to a multiple of 64 for faster matmuls."""
+    if init is not None:
+        mc = ModelConfig(**read_config(init)["model"])
+    else:
+        overrides = dict(cfg.model)
+        overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
+        mc = ModelConfig.preset(cfg.preset, **overrides)
     if mc.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"the model's vocab_size {mc.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}: "
@@ -103,11 +108,16 @@ class Trainer:
         self.train_set = ShardSet.open(data, "train")
         val_set = ShardSet.open(data, "val")
         self.val_set = val_set if val_set.num_tokens > 0 else None
-        self.model_config = model_config_for(cfg, self.tokenizer)
+        init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+        self.model_config = model_config_for(cfg, self.tokenizer, init)
         self.seq_len = cfg.seq_len or self.model_config.max_seq_len
         if self.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's context {self.model_config.max_seq_len}")
-        self.model = SmallLM(self.model_config).to(self.rt.device)
+        self.model = SmallLM(self.model_config)
+        if init is not None:
+            self.model.load_state_dict(load_weights(init))
+            self.log(f"initialised from the weights of {init}")
+        self.model.to(self.rt.device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.amp_dtype = autocast_dtype(cfg.precision, self.rt.device)
         self.sharded = cfg.fsdp and self.rt.world_size > 1
