@@ -1,0 +1,108 @@
+"""``smallm-eval``: loss, perplexity and bits per byte of a trained model on shards or raw text.
+
+    smallm-eval runs/tiny --data data/                    # the shard directory's val split
+    smallm-eval runs/tiny --data data/ --split train --max-batches 50
+    smallm-eval runs/tiny --data notes.txt book.md --json # raw text, tokenized with the model's tokenizer
+    smallm-eval runs/tiny --data texts/ --seq-len 256     # every .txt .text .md .rst .py file below texts/
+
+``--data`` is either one shard directory from ``smallm-tokenize`` (it has a ``manifest.json``; its shards
+must come from the model's tokenizer) or text files and directories of them. How the tokens are cut into
+windows and what bits per byte means: :mod:`smallm.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from smallm.cli.generate import add_model_arguments, load, run_main
+
+PROG = "smallm-eval"
+TEXT_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
+"""Files taken from a directory of raw text."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a smallm model: loss, perplexity, bits per byte.")
+    add_model_arguments(p)
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR_OR_FILES",
+                   help="a shard directory, or text files and directories of them")  # fmt: skip
+    p.add_argument("--split", choices=("train", "val"), default="val", help="split of a shard directory (default: val)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default: 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's context)")
+    p.add_argument("--max-batches", type=int, help="stop after this many batches (default: all)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast dtype; auto: bf16 (or fp16) on CUDA, fp32 elsewhere")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: Any) -> tuple[Any, str]:
+    """The batches of ``--data`` and a description of them."""
+    from smallm.corpus import find_corpus_files
+    from smallm.data import ShardSet, ValidationLoader
+    from smallm.evaluate import TextWindows, text_tokens
+    from smallm.tokenizer import Tokenizer
+
+    data = [Path(d) for d in args.data]
+    if len(data) == 1 and (data[0] / "manifest.json").is_file():
+        shards = ShardSet.open(data[0], args.split)
+        if Tokenizer.load(data[0]).to_json() != tokenizer.to_json():
+            raise ValueError(f"{data[0]}: its shards were made with another tokenizer than the model's")
+        if shards.num_tokens < 2:
+            raise ValueError(f"{data[0]}: the {args.split} split has no tokens to evaluate (try --split train)")
+        loader = ValidationLoader(shards, args.batch_size, seq_len, rank=0, world_size=1, device=device)
+        return loader, f"{data[0]} ({args.split}: {len(shards.shards)} shard(s), {shards.num_tokens:,} tokens)"
+    files = find_corpus_files(data, extensions=TEXT_EXTENSIONS)
+    tokens = text_tokens(tokenizer, files)
+    if len(tokens) < 2:
+        raise ValueError("the text files hold nothing to evaluate")
+    windows = TextWindows(tokens, args.batch_size, seq_len, pad_id=tokenizer.eot_token)
+    return windows, f"{len(files)} text file(s), {len(tokens):,} tokens"
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from smallm.evaluate import byte_length_table, evaluate_batches
+    from smallm.trainer import autocast_dtype
+
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        raise ValueError("--batch-size and --max-batches must be positive")
+    model, tokenizer = load(args)
+    context = model.config.max_seq_len
+    seq_len = args.seq_len or context
+    if not 0 < seq_len <= context:
+        raise ValueError(f"--seq-len must be in 1..{context}, the model's context")
+    device = model.lm_head.weight.device
+    batches, described = batches_for(args, tokenizer, seq_len, device)
+    total = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
+    byte_lengths = byte_length_table(tokenizer, model.config.vocab_size, device)
+    amp = autocast_dtype(args.precision, device)
+    progress = not args.no_progress
+    result = evaluate_batches(model, islice(batches, total), byte_lengths, amp, progress=progress, total=total)
+    report = {"checkpoint": str(args.checkpoint), "data": described, "seq_len": seq_len, "batches": total, **result}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"checkpoint     {report['checkpoint']}")
+    print(f"data           {described}")
+    print(f"targets        {result['tokens']:,} tokens, {result['bytes']:,} bytes ({total} batches of {seq_len})")
+    print(f"loss           {result['loss']:.4f} nats/token")
+    print(f"perplexity     {result['perplexity']:.3f}")
+    print(f"bits per byte  {result['bits_per_byte']:.4f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(PROG, lambda: evaluate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
