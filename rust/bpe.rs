@@ -259,7 +259,7 @@ impl Tokenizer {
         // Work in groups of units of similar byte size, several per thread for balance; each task
         // amortises its piece cache over the many small documents a group may hold.
         let total: usize = units.iter().map(|u| u.1.len()).sum();
-        let target = (total / (rayon::current_num_threads() * 8)).max(1 << 16);
+        let target = (total / (rayon::current_num_threads() * 2)).max(1 << 16);
         let mut groups: Vec<&[(usize, &str)]> = Vec::new();
         let (mut start, mut size) = (0, 0);
         for (i, unit) in units.iter().enumerate() {

@@ -37,6 +37,7 @@ from smallm.checkpoint import (
 from smallm.config import TrainConfig
 from smallm.data import ShardSet, TokenLoader, ValidationLoader
 from smallm.distributed import all_finite, gather_to_replica, scatter_from_replica, setup_runtime, shard_model
+from smallm.evaluate import byte_length_table, loss_sums, metrics_from_sums
 from smallm.memory import mfu, peak_flops, warn_unknown_device
 from smallm.model import ModelConfig, SmallLM
 from smallm.runs import read_config, resolve_checkpoint
@@ -139,10 +140,7 @@ class Trainer:
             self._resume()
         self.net = self._wrap(self.model)
         # Bytes of text per id (0 for special tokens) turn a loss in nats per token into bits per byte.
-        lengths = self.tokenizer.token_byte_lengths()
-        table = np.zeros(self.model_config.vocab_size, dtype=np.int64)
-        table[: len(lengths)] = lengths
-        self.byte_lengths = torch.from_numpy(table).to(self.rt.device)
+        self.byte_lengths = byte_length_table(self.tokenizer, self.model_config.vocab_size, self.rt.device)
         self.flops_per_token = self.model.flops_per_token(self.seq_len)
         self.peak = peak_flops(self.rt.device, self.amp_dtype or torch.float32)
         if self.peak is None and self.rt.device.type == "cuda":
@@ -243,12 +241,10 @@ class Trainer:
         """Validation loss (nats per token), perplexity and bits per byte over the val split."""
         if self.val_set is None:
             return {}
-        self.model.eval()
         loader = ValidationLoader(
             self.val_set, self.cfg.batch_size, self.seq_len, rank=self.rt.rank,
             world_size=self.rt.world_size, device=self.rt.device,
         )  # fmt: skip
-        sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # loss, tokens, bytes
         n_batches = len(loader) if not self.cfg.eval_batches else min(len(loader), self.cfg.eval_batches)
         if self.sharded:
             # Every rank must run as many forwards as the others (each gathers the shards); ranks
@@ -256,29 +252,16 @@ class Trainer:
             most = torch.tensor(n_batches, device=self.rt.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
             n_batches = int(most)
+        x_pad = torch.zeros(1, self.seq_len, dtype=torch.long, device=self.rt.device)
+        padding = (x_pad, torch.full_like(x_pad, -100))
         batches = iter(loader)
-        for _ in range(n_batches):
-            x, y = next(batches, (None, None))
-            if x is None:
-                x = torch.zeros(1, self.seq_len, dtype=torch.long, device=self.rt.device)
-                y = torch.full_like(x, -100)
-            with torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                _, loss = self.model(x, y, reduction="sum")
-            mask = y != -100
-            sums[0] += loss.double()
-            sums[1] += mask.sum()
-            sums[2] += self.byte_lengths[y[mask]].sum()
-        self._all_reduce(sums)
-        self.model.train()
-        loss, tokens, nbytes = sums.tolist()
-        if tokens == 0:
+        sums = loss_sums(
+            self.model, (next(batches, padding) for _ in range(n_batches)), self.byte_lengths, self.amp_dtype
+        )
+        metrics = metrics_from_sums(self._all_reduce(sums))
+        if not metrics:
             return {}
-        mean = loss / tokens
-        return {
-            "val_loss": mean,
-            "val_ppl": math.exp(min(mean, 50.0)),
-            "val_bpb": loss / math.log(2) / max(nbytes, 1),
-        }
+        return {"val_loss": metrics["loss"], "val_ppl": metrics["perplexity"], "val_bpb": metrics["bits_per_byte"]}
 
     def _first_step(self) -> float:
         """The first step; a compiled model that fails there (torch.compile reports most problems
