@@ -7,6 +7,7 @@ hermetic; only the tests that need ``../shared/data`` use it, and they skip when
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,14 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"../shared/data is absent (a fresh clone has no shared corpora): looked in {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Models as small as the tests' run fastest on one thread (a busy machine hurts two threads most)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ import io
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,13 +79,7 @@ def train_tiny_run(run_dir: Path, documents: list[str], tokenizer: Tokenizer, st
     return run_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Models this small run fastest on one thread (and a busy machine hurts two threads most)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
