@@ -31,7 +31,6 @@ import argparse
 import bisect
 import hashlib
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _machine import cpu_model, load_average, usable_cores
 from smallm.data import ShardSet, TokenLoader, ValidationLoader
 
 VOCAB_SIZE, BOS_ID = 32000, 31997
@@ -153,18 +153,9 @@ def nanochat_cropped(lengths: np.ndarray, row_len: int, buffer_size: int) -> flo
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = " / ".join(f"{v:.2f}" for v in load_average() or ()) or "n/a"
     return (
-        f"{cpu}, {cores} usable cores, {platform.system()} {platform.release()}; Python "
+        f"{cpu_model()}, {usable_cores()} usable cores, {platform.system()} {platform.release()}; Python "
         f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}; load average {load}"
     )
 

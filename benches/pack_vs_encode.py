@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import smallm
+from _machine import cpu_model, load_average, usable_cores
 from smallm import Tokenizer
 from smallm.corpus import Corpus, stdlib_sources
 from smallm.shards import MANIFEST, PackOptions, pack_corpus
@@ -108,24 +109,15 @@ def console_script() -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": usable_cores(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "smallm": smallm.__version__,
         "numpy": np.__version__,
-        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_average(),
     }
 
 

@@ -51,6 +51,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_model, load_average, usable_cores
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS_ROOT = REPO_ROOT.parent / "shared" / "data"
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idle_test"})
@@ -628,21 +630,13 @@ def bench_scaling(enc: Encoders, texts: Sequence[str]) -> list[ScalingResult]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_average(),
     }
     try:
         import psutil

@@ -30,7 +30,6 @@ Progress goes to stderr, the markdown report to stdout.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -39,6 +38,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model, load_average, usable_cores
 from smallm.memory import (
     estimate_training_memory,
     flops_per_token,
@@ -228,17 +228,10 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> dic
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = " / ".join(f"{v:.2f}" for v in load_average() or ()) or "n/a"
     gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
-        f"{cpu}, {cores} usable cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{cpu_model()}, {usable_cores()} usable cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"Python {platform.python_version()}{gpu}; load average {load}"
     )
 

@@ -395,22 +395,22 @@ fn read_batches(
     Ok(())
 }
 
-/// Reads every document of a file (for tests and small files).
-pub fn read_all(path: &Path, options: &ReadOptions) -> Result<Vec<String>> {
-    let mut reader = DocReader::open(path, options)?;
-    let mut docs = Vec::new();
-    loop {
-        let batch = reader.next_batch(64 << 20)?;
-        if batch.is_empty() {
-            return Ok(docs);
-        }
-        docs.extend(batch);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every document of a file.
+    fn read_all(path: &Path, options: &ReadOptions) -> Result<Vec<String>> {
+        let mut reader = DocReader::open(path, options)?;
+        let mut docs = Vec::new();
+        loop {
+            let batch = reader.next_batch(64 << 20)?;
+            if batch.is_empty() {
+                return Ok(docs);
+            }
+            docs.extend(batch);
+        }
+    }
     use std::io::Cursor;
 
     fn read_str(text: &str, format: Format, mode: DocMode, batch: usize) -> Result<Vec<String>> {

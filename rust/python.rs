@@ -333,10 +333,7 @@ impl PyTrainer {
     ) -> PyResult<()> {
         let options = read_options(doc_mode, text_field, lossy)?;
         let counts = self.counts()?;
-        let mut bridge = ProgressBridge {
-            callback: progress,
-            error: None,
-        };
+        let mut bridge = ProgressBridge::new(progress);
         let result = py.detach(|| {
             with_threads(num_threads, || {
                 counts.add_files(&paths, &options, &mut |p| bridge.report(p))
@@ -364,10 +361,7 @@ impl PyTrainer {
             special_tokens,
             min_frequency,
         };
-        let mut bridge = ProgressBridge {
-            callback: progress,
-            error: None,
-        };
+        let mut bridge = ProgressBridge::new(progress);
         let result = py.detach(|| {
             with_threads(num_threads, || {
                 counts.train(&options, &mut |p| bridge.report(p))
@@ -520,27 +514,12 @@ fn read_options(doc_mode: &str, text_field: String, lossy: bool) -> PyResult<Rea
     })
 }
 
-/// Reads a corpus file the way training and packing do and returns its documents.
-#[pyfunction]
-#[pyo3(signature = (path, doc_mode="file", text_field="text".to_string(), lossy=false))]
-fn read_documents(
-    py: Python<'_>,
-    path: PathBuf,
-    doc_mode: &str,
-    text_field: String,
-    lossy: bool,
-) -> PyResult<Vec<String>> {
-    let options = read_options(doc_mode, text_field, lossy)?;
-    Ok(py.detach(|| crate::corpus::read_all(&path, &options))?)
-}
-
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
     m.add_class::<PyTrainer>()?;
     m.add_class::<PyPacker>()?;
     m.add("PACK_JOURNAL", JOURNAL)?;
-    m.add_function(wrap_pyfunction!(read_documents, m)?)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
