@@ -109,11 +109,13 @@ def save_checkpoint(
     *,
     keep_last: int = 3,
     is_best: bool = False,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes ``run_dir/checkpoints/step_{state.step:08d}/`` atomically, points ``latest`` (and ``best``
     when ``is_best``) at it, then deletes all but the ``keep_last`` newest checkpoints up to this step,
     never the best one. ``scheduler`` and ``scaler`` may be None; ``model`` may be wrapped in DDP or
-    ``torch.compile``. Checkpoints of later steps (a run resumed from an earlier one) are left alone
+    ``torch.compile``. ``weights``: the tensors to store instead of the model's state dict (a LoRA run
+    keeps its adapter only). Checkpoints of later steps (a run resumed from an earlier one) are left alone
     until this run overwrites them. Raises :class:`CheckpointError`, with nothing changed, on failure."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, not {keep_last}")
@@ -121,7 +123,10 @@ def save_checkpoint(
     final = checkpoints / f"step_{state.step:08d}"
     previous = latest_checkpoint(run_dir)
     config_text = _config_json(config)
-    tensors, ties = _weights_to_save(model)
+    if weights is None:
+        tensors, ties = _weights_to_save(model)
+    else:
+        tensors, ties = {k: t.detach().to("cpu").contiguous() for k, t in weights.items()}, {}
     payload = {
         "format_version": FORMAT_VERSION,
         "training_state": _plain(dataclasses.asdict(state)),
@@ -173,7 +178,7 @@ def best_checkpoint(run_dir: PathLike) -> Path | None:
 
 def load_checkpoint(
     path: PathLike,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     scaler: Any = None,
@@ -181,7 +186,7 @@ def load_checkpoint(
     map_location: Any = "cpu",
     restore_rng: bool = True,
 ) -> tuple[TrainingState, dict[str, Any]]:
-    """Loads the checkpoint directory ``path`` into ``model`` and whichever of ``optimizer``,
+    """Loads the checkpoint directory ``path`` into ``model`` (unless None) and whichever of ``optimizer``,
     ``scheduler`` and ``scaler`` are given, restores the RNG states (unless ``restore_rng`` is False),
     and returns ``(state, config)``. ``map_location`` applies to ``training_state.pt``; the weights are
     copied into the model's own tensors wherever they live, so ties are kept. Raises
@@ -194,7 +199,8 @@ def load_checkpoint(
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise CheckpointError(f"could not read {path / CONFIG_FILE}: {error}") from error
-    _load_weights_into(_unwrap(model), path / WEIGHTS_FILE)
+    if model is not None:
+        _load_weights_into(_unwrap(model), path / WEIGHTS_FILE)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if target is None:
             continue

@@ -57,7 +57,8 @@ def loss_sums(
     progress: bool = False,
     total: int | None = None,
 ) -> Tensor:
-    """float64 ``[summed loss in nats, target tokens, target bytes]`` over ``batches`` of ``(x, y)``.
+    """float64 ``[summed loss in nats, target tokens, target bytes]`` over ``batches`` of ``(x, y)`` (or
+    ``(x, y, segment_ids)`` for packed rows).
 
     ``model(x, y, reduction="sum")`` gives the loss (``smallm.model.SmallLM``'s signature); ``autocast_dtype``
     runs it under autocast (bf16 or fp16). ``progress``: a tqdm bar of ``total`` batches on stderr, when
@@ -71,10 +72,11 @@ def loss_sums(
     try:
         bar = tqdm(batches, total=total, desc="evaluating", unit="batch", disable=None if progress else True,
                    dynamic_ncols=True)  # fmt: skip
-        for x, y in bar:
+        for x, y, *rest in bar:
             x, y = x.to(device), y.to(device)
+            segments = rest[0].to(device) if rest else None
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                _, loss = model(x, y, reduction="sum")
+                _, loss = model(x, y, reduction="sum", segment_ids=segments)
             targets = y[y != IGNORE_INDEX]
             sums[0] += loss.double()
             sums[1] += targets.numel()

@@ -255,11 +255,23 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, input_ids: Tensor, kv_cache: KVCache | None, start_pos: int, attention_mask: Tensor | None
+        self,
+        input_ids: Tensor,
+        kv_cache: KVCache | None,
+        start_pos: int,
+        attention_mask: Tensor | None,
+        segment_ids: Tensor | None = None,
     ) -> Tensor:
         B, T = input_ids.shape
         past = start_pos if kv_cache is not None else 0  # positions before these whose keys we attend to
-        if attention_mask is not None:
+        if segment_ids is not None:
+            if segment_ids.shape != (B, T) or kv_cache is not None or attention_mask is not None:
+                raise ValueError(
+                    f"segment_ids must be (batch, seq) = {(B, T)}, without a KV cache or attention_mask; "
+                    f"got {tuple(segment_ids.shape)}"
+                )
+            positions, mask = segment_positions_and_mask(segment_ids)
+        elif attention_mask is not None:
             if attention_mask.shape != (B, past + T):
                 raise ValueError(
                     f"attention_mask must be (batch, start_pos + seq) = {(B, past + T)} with a "
@@ -270,7 +282,8 @@ class Decoder(nn.Module):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:] + (start_pos - past)
         else:
             positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)[None]
-        mask = causal_mask(T, past, attention_mask, input_ids.device)
+        if segment_ids is None:
+            mask = causal_mask(T, past, attention_mask, input_ids.device)
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb(positions, x.dtype)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -296,6 +309,22 @@ def causal_mask(T: int, past: int, attention_mask: Tensor | None, device: torch.
         # leaks through 0 * NaN in the next layer; letting every query see itself keeps padding finite.
         mask = mask & (attention_mask.bool()[:, None, :] | (key_pos == query_pos))
     return mask[:, None] if mask.dim() == 3 else mask[None, None]
+
+
+def segment_positions_and_mask(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows packed from several sequences (``segment_ids`` (B, T): equal ids mark one sequence,
+    which must be contiguous): each token's position within its own sequence, and the (B, 1, T, T)
+    mask letting a token see only the earlier tokens of its sequence. A packed row then computes
+    exactly what its sequences would compute one by one."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    # The index of each token's segment start, carried forward by a running maximum.
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - first, (same & causal)[:, None]
 
 
 class SmallLM(nn.Module):
@@ -345,6 +374,7 @@ class SmallLM(nn.Module):
         attention_mask: Tensor | None = None,
         reduction: Literal["mean", "sum", "none"] = "mean",
         last_only: bool = False,
+        segment_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B, T, vocab_size) for ``input_ids`` (B, T); with ``targets`` (B, T), ``(logits, loss)``.
 
@@ -354,6 +384,8 @@ class SmallLM(nn.Module):
         and attend to the cached ones before them. ``attention_mask`` (B, start_pos + T with a cache,
         else B, T; 1 = token, 0 = left padding) lets prompts of different lengths share a batch.
         ``last_only`` (no targets): logits of the last position only, (B, 1, vocab_size).
+        ``segment_ids`` (B, T): rows packed from several sequences, each attending only to itself and
+        with positions restarting at 0 (see :func:`segment_positions_and_mask`).
         """
         B, T = input_ids.shape
         if start_pos + T > self.config.max_seq_len:
@@ -363,7 +395,7 @@ class SmallLM(nn.Module):
                 f"KV cache of batch {kv_cache.batch_size}, length {kv_cache.max_len} cannot "
                 f"take batch {B} at positions {start_pos}..{start_pos + T - 1}"
             )
-        h = self.model(input_ids, kv_cache, start_pos, attention_mask)
+        h = self.model(input_ids, kv_cache, start_pos, attention_mask, segment_ids)
         if targets is None:
             return self.lm_head(h[:, -1:] if last_only else h)
         # Upcast before the softmax: bf16 logits lose the small differences the loss is made of.

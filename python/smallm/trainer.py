@@ -102,25 +102,15 @@ class Trainer:
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        data = Path(cfg.data) if cfg.data else None
-        if data is None or not data.is_dir():
-            raise ValueError(f"--data {cfg.data}: not a directory; make one with smallm-tokenize CORPUS --out DIR")
-        self.tokenizer = Tokenizer.load(data)
-        self.train_set = ShardSet.open(data, "train")
-        val_set = ShardSet.open(data, "val")
-        self.val_set = val_set if val_set.num_tokens > 0 else None
-        init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
-        self.model_config = model_config_for(cfg, self.tokenizer, init)
+        self.init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+        self.tokenizer = self.setup_data()
+        self.model_config = model_config_for(cfg, self.tokenizer, self.init)
         self.seq_len = cfg.seq_len or self.model_config.max_seq_len
         if self.seq_len > self.model_config.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's context {self.model_config.max_seq_len}")
-        self.model = SmallLM(self.model_config)
-        if init is not None:
-            self.model.load_state_dict(load_weights(init))
-            self.log(f"initialised from the weights of {init}")
-        self.model.to(self.rt.device)
-        self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.amp_dtype = autocast_dtype(cfg.precision, self.rt.device)
+        self.model = self.build_model()
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.sharded = cfg.fsdp and self.rt.world_size > 1
         if self.sharded:
             shard_model(self.model)  # before the optimizer: sharding replaces the parameters
@@ -131,10 +121,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         fp16 = self.amp_dtype == torch.float16 and self.rt.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16) if fp16 else None
-        self.loader = TokenLoader(
-            self.train_set, cfg.batch_size, self.seq_len, mode=cfg.sampling, seed=cfg.seed,
-            rank=self.rt.rank, world_size=self.rt.world_size, device=self.rt.device,
-        )  # fmt: skip
+        self.loader = self.make_loader()
         self.state = TrainingState(step=0, tokens_seen=0, best_val_loss=None, loader={}, extra={})
         if cfg.resume:
             self._resume()
@@ -148,6 +135,35 @@ class Trainer:
 
     # ----- setup ----------------------------------------------------------------------------------
 
+    def setup_data(self) -> Tokenizer:
+        """Opens the training data and returns its tokenizer (here: a shard directory's splits)."""
+        data = Path(self.cfg.data) if self.cfg.data else None
+        if data is None or not data.is_dir():
+            raise ValueError(f"--data {self.cfg.data}: not a directory; make one with smallm-tokenize CORPUS --out DIR")
+        self.train_set = ShardSet.open(data, "train")
+        val_set = ShardSet.open(data, "val")
+        self.val_set = val_set if val_set.num_tokens > 0 else None
+        return Tokenizer.load(data)
+
+    def build_model(self) -> nn.Module:
+        """The model to train, on the device: fresh, or with the weights of ``init_from``."""
+        model = SmallLM(self.model_config)
+        if self.init is not None:
+            model.load_state_dict(load_weights(self.init))
+            self.log(f"initialised from the weights of {self.init}")
+        return model.to(self.rt.device)
+
+    def make_loader(self) -> Any:
+        """The endless iterator of training batches, with ``state_dict``/``load_state_dict``."""
+        return TokenLoader(
+            self.train_set, self.cfg.batch_size, self.seq_len, mode=self.cfg.sampling, seed=self.cfg.seed,
+            rank=self.rt.rank, world_size=self.rt.world_size, device=self.rt.device,
+        )  # fmt: skip
+
+    def run_config(self) -> dict[str, Any]:
+        """What ``config.json`` of the run and of each checkpoint holds."""
+        return {"train": asdict(self.cfg), "model": asdict(self.model_config)}
+
     def _resume(self) -> None:
         path = latest_checkpoint(self.out)
         if path is None:
@@ -157,7 +173,11 @@ class Trainer:
             self.state, _ = load_checkpoint(path, replica, replica_opt, self.scheduler, self.scaler)
             scatter_from_replica(self.model, self.optimizer, replica, replica_opt)
         else:
-            self.state, _ = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler)
+            whole = self.checkpoint_weights() is None
+            model = self.model if whole else None
+            self.state, _ = load_checkpoint(path, model, self.optimizer, self.scheduler, self.scaler)
+            if not whole:
+                self.restore_weights(path)
         saved = self.state.loader
         if saved.get("world_size") != self.rt.world_size:
             raise ValueError(
@@ -195,17 +215,23 @@ class Trainer:
             dist.all_reduce(t)
         return t
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the mean loss per target token over all ranks."""
+    def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The summed loss of one micro-batch ``(x, y)`` or ``(x, y, segment_ids)``."""
+        x, y, *rest = batch
+        _, loss = self.net(x, y, reduction="sum", segment_ids=rest[0] if rest else None)
+        return loss
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns ``{"loss": mean loss per target token over all ranks}``."""
         cfg = self.cfg
         batches = [next(self.loader) for _ in range(cfg.grad_accum)]
-        counts = torch.stack([(y != -100).sum() for _, y in batches]).to(torch.float32)
+        counts = torch.stack([b[1].ne(-100).sum() for b in batches]).to(torch.float32)
         total = self._all_reduce(counts.sum().clone())
         # DDP and FSDP average gradients over ranks; scaling by world size makes it a sum over ranks,
         # so the result is d(sum of all token losses)/d(params) / (all target tokens).
         scale = self.rt.world_size / total.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.rt.device)
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             no_sync = getattr(self.net, "no_sync", None)
             ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
@@ -213,15 +239,26 @@ class Trainer:
                 ctx,
                 torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
             ):
-                _, loss = self.net(x, y, reduction="sum")
+                loss = self.batch_loss(batch)
             scaled = loss * scale
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
+        self.apply_gradients()
+        mean = (self._all_reduce(loss_sum) / total).item()
+        self.state.tokens_seen += int(total.item())
+        return {"loss": mean}
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def apply_gradients(self) -> None:
+        """Unscales, clips and checks the accumulated gradients, steps the optimizer and the schedule."""
+        cfg = self.cfg
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         # The norm of the synchronised gradients (clipped when grad_clip > 0). A GradScaler skips
         # non-finite steps itself; without one, such a step would poison the weights.
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable(), cfg.grad_clip or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         if self.scaler is None and not torch.isfinite(norm):
             self.diverged(f"the gradient norm became {norm.item()}")
@@ -232,19 +269,13 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        mean = (self._all_reduce(loss_sum) / total).item()
-        self.state.tokens_seen += int(total.item())
-        return mean
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats per token), perplexity and bits per byte over the val split."""
-        if self.val_set is None:
+        loader = self.validation_batches()
+        if loader is None:
             return {}
-        loader = ValidationLoader(
-            self.val_set, self.cfg.batch_size, self.seq_len, rank=self.rt.rank,
-            world_size=self.rt.world_size, device=self.rt.device,
-        )  # fmt: skip
         n_batches = len(loader) if not self.cfg.eval_batches else min(len(loader), self.cfg.eval_batches)
         if self.sharded:
             # Every rank must run as many forwards as the others (each gathers the shards); ranks
@@ -263,7 +294,16 @@ class Trainer:
             return {}
         return {"val_loss": metrics["loss"], "val_ppl": metrics["perplexity"], "val_bpb": metrics["bits_per_byte"]}
 
-    def _first_step(self) -> float:
+    def validation_batches(self) -> Any:
+        """One pass of validation batches (with ``len``), or None without validation data."""
+        if self.val_set is None:
+            return None
+        return ValidationLoader(
+            self.val_set, self.cfg.batch_size, self.seq_len, rank=self.rt.rank,
+            world_size=self.rt.world_size, device=self.rt.device,
+        )  # fmt: skip
+
+    def _first_step(self) -> dict[str, float]:
         """The first step; a compiled model that fails there (torch.compile reports most problems
         only when it first runs) is replaced by the plain one, from the same batch."""
         if not self.cfg.compile:
@@ -299,10 +339,9 @@ class Trainer:
             if gathered is not None:
                 model, optimizer = gathered
         if self.rt.main:
-            config = {"train": asdict(self.cfg), "model": asdict(self.model_config)}
             save_checkpoint(
-                self.out, model, optimizer, self.scheduler, self.scaler, self.state, config,
-                keep_last=self.cfg.keep_last, is_best=is_best,
+                self.out, model, optimizer, self.scheduler, self.scaler, self.state, self.run_config(),
+                keep_last=self.cfg.keep_last, is_best=is_best, weights=self.checkpoint_weights(),
             )  # fmt: skip
         if self.rt.world_size > 1:
             dist.barrier()
@@ -314,8 +353,7 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rt.main:
-            resolved = {"train": asdict(cfg), "model": asdict(self.model_config)}
-            (self.out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            (self.out / "config.json").write_text(json.dumps(self.run_config(), indent=2) + "\n")
             if not (self.out / "tokenizer.json").exists():
                 self.tokenizer.save(self.out)  # the run directory is usable without the data
         logger = MetricsLogger(self.out, cfg, enabled=self.rt.main, start_step=self.state.step)
@@ -325,20 +363,15 @@ class Trainer:
         start_step = self.state.step
         try:
             while self.state.step < cfg.max_steps:
-                loss = self.train_step() if self.state.step > start_step else self._first_step()
+                stats = self.train_step() if self.state.step > start_step else self._first_step()
                 self.state.step += 1
                 step = self.state.step
-                if not math.isfinite(loss):
-                    self.diverged(f"the loss became {loss}")
+                if not math.isfinite(stats["loss"]):
+                    self.diverged(f"the loss became {stats['loss']}")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     elapsed = time.perf_counter() - t0
                     tps = (self.state.tokens_seen - tokens0) / max(elapsed, 1e-9)
-                    last = {
-                        "step": step,
-                        "loss": loss,
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tps,
-                    }
+                    last = {"step": step, **stats, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps}
                     util = mfu(self.flops_per_token, tps, self.peak)
                     if util is not None:
                         last["mfu"] = util
@@ -374,6 +407,14 @@ class Trainer:
             logger.plot()
             last["sample"] = self.sample(model)
         return last
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor] | None:
+        """The tensors a checkpoint stores instead of the model's whole state dict (None: all of it)."""
+        return None
+
+    def restore_weights(self, checkpoint: Path) -> None:
+        """Loads what :meth:`checkpoint_weights` stored (only called when it is not None)."""
+        raise NotImplementedError
 
     def sample(self, model: nn.Module) -> str:
         """Text generated from ``sample_prompt`` (temperature 0.8, top-k 50)."""
