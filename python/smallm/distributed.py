@@ -57,9 +57,12 @@ def shard_model(model: nn.Module) -> None:
 
 
 def all_finite(model: nn.Module) -> bool:
-    """Whether every weight of every rank is finite (a collective under torchrun)."""
+    """Whether every trained weight of every rank is finite (a collective under torchrun); frozen
+    weights cannot have changed."""
     bad = torch.zeros((), device=next(model.parameters()).device)
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         local = p.to_local() if hasattr(p, "to_local") else p
         bad += (~torch.isfinite(local.detach())).sum()
     if dist.is_initialized():

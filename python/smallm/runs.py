@@ -64,6 +64,8 @@ def load_model(
     """The model of a checkpoint (in eval mode, on ``device``), its tokenizer and its run config."""
     checkpoint = resolve_checkpoint(path, prefer=prefer)
     config = read_config(checkpoint)
+    if "lora" in config:
+        return _load_lora_run(checkpoint, config, device, dtype)
     try:
         model_config = ModelConfig(**config["model"])
     except (TypeError, ValueError) as e:
@@ -78,3 +80,26 @@ def load_model(
         )
     model.to(device=device, dtype=dtype).eval()
     return model, find_tokenizer(checkpoint, config), config
+
+
+def _load_lora_run(
+    checkpoint: Path, config: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None
+) -> tuple[SmallLM, Tokenizer, dict[str, Any]]:
+    """A LoRA run's checkpoint holds its adapter: the base it names, with the adapter merged in."""
+    from smallm.lora import AdapterError, LoraSettings, merge_adapter
+
+    lora = config["lora"]
+    base_path = Path(lora.get("base", ""))
+    if not base_path.exists():
+        raise CheckpointError(
+            f"{checkpoint} holds a LoRA adapter for the base {base_path}, which is gone; "
+            "merge it onto that base's weights with smallm-merge --base"
+        )
+    base, _, _ = load_model(base_path)
+    settings = LoraSettings(int(lora["r"]), float(lora["alpha"]), 0.0, list(lora["targets"]))
+    try:
+        model = merge_adapter(base, settings, load_weights(checkpoint), str(checkpoint))
+    except AdapterError as e:
+        raise CheckpointError(str(e)) from e
+    model.to(device=device, dtype=dtype).eval()
+    return model, find_tokenizer(checkpoint, config), config  # type: ignore[return-value]

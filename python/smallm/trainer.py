@@ -114,14 +114,14 @@ class Trainer:
         self.sharded = cfg.fsdp and self.rt.world_size > 1
         if self.sharded:
             shard_model(self.model)  # before the optimizer: sharding replaces the parameters
-        self.optimizer = make_optimizer(self.model, cfg, self.rt.device)
+        self.loader = self.make_loader()  # before the schedule: fine-tuning counts its steps from the data
+        self.optimizer = self.build_optimizer()
         schedule = lambda step: cosine_with_warmup(  # noqa: E731
             step, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         fp16 = self.amp_dtype == torch.float16 and self.rt.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16) if fp16 else None
-        self.loader = self.make_loader()
         self.state = TrainingState(step=0, tokens_seen=0, best_val_loss=None, loader={}, extra={})
         if cfg.resume:
             self._resume()
@@ -152,6 +152,9 @@ class Trainer:
             model.load_state_dict(load_weights(self.init))
             self.log(f"initialised from the weights of {self.init}")
         return model.to(self.rt.device)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.model, self.cfg, self.rt.device)
 
     def make_loader(self) -> Any:
         """The endless iterator of training batches, with ``state_dict``/``load_state_dict``."""

@@ -1,0 +1,104 @@
+"""``smallm-sft`` and ``smallm-dpo``: fine-tune a checkpoint on conversations or preference pairs.
+
+    smallm-sft runs/124m --data chats.jsonl --out runs/124m-sft                    # full fine-tuning
+    smallm-sft runs/124m --data chats.jsonl --out runs/124m-lora --lora-r 16       # LoRA, all linear layers
+    smallm-sft runs/1b --data chats.jsonl --out runs/1b-qlora --lora-r 16 --quantize nf4 --precision bf16
+    smallm-dpo runs/124m-sft --data pairs.jsonl --out runs/124m-dpo --beta 0.1
+    smallm-sft runs/124m --data chats.jsonl --out runs/124m-sft --resume           # continue the run
+
+A LoRA run's checkpoints hold the adapter; ``smallm-generate``, ``smallm-chat``, ``smallm-eval`` and
+``smallm-export`` merge it into the base on load, ``smallm-merge`` writes the merged model, and
+``RUN/adapter/`` is the adapter in peft's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from smallm.config import add_dataclass_arguments, read_config_file
+
+
+def build_parser(method: str) -> argparse.ArgumentParser:
+    from smallm.finetune import FinetuneConfig
+
+    what = (
+        'conversations ({"messages": [...]} per line)'
+        if method == "sft"
+        else ('preference pairs ({"prompt", "chosen", "rejected"} per line)')
+    )
+    p = argparse.ArgumentParser(
+        prog=f"smallm-{method}",
+        description=f"{'Supervised fine-tuning' if method == 'sft' else 'Direct preference optimization'} of a "
+        f"smallm checkpoint on {what}, in full or with LoRA/QLoRA adapters.",
+    )
+    p.add_argument(
+        "checkpoint", help="the model to start from: a run directory (its latest checkpoint) or a checkpoint"
+    )
+    p.add_argument("--config", type=Path, help="a TOML or JSON file of settings (flags override it)")
+    add_dataclass_arguments(p, FinetuneConfig)
+    return p
+
+
+def parse_config(method: str, argv: Sequence[str] | None) -> Any:
+    import dataclasses
+
+    from smallm.finetune import FinetuneConfig
+
+    args = vars(build_parser(method).parse_args(argv))
+    config_file = args.pop("config", None)
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    values.update(args)
+    values["init_from"] = values.pop("checkpoint")
+    values["method"] = method
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{config_file}: unknown setting(s) {unknown}; known: {sorted(names)}")
+    cfg = FinetuneConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def run(method: str, argv: Sequence[str] | None) -> int:
+    from smallm.checkpoint import CheckpointError
+    from smallm.conversations import DataError
+    from smallm.lora import AdapterError
+    from smallm.trainer import TrainingError
+
+    name = f"smallm-{method}"
+    try:
+        cfg = parse_config(method, argv)
+        print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
+        from smallm.finetune import finetune
+
+        result = finetune(cfg)
+    except (ValueError, OSError, DataError, AdapterError, CheckpointError, TrainingError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
+        return 130
+    if "sample" in result:
+        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "sample"}
+        print(f"final: {json.dumps(summary)}")
+        print(f"checkpoints and metrics.jsonl are in {cfg.out}")
+        print("sample reply:\n" + result["sample"])
+    return 0
+
+
+def sft_main(argv: Sequence[str] | None = None) -> int:
+    return run("sft", argv)
+
+
+def dpo_main(argv: Sequence[str] | None = None) -> int:
+    return run("dpo", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else "sft", sys.argv[2:]))
