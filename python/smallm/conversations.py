@@ -85,7 +85,7 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    yield number, json.loads(line)
+                    yield number, json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from e
         except UnicodeDecodeError as e:

@@ -1,0 +1,302 @@
+"""smallm-sft / smallm-dpo / smallm-merge: full, LoRA and QLoRA fine-tuning, DPO, adapters and peft."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from smallm import Tokenizer
+from smallm.checkpoint import TrainingState, latest_checkpoint, load_weights, save_checkpoint
+from smallm.cli.finetune import sft_main
+from smallm.cli.merge import main as merge_main
+from smallm.conversations import pair_tensors
+from smallm.finetune import DPOTrainer, FinetuneConfig, SFTTrainer
+from smallm.lora import AdapterError, merge_run
+from smallm.model import ModelConfig, SmallLM
+from smallm.runs import load_model
+
+peft = pytest.importorskip("peft")
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:.*is an Enum subclass:DeprecationWarning"),
+]
+
+
+def make_base(directory: Path, tok: Tokenizer, n_layer: int = 2, seed: int = 0) -> Path:
+    config = ModelConfig(vocab_size=1216, n_layer=n_layer, n_embd=128, n_head=4, n_kv_head=2, max_seq_len=128)
+    torch.manual_seed(seed)
+    model = SmallLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+    state = TrainingState(step=1, tokens_seen=0)
+    config_dict = {"train": {}, "model": dataclasses.asdict(config)}
+    save_checkpoint(directory, model, torch.optim.AdamW(model.parameters()), None, None, state, config_dict)
+    tok.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def base(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_base(tmp_path_factory.mktemp("base"), tok)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("data")
+    chats, pairs = folder / "chats.jsonl", folder / "pairs.jsonl"
+    with open(chats, "w") as c, open(pairs, "w") as p:
+        for i in range(40):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            messages = [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+            ]
+            if i % 4 == 0:
+                messages.insert(0, {"role": "system", "content": "You add numbers."})
+            c.write(json.dumps({"messages": messages}) + "\n")
+            wrong = f"I believe it is {a + b + rng.randint(1, 5)}, or so."
+            p.write(json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.", "rejected": wrong}) + "\n")
+    return chats, pairs
+
+
+def config(base: Path, data: Path, out: Path, **overrides: Any) -> FinetuneConfig:
+    values: dict[str, Any] = dict(
+        init_from=str(base), data=str(data), out=str(out), max_steps=12, batch_size=4, lr=3e-3, warmup_steps=2,
+        log_every=1, eval_every=6, checkpoint_every=4, sample_tokens=8, device="cpu", val_fraction=0.1,
+    )  # fmt: skip
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids)
+
+
+IDS = torch.tensor([[5, 17, 300, 42, 9, 811, 64, 3]])
+
+
+# ----- SFT ------------------------------------------------------------------------------------------
+
+
+def test_full_sft_learns_the_replies(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    result = SFTTrainer(config(base, data[0], tmp_path, max_steps=20)).fit()
+    lines = [m for m in metrics(tmp_path) if "loss" in m]
+    assert lines[-1]["loss"] < 0.6 * lines[0]["loss"]
+    assert "val_loss" in result and isinstance(result["sample"], str)
+    run_config = json.loads((tmp_path / "config.json").read_text())
+    assert run_config["finetune"]["method"] == "sft" and "lora" not in run_config
+    model, _, _ = load_model(tmp_path)  # a full fine-tune is a plain checkpoint
+    assert not torch.equal(logits(model, IDS), logits(load_model(base)[0], IDS))
+
+
+def test_epochs_set_the_step_count_and_long_conversations_are_dropped(
+    base: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    with pytest.warns(UserWarning, match=r"\d+ of 36 training conversations are longer than the context of 50"):
+        trainer = SFTTrainer(config(base, data[0], tmp_path, max_steps=0, epochs=2, seq_len=50))
+    rows = trainer.loader.rows
+    assert 0 < rows.dropped < 36
+    assert trainer.cfg.max_steps == math.ceil(2 * len(rows) / 4)
+
+
+def test_lora_run_checkpoints_its_adapter_and_resumes_exactly(
+    base: Path, data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = dict(lora_r=4, lora_targets="q_proj,v_proj,down_proj", lora_dropout=0.1)
+    whole = tmp_path / "whole"
+    SFTTrainer(config(base, data[0], whole, **settings)).fit()
+    saved = load_weights(latest_checkpoint(whole))
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert len(saved) == 2 * 2 * 3  # A and B, 2 layers, 3 targets
+
+    interrupted = tmp_path / "interrupted"
+    real_step, calls = SFTTrainer.train_step, {"n": 0}
+
+    def step_then_crash(self: SFTTrainer) -> dict[str, float]:
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(self)
+
+    monkeypatch.setattr(SFTTrainer, "train_step", step_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        SFTTrainer(config(base, data[0], interrupted, **settings)).fit()
+    monkeypatch.setattr(SFTTrainer, "train_step", real_step)
+    SFTTrainer(config(base, data[0], interrupted, resume=True, **settings)).fit()
+    resumed = load_weights(latest_checkpoint(interrupted))
+    for key in saved:
+        assert torch.equal(saved[key], resumed[key]), key
+
+
+@pytest.fixture(scope="module")
+def lora_run(base: Path, data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lora")
+    SFTTrainer(config(base, data[0], out, lora_r=8, lora_alpha=16, max_steps=10)).fit()
+    return out
+
+
+def test_the_adapter_loads_in_peft_onto_the_exported_model(
+    lora_run: Path, base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peft applies RUN/adapter onto transformers' LlamaForCausalLM from smallm-export of the base, and
+    gives what smallm computes with the adapter merged (load_model of the run)."""
+    transformers = pytest.importorskip("transformers")
+    from smallm.hf import export_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exported = export_hf(base, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    with_adapter = peft.PeftModel.from_pretrained(hf, lora_run / "adapter").eval()
+    ours, _, config = load_model(lora_run)
+    assert config["lora"]["r"] == 8
+    expected = logits(ours, IDS)
+    with torch.no_grad():
+        got = with_adapter(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    base_logits = logits(load_model(base)[0], IDS)
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter changed something
+
+
+def test_merge_folds_the_adapter_into_the_base(lora_run: Path, base: Path, tmp_path: Path) -> None:
+    assert merge_main([str(lora_run), "--out", str(tmp_path / "merged")]) == 0
+    merged, _, config = load_model(tmp_path / "merged")
+    assert "lora" not in config and not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(logits(merged, IDS), logits(load_model(lora_run)[0], IDS))
+    # From the peft folder, naming the base.
+    again = merge_run(lora_run / "adapter", tmp_path / "from-folder", base=base)
+    torch.testing.assert_close(logits(load_model(again)[0], IDS), logits(merged, IDS))
+    assert merge_main([str(lora_run), "--out", str(tmp_path / "merged")]) == 1  # exists: needs --force
+
+
+def test_an_adapter_for_another_base_is_refused(
+    lora_run: Path, tok: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = make_base(tmp_path / "deeper", tok, n_layer=3)
+    expected = re.escape(
+        "does not match this base model: 14 adapter tensor(s) missing, e.g. base_model.model.model.layers.2"
+    )
+    with pytest.raises(AdapterError, match=expected):
+        merge_run(lora_run, tmp_path / "out", base=other)
+    # A peft folder whose base is not a local path needs --base.
+    folder = tmp_path / "adapter"
+    shutil.copytree(lora_run / "adapter", folder)
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = "someone/some-model"
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+    assert merge_main([str(folder), "--out", str(tmp_path / "out")]) == 1
+    assert "name the smallm checkpoint the adapter was trained on with --base" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qlora_trains_adapters_over_a_frozen_nf4_base(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("torchao")
+    with pytest.warns(UserWarning, match="not a multiple of 16384"):  # k_proj/v_proj of this tiny model
+        trainer = SFTTrainer(config(base, data[0], tmp_path, lora_r=8, quantize="nf4", max_steps=10))
+    q_proj = trainer.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert type(q_proj).__name__ == "NF4Tensor"
+    n = q_proj.numel()
+    # NF4 with double quantization: 4 bits per weight, one int8 scale per block of 64, one fp32 factor
+    # per 256 scales.
+    assert q_proj.quantized_data.numel() == n // 2 and q_proj.quantized_scalers.numel() == n // 64
+    assert q_proj.quantization_factor.numel() == n // (64 * 256)
+    before = q_proj.quantized_data.clone()
+    trainer.fit()
+    assert torch.equal(q_proj.quantized_data, before)  # the base stayed frozen
+    lines = [m for m in metrics(tmp_path) if "loss" in m]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    merged, _, _ = load_model(tmp_path)  # merged onto the full-precision base it names
+    assert type(merged.model.layers[0].self_attn.q_proj.weight) is torch.nn.Parameter
+
+
+def test_nf4_matmul_is_the_dequantized_weight(one_torch_thread: None) -> None:
+    pytest.importorskip("torchao")
+    from smallm.lora import quantize_nf4
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential()
+    layer.add_module("q_proj", torch.nn.Linear(256, 128, bias=False))
+    original = layer.q_proj.weight.detach().clone()
+    assert quantize_nf4(layer, torch.device("cpu"), torch.float32) == 256 * 128 // 2 + 256 * 128 // 64 + 2 * 4
+    weight = layer.q_proj.weight
+    dequantized = weight.get_original_weight()
+    assert (dequantized - original).abs().mean() < 0.1 * original.abs().mean()
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer.q_proj(x), x @ dequantized.T, rtol=1e-5, atol=1e-5)
+
+
+# ----- DPO ------------------------------------------------------------------------------------------
+
+
+def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """An independent implementation: log-softmax, gather, masked sum."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(x).float(), dim=-1)
+    mask = y != -100
+    picked = logp.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    return (picked * mask).sum(-1)
+
+
+def test_dpo_loss_is_the_formula_and_starts_at_log_2(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    trainer = DPOTrainer(config(base, data[1], tmp_path, method="dpo", beta=0.5))
+    x, y = pair_tensors(trainer.loader.pairs[:4], trainer._pad_id(), torch.device("cpu"))
+    loss, stats = trainer.pair_stats(x, y, trainer.model)
+    torch.testing.assert_close(loss, torch.tensor(4 * math.log(2)))  # policy == reference
+    assert stats[3] == 0  # no margin is positive yet
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    loss, stats = trainer.pair_stats(x, y, trainer.model)
+    policy, reference = sequence_logps(trainer.model, x, y), sequence_logps(trainer.reference, x, y)
+    reward = 0.5 * (policy - reference)
+    expected = -F.logsigmoid(reward[:4] - reward[4:]).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats[1].float(), reward[:4].sum(), rtol=1e-4, atol=1e-4)
+    assert stats[3] == (reward[:4] > reward[4:]).sum()
+
+
+def test_dpo_with_lora_learns_the_preference_against_the_disabled_adapter(
+    lora_run: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    trainer = DPOTrainer(config(lora_run, data[1], tmp_path, method="dpo", lora_r=4, lr=1e-2, max_steps=16))
+    start = logits(trainer.model, IDS)
+    result = trainer.fit()
+    assert result["val_reward_accuracy"] >= 0.75 and result["val_reward_margin"] > 0
+    assert result["reward_margin"] > 0
+    with trainer.peft.disable_adapter():  # the reference is the starting model, untouched
+        torch.testing.assert_close(logits(trainer.model.eval(), IDS), start)
+    assert {"reward_chosen", "reward_rejected", "reward_accuracy"} <= set(metrics(tmp_path)[0])
+
+
+# ----- the command line -----------------------------------------------------------------------------
+
+
+def test_sft_command_reports_bad_data_with_its_line(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "chats.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n'
+    )
+    assert sft_main([str(base), "--data", str(data), "--out", str(tmp_path / "run")]) == 1
+    assert "chats.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert sft_main([str(base), "--data", str(data), "--out", str(tmp_path / "run"), "--quantize", "nf4"]) == 1
+    assert "give --lora-r too" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
