@@ -40,6 +40,7 @@ Progress goes to stderr, the markdown report to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -94,10 +95,8 @@ def reset_peak_rss() -> bool:
     """Sets the peak RSS back to the current RSS (Linux 4.0+); False where that is not possible. Memory
     freed by Python is handed back to the system first, or it would still count as resident."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -107,10 +106,8 @@ def reset_peak_rss() -> bool:
 
 def volunteer_for_oom_killer() -> None:
     """Makes this process the first the kernel kills when memory runs out, rather than anything else."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass
 
 
 def model_config(preset: str, seq_len: int) -> ModelConfig:
@@ -163,8 +160,11 @@ def train_step(model: nn.Module, optimizer: Any, ids: torch.Tensor, targets: tor
 def measure(preset: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(args.flush_denormal)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if method != "full":
+        import peft  # noqa: F401  (its import, transformers' included, goes into the baseline)
     baseline = status_mib("VmRSS")
     log(f"{preset} {method}: building")
     model, optimizer = build(preset, method, args, device)
@@ -174,18 +174,21 @@ def measure(preset: str, method: str, args: argparse.Namespace) -> dict[str, Any
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
     ids, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
-    log(f"{preset} {method}: warm-up step")
-    warmup = train_step(model, optimizer, ids, targets)
+    warmup = []
+    for i in range(args.warmup):
+        warmup.append(train_step(model, optimizer, ids, targets))
+        log(f"{preset} {method}: warm-up step {i + 1}/{args.warmup} {warmup[-1]:.2f}s")
     seconds = []
     for i in range(args.steps):
         seconds.append(train_step(model, optimizer, ids, targets))
-        log(f"{preset} {method}: step {i + 1}/{args.steps} {seconds[-1]:.2f}s (warm-up {warmup:.2f}s)")
+        log(f"{preset} {method}: step {i + 1}/{args.steps} {seconds[-1]:.2f}s")
     steps_peak = peak_rss_mib()
     result = {
         "preset": preset,
         "method": method,
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "warmup_seconds": warmup,
         "step_seconds": seconds,
         "median_step_s": statistics.median(seconds),
         "tokens_per_s": ids.numel() / statistics.median(seconds),
@@ -218,9 +221,10 @@ def one(preset: str, method: str, args: argparse.Namespace) -> None:
 def run_in_subprocess(preset: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Runs ``--one`` in a fresh interpreter and returns its result, or an ``error`` saying why none came."""
     flags = [
-        f"--device={args.device}", f"--steps={args.steps}", f"--seq-len={args.seq_len}",
+        f"--device={args.device}", f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seq-len={args.seq_len}",
         f"--batch-size={args.batch_size}", f"--threads={args.threads}",
         "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
+        "--flush-denormal" if args.flush_denormal else "--no-flush-denormal",
     ]  # fmt: skip
     command = [sys.executable, str(Path(__file__).resolve()), "--one", preset, method, *flags]
     start = time.perf_counter()
@@ -307,28 +311,33 @@ def check_targets(results: list[dict[str, Any]], cuda: bool) -> list[str]:
     return lines
 
 
-def machine(device: torch.device) -> str:
-    load = " / ".join(f"{v:.2f}" for v in load_average() or ()) or "n/a"
+def load_text() -> str:
+    return " / ".join(f"{v:.2f}" for v in load_average() or ()) or "n/a"
+
+
+def machine(device: torch.device, start_load: str) -> str:
     gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
         f"{cpu_model()}, {usable_cores()} usable cores, torch {torch.__version__}, "
-        f"Python {platform.python_version()}{gpu}; load average {load}"
+        f"Python {platform.python_version()}{gpu}; load average {start_load} at the start, {load_text()} at the end"
     )
 
 
-def report(args: argparse.Namespace, results: list[dict[str, Any]], started: float) -> None:
+def report(args: argparse.Namespace, results: list[dict[str, Any]], started: float, start_load: str) -> None:
     cuda = args.device.startswith("cuda")
     precision = "bf16 autocast, frozen base in bf16" if cuda else "fp32"
-    print(f"machine: {machine(torch.device(args.device))}")
+    print(f"machine: {machine(torch.device(args.device), start_load)}")
     print(
         f"settings: {args.device}, {precision}, {args.threads} threads, batch {args.batch_size} x {args.seq_len}, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, 1 warm-up + {args.steps} "
-        f"timed steps, AdamW (make_optimizer), LoRA r={LORA_R} alpha={LORA_ALPHA:.0f} dropout {LORA_DROPOUT} "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.warmup} warm-up + "
+        f"{args.steps} timed steps, denormals {'flushed' if args.flush_denormal else 'kept'}, AdamW (make_optimizer), "
+        f"LoRA r={LORA_R} alpha={LORA_ALPHA:.0f} dropout {LORA_DROPOUT} "
         "on all 7 block projections, QLoRA = NF4 (torchao) base + the same LoRA"
     )
-    baselines = [r["baseline_rss_mib"] for r in results if r.get("baseline_rss_mib")]
+    baselines = {r["method"]: r["baseline_rss_mib"] for r in results if r.get("baseline_rss_mib")}
     if baselines and not cuda:
-        print(f"RSS of the interpreter with torch loaded, before the model (in every figure): ~{min(baselines):.0f} MiB")
+        listed = ", ".join(f"{m} {v:,.0f}" for m, v in baselines.items())
+        print(f"RSS before the model is built (interpreter, torch; peft for LoRA/QLoRA), in every figure: {listed} MiB")
     for preset in args.presets:
         rows = [r for r in results if r["preset"] == preset]
         measured = next((r for r in rows if "params" in r), None)
@@ -337,7 +346,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
         print(preset_table(rows, cuda))
     print("\ntargets:")
     print("\n".join(check_targets(results, cuda)))
-    print(f"\nstep s: median of the timed steps; speed vs full above 1x is faster. Wall time {time.time() - started:.0f}s.")
+    wall = time.time() - started
+    print(f"\nstep s: median of the timed steps; speed vs full above 1x is faster. Wall time {wall:.0f} s.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -346,6 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of full,lora,qlora")
     parser.add_argument("--skip", default="", help="PRESET:METHOD pairs to leave out, e.g. tinyllama-1.1b:full")
     parser.add_argument("--steps", type=int, help="timed steps after the warm-up one (default: 3 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default: 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
@@ -353,6 +364,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute block activations in the backward pass (default: on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--flush-denormal", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.set_flush_denormal: treat fp32 denormals as 0 on CPU (default: off, as smallm-sft)",
     )  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="also write the settings and every result as JSON here")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "METHOD"), help=argparse.SUPPRESS)
@@ -377,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         one(*args.one, args)
         return
-    started = time.time()
+    started, start_load = time.time(), load_text()
     results = []
     for preset in args.presets:
         for method in args.methods:
@@ -385,10 +400,10 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({"preset": preset, "method": method, "error": "skipped (--skip)"})
                 continue
             results.append(run_in_subprocess(preset, method, args))
-    report(args, results, started)
+    report(args, results, started, start_load)
     if args.json:
         settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items() if k != "one"}
-        payload = {"machine": machine(torch.device(args.device)), "settings": settings, "results": results}
+        payload = {"machine": machine(torch.device(args.device), start_load), "settings": settings, "results": results}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=list) + "\n", encoding="utf-8")
 
 

@@ -114,7 +114,8 @@ class LoraSettings:
 
 def _peft() -> Any:
     try:
-        return importlib.import_module("peft")
+        with _quiet_torch_logs():  # peft imports torchao when it is installed
+            return importlib.import_module("peft")
     except ImportError as e:
         raise AdapterError("LoRA needs the peft package: pip install 'smallm[finetune]'") from e
 

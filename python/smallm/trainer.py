@@ -199,6 +199,10 @@ class Trainer:
         net: nn.Module = model
         if self.rt.world_size > 1 and not self.sharded:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            # Frozen weights (a LoRA base) are loaded alike on every rank and never change: DDP need
+            # not broadcast them, which it cannot do faithfully for a 4-bit tensor subclass.
+            frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.compile:
             try:
