@@ -329,3 +329,34 @@ def test_two_ranks_take_the_same_steps_as_one(method: str, base: Path, data: tup
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_accumulated_micro_batches_take_the_step_one_batch_takes(
+    base: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Packed rows carry different numbers of supervised tokens; the step must weigh every token alike
+    whether the rows come as one batch of 4 or two micro-batches of 2."""
+    settings = dict(lora_r=4, lora_dropout=0.0, max_steps=3, val_fraction=0.0)
+    SFTTrainer(config(base, data[0], tmp_path / "one", batch_size=4, **settings)).fit()
+    SFTTrainer(config(base, data[0], tmp_path / "two", batch_size=2, grad_accum=2, **settings)).fit()
+    a, b = (load_weights(latest_checkpoint(tmp_path / run)) for run in ("one", "two"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_pretraining_can_start_from_a_lora_run(lora_run: Path, tmp_path: Path, tok: Tokenizer) -> None:
+    from smallm.config import TrainConfig
+    from smallm.corpus import Corpus
+    from smallm.shards import PackOptions, pack_corpus
+    from smallm.trainer import Trainer
+
+    (tmp_path / "corpus.txt").write_text("\n".join(f"{i} plus {i} is {2 * i}." for i in range(200)))
+    shard_dir = tmp_path / "data"
+    shard_dir.mkdir()
+    tok.save(shard_dir)
+    options = PackOptions(val_fraction=0.1)
+    pack_corpus(Corpus(files=[tmp_path / "corpus.txt"], doc_mode="line"), tok, shard_dir, options, progress=False)
+
+    cfg = TrainConfig(data=str(shard_dir), out=str(tmp_path / "run"), init_from=str(lora_run), device="cpu")
+    trainer = Trainer(cfg)
+    torch.testing.assert_close(logits(trainer.model.eval(), IDS), logits(load_model(lora_run)[0], IDS))

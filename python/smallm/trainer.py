@@ -148,7 +148,12 @@ class Trainer:
     def build_model(self) -> nn.Module:
         """The model to train, on the device: fresh, or with the weights of ``init_from``."""
         model = SmallLM(self.model_config)
-        if self.init is not None:
+        if self.init is not None and "lora" in read_config(self.init):
+            from smallm.runs import load_model
+
+            model = load_model(self.init)[0].train()  # the adapter merged into the base it names
+            self.log(f"initialised from {self.init} merged into its base")
+        elif self.init is not None:
             model.load_state_dict(load_weights(self.init))
             self.log(f"initialised from the weights of {self.init}")
         return model.to(self.rt.device)
