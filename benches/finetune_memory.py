@@ -160,7 +160,6 @@ def train_step(model: nn.Module, optimizer: Any, ids: torch.Tensor, targets: tor
 def measure(preset: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(args.flush_denormal)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if method != "full":
@@ -224,7 +223,6 @@ def run_in_subprocess(preset: str, method: str, args: argparse.Namespace) -> dic
         f"--device={args.device}", f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seq-len={args.seq_len}",
         f"--batch-size={args.batch_size}", f"--threads={args.threads}",
         "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
-        "--flush-denormal" if args.flush_denormal else "--no-flush-denormal",
     ]  # fmt: skip
     command = [sys.executable, str(Path(__file__).resolve()), "--one", preset, method, *flags]
     start = time.perf_counter()
@@ -330,7 +328,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
     print(
         f"settings: {args.device}, {precision}, {args.threads} threads, batch {args.batch_size} x {args.seq_len}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.warmup} warm-up + "
-        f"{args.steps} timed steps, denormals {'flushed' if args.flush_denormal else 'kept'}, AdamW (make_optimizer), "
+        f"{args.steps} timed steps, AdamW (make_optimizer), "
         f"LoRA r={LORA_R} alpha={LORA_ALPHA:.0f} dropout {LORA_DROPOUT} "
         "on all 7 block projections, QLoRA = NF4 (torchao) base + the same LoRA"
     )
@@ -364,10 +362,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute block activations in the backward pass (default: on)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--flush-denormal", action=argparse.BooleanOptionalAction, default=False,
-        help="torch.set_flush_denormal: treat fp32 denormals as 0 on CPU (default: off, as smallm-sft)",
     )  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="also write the settings and every result as JSON here")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "METHOD"), help=argparse.SUPPRESS)

@@ -156,12 +156,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_config(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """A TrainConfig from a flat dict (plus an optional ``model`` dict), rejecting unknown keys."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def build_config(values: dict[str, Any], source: str = "config", cls: type[Any] = TrainConfig) -> Any:
+    """A ``cls`` (TrainConfig or a subclass) from a flat dict (plus an optional ``model`` dict),
+    rejecting unknown keys, validated."""
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
-    config = TrainConfig(**values)
+    config = cls(**values)
     config.validate()
     return config

@@ -21,7 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smallm.config import add_dataclass_arguments, read_config_file
+from smallm.cli.train import report
+from smallm.config import add_dataclass_arguments, build_config, read_config_file
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
@@ -46,8 +47,6 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
 
 def parse_config(method: str, argv: Sequence[str] | None) -> Any:
-    import dataclasses
-
     from smallm.finetune import FinetuneConfig
 
     args = vars(build_parser(method).parse_args(argv))
@@ -56,13 +55,7 @@ def parse_config(method: str, argv: Sequence[str] | None) -> Any:
     values.update(args)
     values["init_from"] = values.pop("checkpoint")
     values["method"] = method
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{config_file}: unknown setting(s) {unknown}; known: {sorted(names)}")
-    cfg = FinetuneConfig(**values)
-    cfg.validate()
-    return cfg
+    return build_config(values, str(config_file) if config_file else "command line", FinetuneConfig)
 
 
 def run(method: str, argv: Sequence[str] | None) -> int:
@@ -84,11 +77,7 @@ def run(method: str, argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
         return 130
-    if "sample" in result:
-        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "sample"}
-        print(f"final: {json.dumps(summary)}")
-        print(f"checkpoints and metrics.jsonl are in {cfg.out}")
-        print("sample reply:\n" + result["sample"])
+    report(result, cfg.out, sample="sample reply")
     return 0
 
 

@@ -105,12 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("smallm-train: interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
         return 130
+    report(result, cfg.out)
+    return 0
+
+
+def report(result: dict[str, Any], out: str, sample: str = "sample") -> None:
+    """The last metrics, where the run is, and the sample generated at the end (rank 0 has it)."""
     if "sample" in result:
         summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "sample"}
         print(f"final: {json.dumps(summary)}")
-        print(f"checkpoints, metrics.jsonl and loss_curve.png are in {cfg.out}")
-        print("sample:\n" + result["sample"])
-    return 0
+        print(f"checkpoints, metrics.jsonl and loss_curve.png are in {out}")
+        print(f"{sample}:\n" + result["sample"])
 
 
 def dry_run(cfg: TrainConfig) -> int:
