@@ -6,7 +6,8 @@ JSON line), since peak memory is a property of the whole process. The model is b
 
 * **full**: ``SmallLM`` on the device in fp32, every parameter trained.
 * **lora**: the frozen base in the frozen dtype (bf16 on CUDA, where it is only read through bf16
-  autocast; fp32 on CPU), then :func:`smallm.lora.apply_lora` with r=16, alpha=32, dropout 0.05 on the
+  autocast; fp32 on CPU), then :func:`smallm.lora.apply_lora` with r=16, alpha=32 (dropout
+  ``--lora-dropout``, default 0 as in ``smallm-sft``) on the
   seven block projections (the adapters are fp32).
 * **qlora**: :func:`smallm.lora.quantize_nf4` turns the block projections of the CPU-built fp32 model
   into NF4 on the device first, then the rest moves as for LoRA and the same adapters go on.
@@ -55,12 +56,12 @@ from typing import Any
 
 import torch
 from _machine import cpu_model, load_average, usable_cores
-from smallm.memory import format_count
+from smallm.memory import format_count, parameter_count
 from smallm.model import ModelConfig, SmallLM
 from torch import nn
 
 METHODS = ("full", "lora", "qlora")
-LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32.0, 0.05
+LORA_R, LORA_ALPHA = 16, 32.0
 QLORA_TARGET_MIB = 4096  # "QLoRA on 1.1B fits in 4 GB of GPU memory", read as 4 GiB
 LORA_SPEED_TARGET = 2.0  # "a LoRA step is at least 2x faster than a full fine-tuning step on 350m"
 MEMORY_ERRORS = ("out of memory", "can't allocate memory")
@@ -126,12 +127,12 @@ def build(preset: str, method: str, args: argparse.Namespace, device: torch.devi
     if method == "full":
         model.to(device)
     else:
-        from smallm.lora import LoraSettings, apply_lora, quantize_nf4
+        from smallm.lora import LoraSettings, apply_lora, place_frozen_base, quantize_nf4
 
         if method == "qlora":
             quantize_nf4(model, device, frozen_dtype)
-        model.to(device, frozen_dtype)
-        apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT))
+        place_frozen_base(model, device, frozen_dtype)
+        apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=args.lora_dropout))
     cfg = FinetuneConfig(lora_r=0 if method == "full" else LORA_R)
     return model, make_optimizer(model, cfg, device)
 
@@ -169,6 +170,7 @@ def measure(preset: str, method: str, args: argparse.Namespace) -> dict[str, Any
     model, optimizer = build(preset, method, args, device)
     build_peak = peak_rss_mib()
     steps_reset = reset_peak_rss()
+    resident = status_mib("VmRSS")
     config = model.config
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
@@ -192,6 +194,7 @@ def measure(preset: str, method: str, args: argparse.Namespace) -> dict[str, Any
         "median_step_s": statistics.median(seconds),
         "tokens_per_s": ids.numel() / statistics.median(seconds),
         "baseline_rss_mib": baseline,
+        "rss_before_steps_mib": resident,
         "process_peak_rss_mib": max(build_peak, steps_peak),
         "steps_peak_rss_mib": steps_peak if steps_reset else None,
     }
@@ -221,7 +224,7 @@ def run_in_subprocess(preset: str, method: str, args: argparse.Namespace) -> dic
     """Runs ``--one`` in a fresh interpreter and returns its result, or an ``error`` saying why none came."""
     flags = [
         f"--device={args.device}", f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seq-len={args.seq_len}",
-        f"--batch-size={args.batch_size}", f"--threads={args.threads}",
+        f"--batch-size={args.batch_size}", f"--threads={args.threads}", f"--lora-dropout={args.lora_dropout}",
         "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
     ]  # fmt: skip
     command = [sys.executable, str(Path(__file__).resolve()), "--one", preset, method, *flags]
@@ -254,17 +257,17 @@ def preset_table(results: list[dict[str, Any]], cuda: bool) -> str:
     full = next((r for r in results if r["method"] == "full" and "error" not in r), None)
     full_peak = peak_mib(full) if full else None
     full_step = full["median_step_s"] if full else None
-    second = "peak reserved MiB" if cuda else "process peak RSS MiB (build incl.)"
     first = "peak allocated MiB" if cuda else "peak RSS MiB (steps)"
-    headers = ["method", "trainable params", first, second, "step s", "tokens/s", "memory vs full", "speed vs full"]
+    memory = [first, "peak reserved MiB"] if cuda else [first, "process peak RSS MiB", "RSS before steps MiB"]
+    headers = ["method", "trainable params", *memory, "step s", "tokens/s", "memory vs full", "speed vs full"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in results:
         if "error" in r:
-            cells = [r["method"], "-", r["error"], "-", "-", "-", "-", "-"]
+            cells = [r["method"], "-", r["error"]] + ["-"] * (len(headers) - 3)
         else:
-            other = r["gpu_peak_reserved_mib"] if cuda else r["process_peak_rss_mib"]
+            others = [r["gpu_peak_reserved_mib"]] if cuda else [r["process_peak_rss_mib"], r["rss_before_steps_mib"]]
             cells = [
-                r["method"], format_count(r["trainable"]), f"{peak_mib(r):,.0f}", f"{other:,.0f}",
+                r["method"], format_count(r["trainable"]), f"{peak_mib(r):,.0f}", *(f"{v:,.0f}" for v in others),
                 f"{r['median_step_s']:.2f}", f"{r['tokens_per_s']:,.0f}", ratio(peak_mib(r), full_peak),
                 ratio(full_step, r["median_step_s"]),
             ]  # fmt: skip
@@ -291,7 +294,7 @@ def check_targets(results: list[dict[str, Any]], cuda: bool) -> list[str]:
         lines.append(
             f"- {target}: a GPU target, not decidable on CPU. CPU peak RSS here: "
             f"{steps:,.0f} MiB over the steps, {qlora['process_peak_rss_mib']:,.0f} MiB over the process "
-            f"(fp32 frozen weights outside the blocks, fp32 dequantization, and the interpreter included)"
+            "(the interpreter, torch and peft included)"
             if steps
             else f"- {target}: a GPU target; CPU process peak RSS {qlora['process_peak_rss_mib']:,.0f} MiB"
         )
@@ -329,7 +332,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
         f"settings: {args.device}, {precision}, {args.threads} threads, batch {args.batch_size} x {args.seq_len}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.warmup} warm-up + "
         f"{args.steps} timed steps, AdamW (make_optimizer), "
-        f"LoRA r={LORA_R} alpha={LORA_ALPHA:.0f} dropout {LORA_DROPOUT} "
+        f"LoRA r={LORA_R} alpha={LORA_ALPHA:.0f} dropout {args.lora_dropout} "
         "on all 7 block projections, QLoRA = NF4 (torchao) base + the same LoRA"
     )
     baselines = {r["method"]: r["baseline_rss_mib"] for r in results if r.get("baseline_rss_mib")}
@@ -338,9 +341,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
         print(f"RSS before the model is built (interpreter, torch; peft for LoRA/QLoRA), in every figure: {listed} MiB")
     for preset in args.presets:
         rows = [r for r in results if r["preset"] == preset]
-        measured = next((r for r in rows if "params" in r), None)
-        size = f", {format_count(measured['params'])} parameters" if measured else ""
-        print(f"\n### {preset}{size}\n")
+        size = format_count(parameter_count(model_config(preset, args.seq_len)))
+        print(f"\n### {preset}, {size} parameters\n")
         print(preset_table(rows, cuda))
     print("\ntargets:")
     print("\n".join(check_targets(results, cuda)))
@@ -357,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default: 1)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default: 0, as smallm-sft)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=usable_cores(), help="CPU threads (default: usable cores)")
     parser.add_argument(

@@ -360,3 +360,27 @@ def test_pretraining_can_start_from_a_lora_run(lora_run: Path, tmp_path: Path, t
     cfg = TrainConfig(data=str(shard_dir), out=str(tmp_path / "run"), init_from=str(lora_run), device="cpu")
     trainer = Trainer(cfg)
     torch.testing.assert_close(logits(trainer.model.eval(), IDS), logits(load_model(lora_run)[0], IDS))
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from Linux's /proc")
+def test_placing_the_frozen_base_keeps_nf4_weights_4_bit(one_torch_thread: None) -> None:
+    """Module.to(dtype=...) makes torchao keep a dequantized copy of each NF4 weight (64 MiB for this
+    layer); place_frozen_base must not."""
+    pytest.importorskip("torchao")
+    import gc
+    import os as os_
+
+    from smallm.lora import place_frozen_base, quantize_nf4
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os_.sysconf("SC_PAGE_SIZE") / 2**20
+
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(4096, 4096, bias=False))
+    model.add_module("norm", torch.nn.LayerNorm(4096))
+    quantize_nf4(model, torch.device("cpu"), torch.float32)
+    gc.collect()
+    before = resident_mib()
+    place_frozen_base(model, torch.device("cpu"), torch.bfloat16)
+    assert resident_mib() - before < 16
+    assert type(model.q_proj.weight).__name__ == "NF4Tensor" and model.norm.weight.dtype == torch.bfloat16

@@ -53,7 +53,15 @@ from smallm.conversations import (
     read_conversations,
     read_pairs,
 )
-from smallm.lora import LoraSettings, adapter_state, apply_lora, load_adapter, quantize_nf4, save_adapter
+from smallm.lora import (
+    LoraSettings,
+    adapter_state,
+    apply_lora,
+    load_adapter,
+    place_frozen_base,
+    quantize_nf4,
+    save_adapter,
+)
 from smallm.runs import find_tokenizer, load_model, read_config
 from smallm.tokenizer import Tokenizer
 from smallm.trainer import Trainer, make_optimizer
@@ -79,7 +87,7 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = doc("share of the data held out for validation when no --val-data (0: none)", 0.05)
     lora_r: int = doc("LoRA rank (0: full fine-tuning of every weight)", 0)
     lora_alpha: float | None = doc("LoRA scale numerator: updates are scaled by alpha / r (default: 2 * r)", None)
-    lora_dropout: float = doc("dropout on the LoRA input", 0.05)
+    lora_dropout: float = doc("dropout on the LoRA input (costs a random mask per adapted layer and step)", 0.0)
     lora_targets: str = doc("layers given adapters: all-linear, or a list like q_proj,v_proj", "all-linear")
     quantize: str = doc("none, or nf4: QLoRA, the frozen base in 4-bit NF4 (needs --lora-r)", "none")
     optimizer: str = doc("adamw, paged-adamw (bitsandbytes, CUDA) or auto (paged under QLoRA on CUDA)", "auto")
@@ -231,7 +239,7 @@ class SFTTrainer(Trainer):
         if self.cfg.quantize == "nf4":
             size = quantize_nf4(model, self.rt.device, self.frozen_dtype())
             self.log(f"block weights quantized to NF4: {size / 2**20:.1f} MiB")
-        model.to(self.rt.device, self.frozen_dtype())
+        place_frozen_base(model, self.rt.device, self.frozen_dtype())
         self.peft = apply_lora(model, self.settings)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(f"LoRA r={self.settings.r} on {','.join(self.settings.targets)}: {trainable / 1e6:.2f}M trainable")

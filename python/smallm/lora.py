@@ -61,7 +61,7 @@ class LoraSettings:
 
     r: int = 16
     alpha: float = 32.0
-    dropout: float = 0.05
+    dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LINEAR_TARGETS))
 
     @classmethod
@@ -171,6 +171,16 @@ def quantize_nf4(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
             stacklevel=2,
         )
     return total
+
+
+def place_frozen_base(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Moves ``model`` to ``device`` with its floating-point weights in ``dtype``, leaving NF4 weights
+    as they are: ``Module.to(dtype=...)`` would make torchao dequantize them and keep a full-precision
+    copy of every quantized weight, undoing QLoRA's saving. Tied weights stay tied."""
+    model.to(device)
+    for p in model.parameters():
+        if type(p).__name__ != "NF4Tensor" and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _nf4_bytes(t: Any) -> int:
