@@ -151,6 +151,7 @@ def test_packing_places_every_fitting_example_once_intact(lengths: list[int], se
     want = [(tuple(e.ids[:-1]), tuple(np.where(e.supervised[1:], e.ids[1:], IGNORE_INDEX))) for e in fitting]
     assert sorted(found) == sorted(want)
     assert rows.x.shape[1:] == (seq_len,) and len(rows) <= len(fitting)
+    assert rows.tokens == sum(len(e.ids) - 1 for e in fitting)
 
 
 def test_a_packed_row_computes_what_its_conversations_compute_alone(tok: Tokenizer, one_torch_thread: None) -> None:

@@ -193,6 +193,8 @@ class PackedRows:
     segments: np.ndarray
     dropped: int
     """Conversations left out because they are longer than the context."""
+    tokens: int = 0
+    """Positions holding conversation tokens (the rest is padding)."""
 
     def __len__(self) -> int:
         return len(self.x)
@@ -200,6 +202,11 @@ class PackedRows:
     @property
     def supervised_tokens(self) -> int:
         return int((self.y != IGNORE_INDEX).sum())
+
+    @property
+    def fill(self) -> float:
+        """The share of row positions holding a conversation rather than padding."""
+        return self.tokens / self.x.size if self.x.size else 0.0
 
 
 def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) -> PackedRows:
@@ -241,7 +248,7 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int = 0) ->
             segments[r, at : at + n] = s
             at += n
         segments[r, at:] = len(members)
-    return PackedRows(x, y, segments, dropped)
+    return PackedRows(x, y, segments, dropped, sum(len(items[i].ids) - 1 for i in order))
 
 
 # ----- DPO pairs ------------------------------------------------------------------------------------

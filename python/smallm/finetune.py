@@ -196,8 +196,8 @@ class SFTTrainer(Trainer):
         rows = self._pack(self.train_items, "training")
         self.val_rows = self._pack(self.val_items, "validation") if self.val_items else None
         self.log(
-            f"{len(self.train_items)} conversations in {len(rows)} rows of {self.seq_len} tokens, "
-            f"{rows.supervised_tokens} supervised tokens"
+            f"{len(self.train_items)} conversations in {len(rows)} rows of {self.seq_len} tokens "
+            f"({rows.fill:.0%} filled), {rows.supervised_tokens} supervised tokens"
         )
         self._count_steps(len(rows))
         return RowBatches(
