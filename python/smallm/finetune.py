@@ -64,7 +64,7 @@ from smallm.lora import (
 )
 from smallm.runs import find_tokenizer, load_model, read_config
 from smallm.tokenizer import Tokenizer
-from smallm.trainer import Trainer, make_optimizer
+from smallm.trainer import Trainer, make_optimizer, run_to_end
 
 __all__ = ["DPOTrainer", "FinetuneConfig", "SFTTrainer", "finetune"]
 
@@ -441,11 +441,4 @@ def _dpo_metrics(sums: torch.Tensor) -> dict[str, float]:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Runs one SFT or DPO job (one process of it under torchrun)."""
-    import torch.distributed as dist
-
-    trainer = (DPOTrainer if cfg.method == "dpo" else SFTTrainer)(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_to_end(DPOTrainer if cfg.method == "dpo" else SFTTrainer, cfg)

@@ -438,12 +438,21 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs one training job (one process of it under torchrun)."""
-    trainer = Trainer(cfg)
+    return run_to_end(Trainer, cfg)
+
+
+def run_to_end(kind: type[Trainer], cfg: Any) -> dict[str, Any]:
+    """Builds a ``kind`` trainer and fits it; under torchrun, the ranks then leave the process group
+    together (rank 0 may still be writing the plot and the sample, and a rank that tears its gloo
+    connections down meanwhile can abort at exit)."""
     try:
-        return trainer.fit()
+        result = kind(cfg).fit()
+        if dist.is_initialized():
+            dist.barrier()
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-__all__ = ["Trainer", "TrainingError", "cosine_with_warmup", "train"]
+__all__ = ["Trainer", "TrainingError", "cosine_with_warmup", "run_to_end", "train"]
