@@ -37,8 +37,10 @@ pytestmark = [
 ]
 
 
-def make_base(directory: Path, tok: Tokenizer, n_layer: int = 2, seed: int = 0) -> Path:
-    config = ModelConfig(vocab_size=1216, n_layer=n_layer, n_embd=128, n_head=4, n_kv_head=2, max_seq_len=128)
+def make_base(directory: Path, tok: Tokenizer, n_layer: int = 2, seed: int = 0, tied: bool = True) -> Path:
+    config = ModelConfig(
+        vocab_size=1216, n_layer=n_layer, n_embd=128, n_head=4, n_kv_head=2, max_seq_len=128, tie_embeddings=tied
+    )
     torch.manual_seed(seed)
     model = SmallLM(config)
     with torch.no_grad():
@@ -386,3 +388,24 @@ def test_placing_the_frozen_base_keeps_nf4_weights_4_bit(one_torch_thread: None)
     place_frozen_base(model, torch.device("cpu"), torch.bfloat16)
     assert resident_mib() - before < 16
     assert type(model.q_proj.weight).__name__ == "NF4Tensor" and model.norm.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_can_train_the_embeddings_too(tied: bool, tok: Tokenizer, data: tuple[Path, Path], tmp_path: Path) -> None:
+    """--lora-train-embeddings: the embedding table (and an untied lm_head) train in full beside the
+    adapters, are checkpointed and resumed with them, and the merged model is the trained one."""
+    base = make_base(tmp_path / "base", tok, tied=tied)
+    run = tmp_path / "run"
+    trainer = SFTTrainer(config(base, data[0], run, lora_r=4, lora_train_embeddings=True, max_steps=6))
+    start = trainer.model.model.embed_tokens.weight.detach().clone()
+    trainer.fit()
+    trained = trainer.model.model.embed_tokens.weight.detach()
+    assert not torch.equal(start, trained)
+    saved = load_weights(latest_checkpoint(run))
+    assert ("lm_head.weight" in saved) is not tied and torch.equal(saved["model.embed_tokens.weight"], trained)
+    torch.testing.assert_close(logits(load_model(run)[0], IDS), logits(trainer.model.eval(), IDS))
+    assert not (run / "adapter").exists()  # not a peft adapter alone: merge it
+    resumed = SFTTrainer(config(base, data[0], run, lora_r=4, lora_train_embeddings=True, max_steps=8, resume=True))
+    assert torch.equal(resumed.model.model.embed_tokens.weight, trained)
+    with pytest.raises(ValueError, match="lora-train-embeddings goes with --lora-r in smallm-sft"):
+        config(base, data[1], tmp_path / "dpo", method="dpo", lora_r=4, lora_train_embeddings=True).validate()

@@ -89,6 +89,11 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float | None = doc("LoRA scale numerator: updates are scaled by alpha / r (default: 2 * r)", None)
     lora_dropout: float = doc("dropout on the LoRA input (costs a random mask per adapted layer and step)", 0.0)
     lora_targets: str = doc("layers given adapters: all-linear, or a list like q_proj,v_proj", "all-linear")
+    lora_train_embeddings: bool = doc(
+        "LoRA: also train the embedding table and lm_head in full (small or briefly trained bases need it; "
+        "the run is then merged with smallm-merge rather than applied as a peft adapter)",
+        False,
+    )
     quantize: str = doc("none, or nf4: QLoRA, the frozen base in 4-bit NF4 (needs --lora-r)", "none")
     optimizer: str = doc("adamw, paged-adamw (bitsandbytes, CUDA) or auto (paged under QLoRA on CUDA)", "auto")
     beta: float = doc("DPO: strength of the pull towards the reference model", 0.1)
@@ -133,6 +138,11 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"beta must be positive, got {self.beta}")
         if self.method not in ("sft", "dpo"):
             raise ValueError(f"method must be sft or dpo, got {self.method!r}")
+        if self.lora_train_embeddings and (not self.lora_r or self.method == "dpo"):
+            raise ValueError(
+                "--lora-train-embeddings goes with --lora-r in smallm-sft (DPO's reference is the base with "
+                "the adapters disabled, which must keep the starting embeddings)"
+            )
         if self.lora_r and self.fsdp:
             raise ValueError("--fsdp shards full fine-tuning; LoRA runs replicate the small adapters with DDP")
         if self.lora_r:
@@ -241,6 +251,10 @@ class SFTTrainer(Trainer):
             self.log(f"block weights quantized to NF4: {size / 2**20:.1f} MiB")
         place_frozen_base(model, self.rt.device, self.frozen_dtype())
         self.peft = apply_lora(model, self.settings)
+        if self.cfg.lora_train_embeddings:
+            for p in self.embedding_weights().values():
+                p.data = p.data.float()  # trained in fp32 like the adapters
+                p.requires_grad_(True)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(f"LoRA r={self.settings.r} on {','.join(self.settings.targets)}: {trainable / 1e6:.2f}M trainable")
         return model
@@ -270,20 +284,42 @@ class SFTTrainer(Trainer):
                 **asdict(self.settings),
                 "quantize": self.cfg.quantize,
                 "base": config["finetune"]["base"],
+                "embeddings": self.cfg.lora_train_embeddings,
             }
         return config
 
+    def embedding_weights(self) -> dict[str, nn.Parameter]:
+        """The embedding table and (when not tied to it) lm_head, by their names in a smallm checkpoint."""
+        base = self.peft.get_base_model()
+        weights = {"model.embed_tokens.weight": base.model.embed_tokens.weight}
+        if not self.model_config.tie_embeddings:
+            weights["lm_head.weight"] = base.lm_head.weight
+        return weights
+
     def checkpoint_weights(self) -> dict[str, torch.Tensor] | None:
-        return None if self.peft is None else adapter_state(self.peft)
+        if self.peft is None:
+            return None
+        tensors = adapter_state(self.peft)
+        if self.cfg.lora_train_embeddings:
+            tensors.update(self.embedding_weights())
+        return tensors
 
     def restore_weights(self, checkpoint: Path) -> None:
-        load_adapter(self.peft, load_weights(checkpoint), str(checkpoint))
+        tensors = load_weights(checkpoint)
+        embeddings = self.embedding_weights() if self.cfg.lora_train_embeddings else {}
+        with torch.no_grad():
+            for name, p in embeddings.items():
+                p.copy_(tensors.pop(name))
+        load_adapter(self.peft, tensors, str(checkpoint))
 
     def fit(self) -> dict[str, Any]:
         result = super().fit()
         if self.peft is not None and self.rt.main:
-            folder = save_adapter(self.peft, self.out / "adapter", base=str(self.init))
-            self.log(f"adapter (peft format) in {folder}")
+            if self.cfg.lora_train_embeddings:
+                self.log(f"the embeddings were trained too: make the full model with smallm-merge {self.out} --out DIR")
+            else:
+                folder = save_adapter(self.peft, self.out / "adapter", base=str(self.init))
+                self.log(f"adapter (peft format) in {folder}")
         return result
 
     def sample(self, model: nn.Module) -> str:

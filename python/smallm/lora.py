@@ -281,12 +281,27 @@ def merge_adapter(
     whose outputs equal the base's with the adapter applied."""
     if is_quantized(base):
         raise AdapterError("merge into a full-precision base, not a 4-bit one: load the base checkpoint again")
+    adapter = {k: v for k, v in tensors.items() if k.startswith("base_model.")}
+    _replace_base_weights(base, {k: v for k, v in tensors.items() if k not in adapter}, source)
     wrapped = apply_lora(base, LoraSettings(settings.r, settings.alpha, 0.0, settings.targets), inference=True)
-    load_adapter(wrapped, tensors, source)
+    load_adapter(wrapped, adapter, source)
     merged = wrapped.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
+
+
+def _replace_base_weights(base: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copies weights trained beside the adapter (``--lora-train-embeddings``) into the base."""
+    own = dict(base.named_parameters(remove_duplicate=False))
+    for name, tensor in tensors.items():
+        if name not in own or own[name].shape != tensor.shape:
+            found = tuple(own[name].shape) if name in own else "no such weight"
+            raise AdapterError(
+                f"{source}: the adapter's {name} {tuple(tensor.shape)} does not match this base model ({found})"
+            )
+        with torch.no_grad():
+            own[name].copy_(tensor)
 
 
 def merge_run(source: PathLike, out: PathLike, *, base: PathLike | None = None, force: bool = False) -> Path:
