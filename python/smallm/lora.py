@@ -95,6 +95,12 @@ class LoraSettings:
         )  # fmt: skip
 
     @classmethod
+    def from_run_config(cls, lora: Mapping[str, Any]) -> LoraSettings:
+        """The settings recorded in the ``lora`` section of a LoRA run's ``config.json`` (no dropout:
+        for applying and merging)."""
+        return cls(int(lora["r"]), float(lora["alpha"]), 0.0, list(lora["targets"]))
+
+    @classmethod
     def from_peft_config(cls, config: Mapping[str, Any], source: str) -> LoraSettings:
         if config.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{source}: a {config.get('peft_type')} adapter; smallm applies LoRA adapters only")
@@ -332,13 +338,13 @@ def merge_run(source: PathLike, out: PathLike, *, base: PathLike | None = None, 
                 f"{checkpoint}: not a LoRA run (its config.json has no lora section) nor an adapter folder"
             )
         lora = config["lora"]
-        settings = LoraSettings(int(lora["r"]), float(lora["alpha"]), 0.0, list(lora["targets"]))
+        settings = LoraSettings.from_run_config(lora)
         tensors = load_weights(checkpoint)
         base = base or lora["base"]
         with contextlib.suppress(CheckpointError):
             tokenizer = find_tokenizer(checkpoint, config)
     _check_destination(out, force, source=source)
-    model, base_tokenizer, base_config = load_model(base)
+    model, base_tokenizer, _ = load_model(base)
     merged = merge_adapter(model, settings, tensors, str(source))
     tokenizer = tokenizer or base_tokenizer
     run_config = {
@@ -353,5 +359,4 @@ def merge_run(source: PathLike, out: PathLike, *, base: PathLike | None = None, 
         (run / "config.json").write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(run)
 
-    del base_config
     return _write_folder(out, fill)

@@ -96,7 +96,7 @@ def _load_lora_run(
             "merge it onto that base's weights with smallm-merge --base"
         )
     base, _, _ = load_model(base_path)
-    settings = LoraSettings(int(lora["r"]), float(lora["alpha"]), 0.0, list(lora["targets"]))
+    settings = LoraSettings.from_run_config(lora)
     try:
         model = merge_adapter(base, settings, load_weights(checkpoint), str(checkpoint))
     except AdapterError as e:
