@@ -64,7 +64,7 @@ from smallm.lora import (
 )
 from smallm.runs import find_tokenizer, load_model, read_config
 from smallm.tokenizer import Tokenizer
-from smallm.trainer import Trainer, make_optimizer, run_to_end
+from smallm.trainer import Trainer, make_optimizer, param_groups, run_to_end
 
 __all__ = ["DPOTrainer", "FinetuneConfig", "SFTTrainer", "finetune"]
 
@@ -270,10 +270,7 @@ class SFTTrainer(Trainer):
             raise ValueError("--optimizer paged-adamw needs CUDA and the bitsandbytes package")
         import bitsandbytes as bnb
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        rest = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        groups = param_groups(self.model, self.cfg.weight_decay)
         return bnb.optim.PagedAdamW(groups, lr=self.cfg.peak_lr(), betas=(self.cfg.beta1, self.cfg.beta2))
 
     def run_config(self) -> dict[str, Any]:
@@ -408,7 +405,7 @@ class DPOTrainer(SFTTrainer):
 
     def sequence_logps(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Summed log-probability of each row's supervised targets (the answer), fp32."""
-        with torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.autocast():
             _, losses = net(x, y, reduction="none")
         return -losses.sum(dim=-1)
 
@@ -433,18 +430,10 @@ class DPOTrainer(SFTTrainer):
         pairs = torch.tensor(float(sum(x.shape[0] // 2 for x, _ in batches)), device=self.rt.device)
         total = self._all_reduce(pairs)
         scale = self.rt.world_size / total  # as in Trainer.train_step: the mean over all pairs of all ranks
-        sums = torch.zeros(5, dtype=torch.float64, device=self.rt.device)
-        for i, (x, y) in enumerate(batches):
-            sync = i == len(batches) - 1
-            no_sync = getattr(self.net, "no_sync", None)
-            with no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext():
-                loss, stats = self.pair_stats(x, y, self.net)
-                scaled = loss * scale
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            sums += stats.to(sums.device)
-            self.state.tokens_seen += int(x.numel())
+        stats = self.backward_micro_batches(batches, scale, lambda batch: self.pair_stats(*batch, self.net))
         self.apply_gradients()
-        return _dpo_metrics(self._all_reduce(sums))
+        self.state.tokens_seen += sum(int(x.numel()) for x, _ in batches)
+        return _dpo_metrics(self._all_reduce(torch.stack(stats).sum(dim=0)))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

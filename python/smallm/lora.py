@@ -238,28 +238,24 @@ def load_adapter(peft_model: Any, tensors: Mapping[str, torch.Tensor], source: s
 
 
 def save_adapter(peft_model: Any, folder: PathLike, base: str = "") -> Path:
-    """Writes ``folder/adapter_config.json`` and ``folder/adapter_model.safetensors`` (each to a
-    temporary file renamed into place): the layout ``peft.PeftModel.from_pretrained`` reads.
+    """Writes ``folder/adapter_config.json`` and ``folder/adapter_model.safetensors``, the layout
+    ``peft.PeftModel.from_pretrained`` reads; the folder is written beside and renamed into place.
     ``base``: recorded as ``base_model_name_or_path``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from smallm.hf import _write_folder
+
     config = peft_model.peft_config["default"].to_dict()
     config.update(
         target_modules=sorted(config["target_modules"]), base_model_name_or_path=base or None,
         task_type="CAUSAL_LM", inference_mode=True,
     )  # fmt: skip
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    tmp_weights = folder / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-    tmp_config = folder / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
-    try:
-        safetensors.torch.save_file(adapter_state(peft_model), str(tmp_weights), metadata={"format": "pt"})
-        tmp_config.write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp_weights, folder / ADAPTER_WEIGHTS)
-        os.replace(tmp_config, folder / ADAPTER_CONFIG)
-    finally:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_config.unlink(missing_ok=True)
-    return folder
+    tensors = adapter_state(peft_model)
+
+    def fill(directory: Path) -> None:
+        safetensors.torch.save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+
+    return _write_folder(Path(os.path.abspath(folder)), fill)
 
 
 def read_adapter(folder: PathLike) -> tuple[LoraSettings, dict[str, torch.Tensor], dict[str, Any]]:

@@ -65,12 +65,18 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings included), not on norms."""
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: matrices (embeddings included) with weight decay, the
+    rest (norms) without."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings included), not on norms."""
+    groups = param_groups(model, cfg.weight_decay)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.peak_lr(), betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -242,23 +248,35 @@ class Trainer:
         # DDP and FSDP average gradients over ranks; scaling by world size makes it a sum over ranks,
         # so the result is d(sum of all token losses)/d(params) / (all target tokens).
         scale = self.rt.world_size / total.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=self.rt.device)
-        for i, batch in enumerate(batches):
-            sync = i == len(batches) - 1
-            no_sync = getattr(self.net, "no_sync", None)
-            ctx = no_sync() if (not sync and no_sync is not None) else contextlib.nullcontext()
-            with (
-                ctx,
-                torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
-            ):
-                loss = self.batch_loss(batch)
-            scaled = loss * scale
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += loss.detach()
+
+        def loss_of(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+            loss = self.batch_loss(batch)
+            return loss, loss.detach()
+
+        loss_sum = torch.stack(self.backward_micro_batches(batches, scale, loss_of)).sum()
         self.apply_gradients()
         mean = (self._all_reduce(loss_sum) / total).item()
         self.state.tokens_seen += int(total.item())
         return {"loss": mean}
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def backward_micro_batches(self, batches: list[Any], scale: torch.Tensor, loss_of: Any) -> list[Any]:
+        """For each micro-batch, ``loss, extra = loss_of(batch)`` (a summed loss, and what the step
+        reports) under autocast, then the backward of ``loss * scale``; DDP synchronises the gradients
+        after the last micro-batch only. Returns the extras."""
+        extras = []
+        no_sync = getattr(self.net, "no_sync", None)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with no_sync() if (not last and no_sync is not None) else contextlib.nullcontext():
+                with self.autocast():
+                    loss, extra = loss_of(batch)
+                scaled = loss * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            extras.append(extra)
+        return extras
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
