@@ -1,5 +1,6 @@
 //! Atomic file writes: a temporary file in the same directory, synced, then renamed over the
-//! target, so a crash or a full disk never leaves a half-written file where a good one was.
+//! target, so a crash or a full disk never leaves a half-written file where a good one was; the
+//! directory is synced after the rename so that the rename itself survives a crash.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -31,7 +32,17 @@ pub fn write_atomic_with(
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
-    })
+    })?;
+    sync_dir(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Flushes `dir`'s entries to disk: on Unix a rename is durable only once its directory is synced.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    // Windows cannot open a directory as a `File`; there the rename is left to the file system.
+    if cfg!(windows) {
+        return Ok(());
+    }
+    File::open(dir)?.sync_all()
 }
 
 /// Writes `contents` to `path` atomically.
@@ -43,10 +54,32 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// An empty directory of its own for the test `name`.
+    fn fresh_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("smallm-atomic-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn successful_write_leaves_the_target_and_no_temporary() {
+        let dir = fresh_dir("ok");
+        let path = dir.join("f.txt");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f.txt"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn failed_write_keeps_the_old_file_and_leaves_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("smallm-atomic-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("failed");
         let path = dir.join("f.txt");
         write_atomic(&path, b"old").unwrap();
         let err = write_atomic_with(&path, |out| {

@@ -2,10 +2,11 @@
 //!
 //! The pipeline reads top to bottom: [`corpus`] cuts files into documents, [`pretokenize`]
 //! splits text into pieces, [`train`] learns merges from piece counts, [`bpe`] applies them,
-//! [`serialize`] writes what the Hugging Face and tiktoken ecosystems read, and [`pack`] turns a
-//! corpus into memory-mappable token shards. The algorithms
-//! are plain Rust; the PyO3 bindings live in `python` behind the `python` feature, so
-//! `cargo test` and `cargo bench` never build them.
+//! [`serialize`] renders (and reads back) the text of the files the Hugging Face and tiktoken
+//! ecosystems read, and [`pack`] turns a corpus into memory-mappable token shards; [`atomic`]
+//! writes files and [`threads`] keeps the thread pools. The algorithms are plain Rust; the PyO3
+//! bindings live in `python` behind the `python` feature, so `cargo test` and `cargo bench` never
+//! build them.
 
 pub mod atomic;
 pub mod bpe;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod pack;
 pub mod pretokenize;
 pub mod serialize;
+pub mod threads;
 pub mod train;
 
 #[cfg(feature = "python")]

@@ -552,6 +552,8 @@ fn decode_multibyte(b: &[u8], i: usize) -> (u32, usize) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use super::*;
 
     fn ours(pt: &PreTokenizer, text: &str) -> Vec<String> {
@@ -1001,10 +1003,28 @@ mod tests {
         );
     }
 
-    /// Pieces of the real files under `/work/shared/data` and the Python standard library.
+    /// The folder of the shared corpora (tinyshakespeare.txt, nsmc_reviews_ko.txt):
+    /// `SMALLM_SHARED_DATA`, else `../shared/data` beside the crate.
+    fn shared_data() -> PathBuf {
+        std::env::var_os("SMALLM_SHARED_DATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+    }
+
+    /// What to tell the user when `missing` (a folder or file of the shared corpora) is absent.
+    fn no_shared_data(missing: &Path) -> String {
+        format!(
+            "{} not found: set SMALLM_SHARED_DATA to the folder holding tinyshakespeare.txt and \
+             nsmc_reviews_ko.txt (default: ../shared/data beside the crate)",
+            missing.display()
+        )
+    }
+
+    /// Pieces of the `.txt` files of [`shared_data`] and of the Python standard library.
     fn real_files() -> Vec<(String, String)> {
         let mut files = Vec::new();
-        if let Ok(dir) = std::fs::read_dir("/work/shared/data") {
+        let shared = shared_data();
+        if let Ok(dir) = std::fs::read_dir(&shared) {
             for entry in dir.flatten() {
                 let path = entry.path();
                 if path.extension().is_some_and(|e| e == "txt") {
@@ -1013,6 +1033,9 @@ mod tests {
                     }
                 }
             }
+        } else {
+            let why = no_shared_data(&shared);
+            eprintln!("{why}; reading the standard library only");
         }
         let stdlib = std::process::Command::new("python3")
             .args([
@@ -1023,7 +1046,7 @@ mod tests {
             .ok()
             .and_then(|o| String::from_utf8(o.stdout).ok());
         if let Some(stdlib) = stdlib {
-            let mut stack = vec![std::path::PathBuf::from(stdlib.trim())];
+            let mut stack = vec![PathBuf::from(stdlib.trim())];
             while let Some(dir) = stack.pop() {
                 let Ok(entries) = std::fs::read_dir(&dir) else {
                     continue;
@@ -1076,14 +1099,12 @@ mod tests {
     #[test]
     #[ignore = "timing; run with --release --ignored --nocapture"]
     fn throughput() {
-        for path in [
-            "/work/shared/data/tinyshakespeare.txt",
-            "/work/shared/data/nsmc_reviews_ko.txt",
-        ] {
-            let Ok(text) = std::fs::read_to_string(path) else {
-                eprintln!("{path} not found; skipping");
-                continue;
-            };
+        let shared = shared_data();
+        for file in ["tinyshakespeare.txt", "nsmc_reviews_ko.txt"] {
+            let path = shared.join(file);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|_| panic!("{}", no_shared_data(&path)));
+            let path = path.display();
             for (name, pattern) in [("gpt4", GPT4_PATTERN), ("gpt2", GPT2_PATTERN)] {
                 let pt = PreTokenizer::new(pattern).unwrap();
                 let re = fancy_regex::Regex::new(pattern).unwrap();

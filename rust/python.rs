@@ -15,6 +15,7 @@ use crate::corpus::ReadOptions;
 use crate::pack::{PackOptions, PackProgress, Packer, ShardInfo, JOURNAL};
 use crate::pretokenize::{GPT2_PATTERN, GPT4_PATTERN};
 use crate::serialize;
+use crate::threads;
 use crate::train::{Progress, TrainOptions, WordCounts};
 use crate::Error;
 
@@ -31,22 +32,9 @@ impl From<Error> for PyErr {
     }
 }
 
-/// Runs `f` on a pool of `threads` threads, or on the global pool when `None`.
-fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
-    match threads {
-        None => Ok(f()),
-        Some(n) => {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .map_err(|e| PyValueError::new_err(format!("num_threads={n}: {e}")))?;
-            Ok(pool.install(f))
-        }
-    }
-}
-
-/// Bridges core progress reports to an optional Python callable `progress(stage, done, total)`,
-/// and lets Ctrl-C (or an exception in the callable) cancel the work.
+/// Bridges core progress reports to an optional Python callable (`progress(stage, done, total)`
+/// when training, `progress(bytes, total, tokens)` when packing), and lets Ctrl-C (or an
+/// exception in the callable) cancel the work.
 struct ProgressBridge {
     callback: Option<Py<PyAny>>,
     error: Option<PyErr>,
@@ -77,12 +65,30 @@ impl ProgressBridge {
         })
     }
 
+    /// A training report, as `progress(stage, done, total)`.
     fn report(&mut self, p: Progress) -> bool {
         let (stage, done, total) = match p {
             Progress::Counting { bytes, total } => ("count", bytes, total),
             Progress::Merging { done, total } => ("merge", done as u64, total as u64),
         };
         self.call(|py, cb| cb.call1(py, (stage, done, total)).map(drop))
+    }
+
+    /// A packing report, as `progress(bytes, total, tokens)`.
+    fn report_pack(&mut self, p: PackProgress) -> bool {
+        self.call(|py, cb| cb.call1(py, (p.bytes, p.total, p.tokens)).map(drop))
+    }
+
+    /// Runs `work` with the GIL released, on a pool of `num_threads` threads, handing it this
+    /// bridge to report through.
+    fn run<T: Send>(
+        mut self,
+        py: Python<'_>,
+        num_threads: Option<usize>,
+        work: impl FnOnce(&mut Self) -> Result<T, Error> + Send,
+    ) -> PyResult<T> {
+        let result = py.detach(|| threads::install(num_threads, || work(&mut self)))?;
+        result.map_err(|e| self.error(e))
     }
 
     /// The callback's own exception when it caused the cancellation, else the core error.
@@ -159,13 +165,12 @@ impl PyTokenizer {
         })
     }
 
-    fn save(&self, py: Python<'_>, dir: PathBuf) -> PyResult<()> {
-        py.detach(|| serialize::save(&self.inner, &dir))
-            .map_err(Into::into)
-    }
-
     fn to_json(&self) -> String {
         serialize::to_hf_json(&self.inner)
+    }
+
+    fn to_tiktoken(&self) -> String {
+        serialize::to_tiktoken(&self.inner)
     }
 
     #[getter]
@@ -234,7 +239,7 @@ impl PyTokenizer {
         let fits_u16 = self.inner.vocab_size() <= 1 << 16;
         let (ids, offsets) = py.detach(|| {
             let texts = split_by_char_lengths(&joined, &char_lengths)?;
-            with_threads(num_threads, || {
+            threads::install(num_threads, || {
                 self.inner
                     .encode_batch(&texts, if ordinary { None } else { Some(&p) })
             })?
@@ -315,7 +320,7 @@ impl PyTrainer {
         num_threads: Option<usize>,
     ) -> PyResult<()> {
         let counts = self.counts()?;
-        py.detach(|| with_threads(num_threads, || counts.add_documents(&texts)))??;
+        py.detach(|| threads::install(num_threads, || counts.add_documents(&texts)))??;
         Ok(())
     }
 
@@ -333,13 +338,9 @@ impl PyTrainer {
     ) -> PyResult<()> {
         let options = read_options(doc_mode, text_field, lossy)?;
         let counts = self.counts()?;
-        let mut bridge = ProgressBridge::new(progress);
-        let result = py.detach(|| {
-            with_threads(num_threads, || {
-                counts.add_files(&paths, &options, &mut |p| bridge.report(p))
-            })
-        })?;
-        result.map_err(|e| bridge.error(e))
+        ProgressBridge::new(progress).run(py, num_threads, |bridge| {
+            counts.add_files(&paths, &options, &mut |p| bridge.report(p))
+        })
     }
 
     #[pyo3(signature = (vocab_size, special_tokens, min_frequency=2, progress=None, num_threads=None))]
@@ -361,13 +362,9 @@ impl PyTrainer {
             special_tokens,
             min_frequency,
         };
-        let mut bridge = ProgressBridge::new(progress);
-        let result = py.detach(|| {
-            with_threads(num_threads, || {
-                counts.train(&options, &mut |p| bridge.report(p))
-            })
+        let (inner, report) = ProgressBridge::new(progress).run(py, num_threads, |bridge| {
+            counts.train(&options, &mut |p| bridge.report(p))
         })?;
-        let (inner, report) = result.map_err(|e| bridge.error(e))?;
         let dict = PyDict::new(py);
         dict.set_item("requested_vocab_size", report.requested_vocab_size)?;
         dict.set_item("vocab_size", report.vocab_size)?;
@@ -458,7 +455,7 @@ impl PyPacker {
     ) -> PyResult<()> {
         let packer = self.packer()?;
         py.detach(|| {
-            with_threads(num_threads, || {
+            threads::install(num_threads, || {
                 packer.add_documents(&texts, source, first_document)
             })
         })??;
@@ -480,16 +477,11 @@ impl PyPacker {
     ) -> PyResult<()> {
         let options = read_options(doc_mode, text_field, lossy)?;
         let packer = self.packer()?;
-        let mut bridge = ProgressBridge::new(progress);
-        let mut report = |p: PackProgress| {
-            bridge.call(|py, cb| cb.call1(py, (p.bytes, p.total, p.tokens)).map(drop))
-        };
-        let result = py.detach(|| {
-            with_threads(num_threads, || {
-                packer.add_files(&paths, first_source, &options, &mut report)
+        ProgressBridge::new(progress).run(py, num_threads, |bridge| {
+            packer.add_files(&paths, first_source, &options, &mut |p| {
+                bridge.report_pack(p)
             })
-        })?;
-        result.map_err(|e| bridge.error(e))
+        })
     }
 
     /// Writes the open shards; returns {"train": [...], "val": [...]} with every shard's counts.

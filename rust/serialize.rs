@@ -1,4 +1,5 @@
-//! Saving and loading tokenizers in the formats the ecosystem reads.
+//! Tokenizers in the formats the ecosystem reads: the text of each file, and loading one back.
+//! Writing them to disk is left to the caller (the Python package writes every file it saves).
 //!
 //! `tokenizer.json` follows the Hugging Face `tokenizers` layout: a BPE model whose vocabulary
 //! keys are the GPT-2 byte-to-unicode mapping of each token's bytes, the exact merge list, a
@@ -11,7 +12,6 @@ use std::path::Path;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::atomic::write_atomic;
 use crate::bpe::Tokenizer;
 use crate::{Error, Result};
 
@@ -284,13 +284,6 @@ fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or_else(|| "pre_tokenizer Split step has no pattern.Regex".into())
-}
-
-/// Saves `dir/tokenizer.json` and `dir/tokenizer.tiktoken`, creating `dir` if needed.
-pub fn save(tok: &Tokenizer, dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_atomic(&dir.join("tokenizer.json"), to_hf_json(tok).as_bytes())?;
-    write_atomic(&dir.join("tokenizer.tiktoken"), to_tiktoken(tok).as_bytes())
 }
 
 /// Loads `path/tokenizer.json`, or `path` itself when it is a file.

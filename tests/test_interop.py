@@ -162,7 +162,9 @@ def trio(request, corpus_docs: list[str], tmp_path_factory: pytest.TempPathFacto
     t = Tokenizer.train_from_iterator(corpus_docs, 900, pattern=request.param)
     out = tmp_path_factory.mktemp(request.param)
     t.save(out)
-    return t, tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")), tiktoken_encoding(out)
+    hf = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    hf.encode_special_tokens = True  # compared with encode_ordinary: special-token strings are plain text
+    return t, hf, tiktoken_encoding(out)
 
 
 @given(TRICKY)

@@ -354,3 +354,30 @@ def test_missing_tokenizer_is_a_file_not_found_error(tmp_path: Path) -> None:
 
 def test_repr_names_the_size_and_specials(tok: Tokenizer) -> None:
     assert repr(tok) == f"Tokenizer(vocab_size={tok.vocab_size}, special_tokens={list(tok.special_tokens)})"
+
+
+# ----- pickling -------------------------------------------------------------------------------------
+
+
+def test_a_pickled_tokenizer_is_the_same_tokenizer(tok: Tokenizer, corpus_docs: list[str]) -> None:
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.to_json() == tok.to_json() and copy.special_tokens == tok.special_tokens
+    assert copy.training_report == tok.training_report
+    assert copy.encode_ordinary_batch(corpus_docs[:20]) == tok.encode_ordinary_batch(corpus_docs[:20])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_workers_encode_with_it(tok: Tokenizer, corpus_docs: list[str], start_method: str) -> None:
+    """Two DataLoader workers, forked or spawned (the tokenizer crosses to them pickled), give the ids
+    the main process gives."""
+    torch = pytest.importorskip("torch")
+    from encoded_texts import EncodedTexts
+
+    texts = corpus_docs[:16]
+    loader = torch.utils.data.DataLoader(
+        EncodedTexts(tok, texts), batch_size=None, num_workers=2, multiprocessing_context=start_method
+    )
+    assert list(loader) == [tok.encode_ordinary(t) for t in texts]

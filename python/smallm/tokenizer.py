@@ -20,6 +20,7 @@ import numpy as np
 
 from smallm import _core
 from smallm.corpus import Corpus, FileGroup
+from smallm.files import write_text_atomic
 
 GPT4_PATTERN: str = _core.GPT4_PATTERN
 """The GPT-4 (cl100k) split pattern: the default."""
@@ -170,13 +171,31 @@ class Tokenizer:
         """Loads ``path/tokenizer.json`` (or ``path`` itself when it is a file)."""
         return cls(_core.Tokenizer.load(os.fspath(path)))
 
+    @classmethod
+    def from_json(cls, text: str) -> Tokenizer:
+        """The tokenizer of a ``tokenizer.json`` text (what :meth:`to_json` gives)."""
+        return cls(_core.Tokenizer.from_json(text))
+
     def save(self, dir: PathLike) -> None:
         """Writes ``dir/tokenizer.json`` and ``dir/tokenizer.tiktoken`` atomically (creates ``dir``)."""
-        self._core.save(os.fspath(dir))
+        directory = Path(dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(directory / "tokenizer.json", self.to_json())
+        write_text_atomic(directory / "tokenizer.tiktoken", self._core.to_tiktoken())
 
     def to_json(self) -> str:
         """The Hugging Face ``tokenizer.json`` text."""
         return self._core.to_json()
+
+    @property
+    def core(self) -> _core.Tokenizer:
+        """The Rust tokenizer this class wraps, for the other parts of the core (the shard packer)."""
+        return self._core
+
+    def __reduce__(self) -> tuple[object, tuple[str, dict[str, int] | None]]:
+        # Pickled by value, as tiktoken's encodings are: spawned DataLoader workers and process pools
+        # rebuild it from its tokenizer.json text.
+        return _unpickle, (self.to_json(), self.training_report)
 
     # ----- vocabulary ---------------------------------------------------------------------------
 
@@ -324,6 +343,10 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={list(self._special_ids)})"
+
+
+def _unpickle(text: str, training_report: dict[str, int] | None) -> Tokenizer:
+    return Tokenizer(_core.Tokenizer.from_json(text), training_report)
 
 
 def _split(ids: np.ndarray, offsets: np.ndarray, return_numpy: bool) -> list[list[int]] | list[np.ndarray]:
