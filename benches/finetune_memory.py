@@ -12,8 +12,8 @@ JSON line), since peak memory is a property of the whole process. The model is b
 * **qlora**: :func:`smallm.lora.quantize_nf4` turns the block projections of the CPU-built fp32 model
   into NF4 on the device first, then the rest moves as for LoRA and the same adapters go on.
 
-The optimizer is :func:`smallm.trainer.make_optimizer` under a default
-:class:`~smallm.finetune.FinetuneConfig` (AdamW, betas 0.9/0.95, fused on CUDA) over the trainable
+The optimizer is :func:`smallm.optim.build_optimizer` under a default
+:class:`~smallm.config.FinetuneConfig` (AdamW, betas 0.9/0.95, fused on CUDA) over the trainable
 parameters. One step is the forward with targets (bf16 autocast on CUDA, fp32 on CPU), the backward,
 gradient clipping at 1.0, the optimizer step and ``zero_grad(set_to_none=True)``, on a fixed batch of
 random token ids; gradient checkpointing is on unless ``--no-gradient-checkpointing``. After one
@@ -117,8 +117,8 @@ def model_config(preset: str, seq_len: int) -> ModelConfig:
 
 def build(preset: str, method: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
     """The model with its optimizer, set up for ``method`` as ``smallm-sft`` sets it up."""
-    from smallm.finetune import FinetuneConfig
-    from smallm.trainer import make_optimizer
+    from smallm.config import FinetuneConfig
+    from smallm.optim import build_optimizer
 
     torch.manual_seed(0)
     model = SmallLM(model_config(preset, args.seq_len)).train()
@@ -133,8 +133,8 @@ def build(preset: str, method: str, args: argparse.Namespace, device: torch.devi
             quantize_nf4(model, device, frozen_dtype)
         place_frozen_base(model, device, frozen_dtype)
         apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=args.lora_dropout))
-    cfg = FinetuneConfig(lora_r=0 if method == "full" else LORA_R)
-    return model, make_optimizer(model, cfg, device)
+    cfg = FinetuneConfig(lora_r=0 if method == "full" else LORA_R, optimizer="adamw")
+    return model, build_optimizer(model, cfg, device)
 
 
 def sync(device: torch.device) -> None:
@@ -331,7 +331,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], started: flo
     print(
         f"settings: {args.device}, {precision}, {args.threads} threads, batch {args.batch_size} x {args.seq_len}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.warmup} warm-up + "
-        f"{args.steps} timed steps, AdamW (make_optimizer), "
+        f"{args.steps} timed steps, AdamW (build_optimizer), "
         f"LoRA r={LORA_R} alpha={LORA_ALPHA:.0f} dropout {args.lora_dropout} "
         "on all 7 block projections, QLoRA = NF4 (torchao) base + the same LoRA"
     )

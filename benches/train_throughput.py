@@ -110,10 +110,12 @@ class ReferenceGPT(nn.Module):
         logits = self.lm_head(self.ln_f(x)).float()
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """The same count as SmallLM's: 6 x matmul weights (lm_head included) + 12 x L x d x T."""
-        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul + 12 * len(self.blocks) * self.wte.embedding_dim * seq_len
+
+def counted_flops_per_token(model: nn.Module, n_layer: int, width: int, seq_len: int) -> int:
+    """Training FLOPs per token counted from the linear layers a model holds (lm_head included):
+    6 x their weights + 12 x layers x width x seq_len, the count smallm.memory.flops_per_token makes."""
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6 * matmul + 12 * n_layer * width * seq_len
 
 
 def reference_hidden(config: ModelConfig) -> int:
@@ -130,10 +132,12 @@ def reference_hidden(config: ModelConfig) -> int:
 class Run:
     """One model with its AdamW, stepping on a fixed batch; records its step times and CUDA peak memory."""
 
-    def __init__(self, model: nn.Module, ids: Tensor, targets: Tensor, args: argparse.Namespace) -> None:
+    def __init__(
+        self, model: nn.Module, config: ModelConfig, ids: Tensor, targets: Tensor, args: argparse.Namespace
+    ) -> None:
         self.device, self.ids, self.targets = ids.device, ids, targets
         self.params = sum(p.numel() for p in model.parameters())
-        self.flops_per_token = model.flops_per_token(ids.size(1))
+        self.flops_per_token = counted_flops_per_token(model, config.n_layer, config.n_embd, ids.size(1))
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused
@@ -164,7 +168,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def start_run(build: Callable[[], nn.Module], ids: Tensor, targets: Tensor, args: argparse.Namespace) -> Run:
+def start_run(
+    build: Callable[[], nn.Module], config: ModelConfig, ids: Tensor, targets: Tensor, args: argparse.Namespace
+) -> Run:
     """Builds the model and runs its warm-up steps (torch.compile compiles here), measuring CUDA peak
     memory from before the model existed, so the other model's resident state is not counted."""
     cuda = ids.device.type == "cuda"
@@ -173,7 +179,7 @@ def start_run(build: Callable[[], nn.Module], ids: Tensor, targets: Tensor, args
         torch.cuda.reset_peak_memory_stats(ids.device)
     before = torch.cuda.memory_allocated(ids.device) if cuda else 0
     torch.manual_seed(0)
-    run = Run(build().to(ids.device).train(), ids, targets, args)
+    run = Run(build().to(ids.device).train(), config, ids, targets, args)
     for _ in range(args.warmup):
         run.step()
     if cuda:
@@ -189,8 +195,8 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> dic
     generator = torch.Generator().manual_seed(0)
     ids, targets = torch.randint(0, config.vocab_size, (2, B, T), generator=generator).to(device)
     print(f"{name}: warming up ({args.warmup} steps each)", file=sys.stderr, flush=True)
-    ours = start_run(lambda: SmallLM(config), ids, targets, args)
-    ref = start_run(lambda: ReferenceGPT(config, hidden), ids, targets, args)
+    ours = start_run(lambda: SmallLM(config), config, ids, targets, args)
+    ref = start_run(lambda: ReferenceGPT(config, hidden), config, ids, targets, args)
     # Alternate the timed steps, so that a change in the machine's load hits both models alike.
     print(f"{name}: timing ({args.steps} steps each, alternating)", file=sys.stderr, flush=True)
     for _ in range(args.steps):

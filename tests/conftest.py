@@ -1,4 +1,5 @@
-"""Shared fixtures: a mixed in-test corpus, one small tokenizer trained on it, the shared corpora.
+"""Shared fixtures: a mixed in-test corpus, one small tokenizer trained on it, shard directories and runs
+made from inline text and models, the shared corpora.
 
 Everything the suite trains on is made here from inline strings (a few tens of KB), so the suite is
 hermetic; only the tests that need ``../shared/data`` use it, and they skip when it is absent.
@@ -6,14 +7,17 @@ hermetic; only the tests that need ``../shared/data`` use it, and they skip when
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 from sample_text import mixed_documents
 from smallm import Tokenizer
+from smallm.corpus import Corpus
+from smallm.shards import PackOptions, pack_corpus
 
 settings.register_profile(
     "ci",
@@ -67,3 +71,40 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+MakeShards = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def make_shards(tmp_path_factory: pytest.TempPathFactory) -> MakeShards:
+    """``make_shards(lines, vocab=400, tokenizer=None, **pack_options)``: a shard directory made by
+    ``pack_corpus`` from ``lines`` (one document each), with ``tokenizer`` or one of ``vocab`` ids
+    trained on them."""
+
+    def make(lines: Sequence[str], vocab: int = 400, tokenizer: Tokenizer | None = None, **options: object) -> Path:
+        root = tmp_path_factory.mktemp("shards")
+        (root / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+        corpus = Corpus(files=[root / "corpus.txt"], doc_mode="line")
+        out = root / "data"
+        out.mkdir()
+        tokenizer = tokenizer or Tokenizer.train_from_corpus(corpus, vocab)
+        tokenizer.save(out)
+        pack_corpus(corpus, tokenizer, out, PackOptions(**options), progress=False)  # type: ignore[arg-type]
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def save_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``save_run(model, tokenizer, directory=None)``: a run directory of one checkpoint of ``model``
+    (:func:`smallm.runs.write_run`), in a new temporary directory unless one is given."""
+    from smallm.runs import write_run
+
+    def save(model: object, tokenizer: Tokenizer | None, directory: Path | None = None) -> Path:
+        directory = directory or tmp_path_factory.mktemp("run") / "run"
+        config = {"train": {}, "model": dataclasses.asdict(model.config)}  # type: ignore[attr-defined]
+        return write_run(directory, model, tokenizer, config, force=True)  # type: ignore[arg-type]
+
+    return save

@@ -24,13 +24,12 @@ from smallm.checkpoint import (  # noqa: E402
     CheckpointError,
     TrainingState,
     best_checkpoint,
-    capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
-    restore_rng_state,
     save_checkpoint,
 )
+from smallm.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from torch import nn  # noqa: E402
 
 VOCAB, WIDTH, BATCH, SEQ = 23, 8, 4, 6

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from smallm import Tokenizer
 
 torch = pytest.importorskip("torch")
-from smallm.data import IGNORE_INDEX, ShardError, ShardSet, TokenLoader, ValidationLoader  # noqa: E402
+from smallm.data import ShardError, ShardSet, TokenLoader, ValidationLoader  # noqa: E402
+from smallm.model import IGNORE_INDEX  # noqa: E402
 
 # ----- fixtures: a real tokenizer file and shard directories written from lists of documents ------
 

@@ -14,14 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from smallm import Tokenizer
-from smallm.checkpoint import TrainingState, save_checkpoint
 from smallm.cli import eval as eval_cli
 from smallm.config import TrainConfig
-from smallm.corpus import Corpus
 from smallm.data import ShardSet, ValidationLoader
-from smallm.evaluate import TextWindows, byte_length_table, evaluate_batches, text_tokens
+from smallm.evaluate import byte_length_table, evaluate_batches, text_tokens
 from smallm.model import ModelConfig, SmallLM
-from smallm.shards import PackOptions, pack_corpus
 
 MODEL = ModelConfig(vocab_size=448, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64)
 LINES = [f"the quick brown fox {i} jumps over the lazy dog; 빠른 갈색 여우가 {i}번 뛰어요 🦊" for i in range(120)] + [
@@ -33,16 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    (root / "corpus.txt").write_text("\n".join(LINES), encoding="utf-8")
-    corpus = Corpus(files=[root / "corpus.txt"], doc_mode="line")
-    out = root / "data"
-    out.mkdir()
-    tok = Tokenizer.train_from_corpus(corpus, 400)
-    tok.save(out)
-    pack_corpus(corpus, tok, out, PackOptions(shard_tokens=300, val_fraction=0.2), progress=False)
-    return out
+def shard_dir(make_shards) -> Path:
+    return make_shards(LINES, 400, shard_tokens=300, val_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +40,11 @@ def tok(shard_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def run_dir(shard_dir: Path, tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tok: Tokenizer, save_run) -> Path:
     """An untrained model (weights at init with a larger std, so the loss is far from uniform) and the
     tokenizer of the shards."""
     torch.manual_seed(0)
-    model = SmallLM(ModelConfig(**{**asdict(MODEL), "init_std": 0.2}))
-    run = tmp_path_factory.mktemp("run")
-    optimizer = torch.optim.AdamW(model.parameters())
-    save_checkpoint(run, model, optimizer, None, None, TrainingState(step=0, tokens_seen=0), {"model": asdict(MODEL)})
-    tok.save(run)
-    return run
+    return save_run(SmallLM(ModelConfig(**{**asdict(MODEL), "init_std": 0.2})), tok)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +88,9 @@ def test_loss_on_shards_equals_a_direct_cross_entropy(model: SmallLM, shard_dir:
 
 
 @pytest.mark.parametrize("length", [2, 10, 11, 12, 103])
-def test_text_windows_make_every_token_but_the_first_a_target_exactly_once(length: int) -> None:
+def test_token_arrays_make_every_token_but_the_first_a_target_exactly_once(length: int) -> None:
     tokens = np.random.default_rng(length).integers(0, 300, length)
-    windows = TextWindows(tokens, batch_size=4, seq_len=10, pad_id=299)
+    windows = ValidationLoader(tokens, batch_size=4, seq_len=10, pad_id=299)
     batches = list(windows)
     assert len(batches) == len(windows)
     targets = np.concatenate([y[y != -100].numpy() for _, y in batches])
@@ -165,16 +149,15 @@ def test_eval_command_errors_exit_1_with_the_reason(run_dir: Path, shard_dir: Pa
 
 
 def test_evaluate_batches_agrees_with_the_trainers_validation(shard_dir: Path, tmp_path: Path) -> None:
-    from smallm.trainer import Trainer
+    from smallm.jobs import build_trainer
 
     model = dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=32)
     cfg = TrainConfig(data=str(shard_dir), out=str(tmp_path), model=model, batch_size=4, seq_len=32, device="cpu")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     metrics = trainer.evaluate()
-    loader = ValidationLoader(trainer.val_set, 4, 32)
-    ours = evaluate_batches(
-        trainer.model, loader, byte_length_table(trainer.tokenizer, trainer.model_config.vocab_size)
-    )
+    loader = ValidationLoader(ShardSet.open(shard_dir, "val"), 4, 32)
+    byte_lengths = byte_length_table(trainer.task.tokenizer, trainer.model.config.vocab_size)
+    ours = evaluate_batches(trainer.model.module, loader, byte_lengths)
     assert ours["loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)
     assert ours["perplexity"] == pytest.approx(metrics["val_ppl"], rel=1e-6)
     assert ours["bits_per_byte"] == pytest.approx(metrics["val_bpb"], rel=1e-6)

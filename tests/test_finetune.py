@@ -22,8 +22,7 @@ from smallm.conversations import (
     read_conversations,
     read_pairs,
 )
-from smallm.data import IGNORE_INDEX
-from smallm.model import ModelConfig, SmallLM
+from smallm.model import IGNORE_INDEX, ModelConfig, SmallLM
 
 CHAT = [
     {"role": "system", "content": "You answer briefly."},

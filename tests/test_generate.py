@@ -8,14 +8,12 @@ import io
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from smallm import Tokenizer
 from smallm.chat import chatml_ids, render_chatml
-from smallm.checkpoint import TrainingState, save_checkpoint
 from smallm.cli import chat as chat_cli
 from smallm.cli import generate as generate_cli
 from smallm.generate import (
@@ -54,9 +52,9 @@ def model_documents() -> list[str]:
     ]
 
 
-def train_tiny_run(run_dir: Path, documents: list[str], tokenizer: Tokenizer, steps: int = 120) -> Path:
-    """A run directory holding a briefly trained 2-layer model (GQA: 4 query heads, 2 kv heads) whose
-    embedding table (448 rows) is larger than the tokenizer's vocabulary."""
+def train_tiny_model(documents: list[str], tokenizer: Tokenizer, steps: int = 120) -> SmallLM:
+    """A briefly trained 2-layer model (GQA: 4 query heads, 2 kv heads) whose embedding table (448 rows)
+    is larger than the tokenizer's vocabulary."""
     ids: list[int] = []
     for doc in documents:
         ids += encode_prompt(tokenizer, doc)
@@ -73,23 +71,20 @@ def train_tiny_run(run_dir: Path, documents: list[str], tokenizer: Tokenizer, st
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    config = {"train": {}, "model": asdict(MODEL)}
-    save_checkpoint(run_dir, model, optimizer, None, None, TrainingState(step=steps, tokens_seen=0), config)
-    tokenizer.save(run_dir)
-    return run_dir
+    return model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(save_run) -> Path:
     # The tokenizer never sees Korean or emoji, so their characters stay split across byte tokens.
     english = [f"the cat {i % 7} sat on the mat. {i % 5}." for i in range(150)]
     code = [f"def f{i}(x):\n    return x * {i}\n" for i in range(50)]
     roles = [f"system\nBe brief.\nuser\nhi\nassistant\n{i}" for i in range(20)]
     tokenizer = Tokenizer.train_from_iterator(english + code + roles, vocab_size=400)
-    return train_tiny_run(tmp_path_factory.mktemp("run"), model_documents(), tokenizer)
+    return save_run(train_tiny_model(model_documents(), tokenizer), tokenizer)
 
 
 @pytest.fixture(scope="module")

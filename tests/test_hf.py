@@ -7,7 +7,6 @@ Everything runs offline on tiny models made here (2 layers, width 64, GQA with 4
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,22 +17,15 @@ import safetensors
 import torch
 from sample_text import CODE, EMOJI, ENGLISH, KOREAN
 from smallm import Tokenizer
-from smallm.checkpoint import CheckpointError, TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from smallm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from smallm.cli import export as export_cli
 from smallm.cli import import_hf as import_cli
 from smallm.cli import push as push_cli
+from smallm.files import DestinationError
 from smallm.generate import generate_ids
-from smallm.hf import (
-    CHAT_TEMPLATE,
-    HFError,
-    chatml_ids,
-    export_hf,
-    hf_config,
-    import_hf,
-    model_config_from_hf,
-    push_to_hub,
-    render_chatml,
-)
+from smallm.hf import CHAT_TEMPLATE, HFError, chatml_ids, export_hf, hf_config, render_chatml
+from smallm.hf_import import import_hf, model_config_from_hf
+from smallm.hub import push_to_hub
 from smallm.model import ModelConfig, SmallLM
 from smallm.runs import load_model
 
@@ -70,9 +62,9 @@ def prompt_ids(tokenizer: Tokenizer) -> list[int]:
     return [tokenizer.eot_token, *tokenizer.encode_ordinary("def add(x, y):")]
 
 
-def make_run(directory: Path, tokenizer: Tokenizer, tied: bool) -> Path:
-    """A run directory with one checkpoint of a random model whose norms are not all ones, and whose padding
-    row ``PADDING_TRAP`` scores 3x the best real token after the test prompt."""
+def trap_model(tokenizer: Tokenizer, tied: bool) -> SmallLM:
+    """A random model whose norms are not all ones, and whose padding row ``PADDING_TRAP`` scores 3x the
+    best real token after the test prompt."""
     config = ModelConfig(
         vocab_size=MODEL_VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64, tie_embeddings=tied
     )
@@ -86,16 +78,14 @@ def make_run(directory: Path, tokenizer: Tokenizer, tied: bool) -> Path:
         best = int(logits[:TOKENIZER_VOCAB].argmax())
         sign = 1.0 if logits[best] > 0 else -1.0
         model.lm_head.weight[PADDING_TRAP] = 3 * sign * model.lm_head.weight[best]
-    optimizer = torch.optim.AdamW(model.parameters())
-    state = TrainingState(step=1, tokens_seen=0)
-    save_checkpoint(directory, model, optimizer, None, None, state, {"train": {}, "model": dataclasses.asdict(config)})
-    tokenizer.save(directory)
-    return directory
+    return model
 
 
 @pytest.fixture(scope="module", params=["tied", "untied"])
-def run(request: pytest.FixtureRequest, tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory.mktemp(f"run-{request.param}"), tokenizer, request.param == "tied")
+def run(
+    request: pytest.FixtureRequest, tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory, save_run
+) -> Path:
+    return save_run(trap_model(tokenizer, request.param == "tied"), tokenizer, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +236,7 @@ def test_export_refuses_a_non_empty_folder_without_force(run: Path, tmp_path: Pa
     out = tmp_path / "hf"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(HFError, match="not empty; pass --force"):
+    with pytest.raises(DestinationError, match="not empty; pass --force"):
         export_hf(run, out)
     assert export_cli.main([str(run), "--out", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
@@ -262,7 +252,7 @@ def test_export_into_an_empty_folder_needs_no_force(run: Path, tmp_path: Path) -
 
 
 def test_export_never_replaces_its_own_source(run: Path) -> None:
-    with pytest.raises(HFError, match="its own source"):
+    with pytest.raises(DestinationError, match="its own source"):
         export_hf(run, run, force=True)
     assert latest_checkpoint(run) is not None
 
@@ -390,7 +380,7 @@ def test_export_then_import_gives_the_same_weights_and_tokenizer(
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
     assert back_tokenizer.to_json() == tokenizer.to_json()
     assert config["imported_from"]["architectures"] == ["LlamaForCausalLM"]
-    with pytest.raises(HFError, match="not empty; pass --force"):
+    with pytest.raises(DestinationError, match="not empty; pass --force"):
         import_hf(exported, back)
     assert import_cli.main([str(exported), "--out", str(back), "--force"]) == 0
 

@@ -18,14 +18,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from smallm import Tokenizer
-from smallm.checkpoint import TrainingState, latest_checkpoint, load_weights, save_checkpoint
+from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.cli.finetune import sft_main
 from smallm.cli.merge import main as merge_main
+from smallm.config import DPOConfig, FinetuneConfig, validate
 from smallm.conversations import pair_tensors
-from smallm.finetune import DPOTrainer, FinetuneConfig, SFTTrainer
-from smallm.lora import AdapterError, merge_run
+from smallm.jobs import build_trainer
+from smallm.lora import AdapterError
 from smallm.model import ModelConfig, SmallLM
-from smallm.runs import load_model
+from smallm.runs import load_model, merge_run, write_run
+from smallm.trainer import Trainer
 
 peft = pytest.importorskip("peft")
 
@@ -47,11 +49,7 @@ def make_base(directory: Path, tok: Tokenizer, n_layer: int = 2, seed: int = 0, 
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.2 * torch.randn_like(p))
-    state = TrainingState(step=1, tokens_seen=0)
-    config_dict = {"train": {}, "model": dataclasses.asdict(config)}
-    save_checkpoint(directory, model, torch.optim.AdamW(model.parameters()), None, None, state, config_dict)
-    tok.save(directory)
-    return directory
+    return write_run(directory, model, tok, {"train": {}, "model": dataclasses.asdict(config)}, force=True)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +77,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return chats, pairs
 
 
-def config(base: Path, data: Path, out: Path, **overrides: Any) -> FinetuneConfig:
+def config(base: Path, data: Path, out: Path, method: str = "sft", **overrides: Any) -> FinetuneConfig:
     values: dict[str, Any] = dict(
         init_from=str(base), data=str(data), out=str(out), max_steps=12, batch_size=4, lr=3e-3, warmup_steps=2,
         log_every=1, eval_every=6, checkpoint_every=4, sample_tokens=8, device="cpu", val_fraction=0.1,
     )  # fmt: skip
     values.update(overrides)
-    return FinetuneConfig(**values)
+    return (DPOConfig if method == "dpo" else FinetuneConfig)(**values)
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
@@ -104,7 +102,7 @@ IDS = torch.tensor([[5, 17, 300, 42, 9, 811, 64, 3]])
 
 
 def test_full_sft_learns_the_replies(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
-    result = SFTTrainer(config(base, data[0], tmp_path, max_steps=20)).fit()
+    result = build_trainer(config(base, data[0], tmp_path, max_steps=20)).fit()
     lines = [m for m in metrics(tmp_path) if "loss" in m]
     assert lines[-1]["loss"] < 0.6 * lines[0]["loss"]
     assert "val_loss" in result and isinstance(result["sample"], str)
@@ -118,10 +116,10 @@ def test_epochs_set_the_step_count_and_long_conversations_are_dropped(
     base: Path, data: tuple[Path, Path], tmp_path: Path
 ) -> None:
     with pytest.warns(UserWarning, match=r"\d+ of 36 training conversations are longer than the context of 50"):
-        trainer = SFTTrainer(config(base, data[0], tmp_path, max_steps=0, epochs=2, seq_len=50))
+        trainer = build_trainer(config(base, data[0], tmp_path, max_steps=0, epochs=2, seq_len=50))
     rows = trainer.loader.rows
     assert 0 < rows.dropped < 36
-    assert trainer.cfg.max_steps == math.ceil(2 * len(rows) / 4)
+    assert trainer.max_steps == math.ceil(2 * len(rows) / 4)
 
 
 def test_lora_run_checkpoints_its_adapter_and_resumes_exactly(
@@ -129,25 +127,25 @@ def test_lora_run_checkpoints_its_adapter_and_resumes_exactly(
 ) -> None:
     settings = dict(lora_r=4, lora_targets="q_proj,v_proj,down_proj", lora_dropout=0.1)
     whole = tmp_path / "whole"
-    SFTTrainer(config(base, data[0], whole, **settings)).fit()
+    build_trainer(config(base, data[0], whole, **settings)).fit()
     saved = load_weights(latest_checkpoint(whole))
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
     assert len(saved) == 2 * 2 * 3  # A and B, 2 layers, 3 targets
 
     interrupted = tmp_path / "interrupted"
-    real_step, calls = SFTTrainer.train_step, {"n": 0}
+    real_step, calls = Trainer.train_step, {"n": 0}
 
-    def step_then_crash(self: SFTTrainer) -> dict[str, float]:
+    def step_then_crash(self: Trainer) -> dict[str, float]:
         if calls["n"] == 6:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real_step(self)
 
-    monkeypatch.setattr(SFTTrainer, "train_step", step_then_crash)
+    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        SFTTrainer(config(base, data[0], interrupted, **settings)).fit()
-    monkeypatch.setattr(SFTTrainer, "train_step", real_step)
-    SFTTrainer(config(base, data[0], interrupted, resume=True, **settings)).fit()
+        build_trainer(config(base, data[0], interrupted, **settings)).fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    build_trainer(config(base, data[0], interrupted, resume=True, **settings)).fit()
     resumed = load_weights(latest_checkpoint(interrupted))
     for key in saved:
         assert torch.equal(saved[key], resumed[key]), key
@@ -156,7 +154,7 @@ def test_lora_run_checkpoints_its_adapter_and_resumes_exactly(
 @pytest.fixture(scope="module")
 def lora_run(base: Path, data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lora")
-    SFTTrainer(config(base, data[0], out, lora_r=8, lora_alpha=16, max_steps=10)).fit()
+    build_trainer(config(base, data[0], out, lora_r=8, lora_alpha=16, max_steps=10)).fit()
     return out
 
 
@@ -216,8 +214,8 @@ def test_an_adapter_for_another_base_is_refused(
 def test_qlora_trains_adapters_over_a_frozen_nf4_base(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     pytest.importorskip("torchao")
     with pytest.warns(UserWarning, match="not a multiple of 16384"):  # k_proj/v_proj of this tiny model
-        trainer = SFTTrainer(config(base, data[0], tmp_path, lora_r=8, quantize="nf4", max_steps=10))
-    q_proj = trainer.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        trainer = build_trainer(config(base, data[0], tmp_path, lora_r=8, quantize="nf4", max_steps=10))
+    q_proj = trainer.model.module.model.layers[0].self_attn.q_proj.base_layer.weight
     assert type(q_proj).__name__ == "NF4Tensor"
     n = q_proj.numel()
     # NF4 with double quantization: 4 bits per weight, one int8 scale per block of 64, one fp32 factor
@@ -262,16 +260,18 @@ def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def test_dpo_loss_is_the_formula_and_starts_at_log_2(base: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
-    trainer = DPOTrainer(config(base, data[1], tmp_path, method="dpo", beta=0.5))
-    x, y = pair_tensors(trainer.loader.pairs[:4], trainer._pad_id(), torch.device("cpu"))
-    loss, stats = trainer.pair_stats(x, y, trainer.model)
+    trainer = build_trainer(config(base, data[1], tmp_path, method="dpo", beta=0.5))
+    dpo, model = trainer.objective, trainer.model.module
+    x, y = pair_tensors(trainer.loader.pairs[:4], trainer.task.data.pad_id(), torch.device("cpu"))
+    loss, stats = dpo.pair_stats(x, y, model)
     torch.testing.assert_close(loss, torch.tensor(4 * math.log(2)))  # policy == reference
     assert stats[3] == 0  # no margin is positive yet
     with torch.no_grad():
-        for p in trainer.model.parameters():
+        for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    loss, stats = trainer.pair_stats(x, y, trainer.model)
-    policy, reference = sequence_logps(trainer.model, x, y), sequence_logps(trainer.reference, x, y)
+    loss, stats = dpo.pair_stats(x, y, model)
+    with dpo.reference() as frozen:
+        policy, reference = sequence_logps(model, x, y), sequence_logps(frozen, x, y)
     reward = 0.5 * (policy - reference)
     expected = -F.logsigmoid(reward[:4] - reward[4:]).sum()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
@@ -282,13 +282,13 @@ def test_dpo_loss_is_the_formula_and_starts_at_log_2(base: Path, data: tuple[Pat
 def test_dpo_with_lora_learns_the_preference_against_the_disabled_adapter(
     lora_run: Path, data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    trainer = DPOTrainer(config(lora_run, data[1], tmp_path, method="dpo", lora_r=4, lr=1e-2, max_steps=16))
-    start = logits(trainer.model, IDS)
+    trainer = build_trainer(config(lora_run, data[1], tmp_path, method="dpo", lora_r=4, lr=1e-2, max_steps=16))
+    start = logits(trainer.model.module, IDS)
     result = trainer.fit()
     assert result["val_reward_accuracy"] >= 0.75 and result["val_reward_margin"] > 0
     assert result["reward_margin"] > 0
-    with trainer.peft.disable_adapter():  # the reference is the starting model, untouched
-        torch.testing.assert_close(logits(trainer.model.eval(), IDS), start)
+    with trainer.model.peft.disable_adapter():  # the reference is the starting model, untouched
+        torch.testing.assert_close(logits(trainer.model.module.eval(), IDS), start)
     assert {"reward_chosen", "reward_rejected", "reward_accuracy"} <= set(metrics(tmp_path)[0])
 
 
@@ -341,29 +341,21 @@ def test_accumulated_micro_batches_take_the_step_one_batch_takes(
     """Packed rows carry different numbers of supervised tokens; the step must weigh every token alike
     whether the rows come as one batch of 4 or two micro-batches of 2."""
     settings = dict(lora_r=4, lora_dropout=0.0, max_steps=3, val_fraction=0.0)
-    SFTTrainer(config(base, data[0], tmp_path / "one", batch_size=4, **settings)).fit()
-    SFTTrainer(config(base, data[0], tmp_path / "two", batch_size=2, grad_accum=2, **settings)).fit()
+    build_trainer(config(base, data[0], tmp_path / "one", batch_size=4, **settings)).fit()
+    build_trainer(config(base, data[0], tmp_path / "two", batch_size=2, grad_accum=2, **settings)).fit()
     a, b = (load_weights(latest_checkpoint(tmp_path / run)) for run in ("one", "two"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_pretraining_can_start_from_a_lora_run(lora_run: Path, tmp_path: Path, tok: Tokenizer) -> None:
+def test_pretraining_can_start_from_a_lora_run(lora_run: Path, tmp_path: Path, tok: Tokenizer, make_shards) -> None:
     from smallm.config import TrainConfig
-    from smallm.corpus import Corpus
-    from smallm.shards import PackOptions, pack_corpus
-    from smallm.trainer import Trainer
 
-    (tmp_path / "corpus.txt").write_text("\n".join(f"{i} plus {i} is {2 * i}." for i in range(200)))
-    shard_dir = tmp_path / "data"
-    shard_dir.mkdir()
-    tok.save(shard_dir)
-    options = PackOptions(val_fraction=0.1)
-    pack_corpus(Corpus(files=[tmp_path / "corpus.txt"], doc_mode="line"), tok, shard_dir, options, progress=False)
-
+    lines = [f"{i} plus {i} is {2 * i}." for i in range(200)]
+    shard_dir = make_shards(lines, tokenizer=tok, val_fraction=0.1)
     cfg = TrainConfig(data=str(shard_dir), out=str(tmp_path / "run"), init_from=str(lora_run), device="cpu")
-    trainer = Trainer(cfg)
-    torch.testing.assert_close(logits(trainer.model.eval(), IDS), logits(load_model(lora_run)[0], IDS))
+    trainer = build_trainer(cfg)
+    torch.testing.assert_close(logits(trainer.model.module.eval(), IDS), logits(load_model(lora_run)[0], IDS))
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from Linux's /proc")
@@ -396,16 +388,16 @@ def test_lora_can_train_the_embeddings_too(tied: bool, tok: Tokenizer, data: tup
     adapters, are checkpointed and resumed with them, and the merged model is the trained one."""
     base = make_base(tmp_path / "base", tok, tied=tied)
     run = tmp_path / "run"
-    trainer = SFTTrainer(config(base, data[0], run, lora_r=4, lora_train_embeddings=True, max_steps=6))
-    start = trainer.model.model.embed_tokens.weight.detach().clone()
+    trainer = build_trainer(config(base, data[0], run, lora_r=4, lora_train_embeddings=True, max_steps=6))
+    start = trainer.model.module.model.embed_tokens.weight.detach().clone()
     trainer.fit()
-    trained = trainer.model.model.embed_tokens.weight.detach()
+    trained = trainer.model.module.model.embed_tokens.weight.detach()
     assert not torch.equal(start, trained)
     saved = load_weights(latest_checkpoint(run))
     assert ("lm_head.weight" in saved) is not tied and torch.equal(saved["model.embed_tokens.weight"], trained)
-    torch.testing.assert_close(logits(load_model(run)[0], IDS), logits(trainer.model.eval(), IDS))
+    torch.testing.assert_close(logits(load_model(run)[0], IDS), logits(trainer.model.module.eval(), IDS))
     assert not (run / "adapter").exists()  # not a peft adapter alone: merge it
-    resumed = SFTTrainer(config(base, data[0], run, lora_r=4, lora_train_embeddings=True, max_steps=8, resume=True))
-    assert torch.equal(resumed.model.model.embed_tokens.weight, trained)
+    resumed = build_trainer(config(base, data[0], run, lora_r=4, lora_train_embeddings=True, max_steps=8, resume=True))
+    assert torch.equal(resumed.model.module.model.embed_tokens.weight, trained)
     with pytest.raises(ValueError, match="lora-train-embeddings goes with --lora-r in smallm-sft"):
-        config(base, data[1], tmp_path / "dpo", method="dpo", lora_r=4, lora_train_embeddings=True).validate()
+        validate(config(base, data[1], tmp_path / "dpo", method="dpo", lora_r=4, lora_train_embeddings=True))

@@ -13,6 +13,7 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
+from smallm.memory import flops_per_token  # noqa: E402
 from smallm.model import IGNORE_INDEX, PRESETS, ModelConfig, SmallLM  # noqa: E402
 
 VOCAB = 97
@@ -218,10 +219,10 @@ def test_loss_skips_ignored_targets_and_reductions_agree() -> None:
     torch.testing.assert_close(per_token.sum(), total)
 
 
-def test_ignore_index_is_the_loaders_padding() -> None:
-    from smallm.data import IGNORE_INDEX as LOADER_PADDING
+def test_ignore_index_is_cross_entropys_default() -> None:
+    import inspect
 
-    assert LOADER_PADDING == IGNORE_INDEX == -100
+    assert inspect.signature(torch.nn.functional.cross_entropy).parameters["ignore_index"].default == IGNORE_INDEX
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
@@ -347,4 +348,4 @@ def test_parameter_and_flop_counts() -> None:
     assert model.num_parameters() == VOCAB * d + L * per_layer + d
     assert model.num_parameters(exclude_embeddings=True) == L * per_layer + d
     matmuls = L * (2 * d * d + 2 * d * kv + 3 * d * ff) + VOCAB * d  # lm_head counts even when tied
-    assert model.flops_per_token(32) == 6 * matmuls + 12 * L * d * 32
+    assert flops_per_token(model.config, 32) == 6 * matmuls + 12 * L * d * 32

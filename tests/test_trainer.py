@@ -9,35 +9,27 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.cli import train as train_cli
 from smallm.config import TrainConfig
-from smallm.corpus import Corpus
-from smallm.shards import PackOptions, pack_corpus
+from smallm.jobs import build_trainer
+from smallm.optim import cosine_with_warmup
 from smallm.tokenizer import Tokenizer
-from smallm.trainer import Trainer, TrainingError, cosine_with_warmup
+from smallm.trainer import Trainer, TrainingError
 
 TINY_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "max_seq_len": 32}
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
+def shard_dir(make_shards) -> Path:
     lines = [f"the quick brown fox {i} jumps over the lazy dog; 빠른 갈색 여우가 {i}번 뛰어요." for i in range(300)] + [
         f"def f{i}(x):\n    return x * {i} + 1\n" for i in range(100)
     ]
-    corpus_file = root / "corpus.txt"
-    corpus_file.write_text("\n".join(lines), encoding="utf-8")
-    corpus = Corpus(files=[corpus_file], doc_mode="line")
-    out = root / "data"
-    out.mkdir()
-    tok = Tokenizer.train_from_corpus(corpus, 400)
-    tok.save(out)
-    pack_corpus(corpus, tok, out, PackOptions(val_fraction=0.1), progress=False)
-    return out
+    return make_shards(lines, 400, val_fraction=0.1)
 
 
 def config(shard_dir: Path, out: Path, **overrides: object) -> TrainConfig:
@@ -51,7 +43,7 @@ def config(shard_dir: Path, out: Path, **overrides: object) -> TrainConfig:
 
 
 def test_loss_falls_and_run_directory_has_everything(shard_dir: Path, tmp_path: Path) -> None:
-    result = Trainer(config(shard_dir, tmp_path, max_steps=40, eval_every=20, checkpoint_every=20)).fit()
+    result = build_trainer(config(shard_dir, tmp_path, max_steps=40, eval_every=20, checkpoint_every=20)).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses
@@ -66,7 +58,7 @@ def test_loss_falls_and_run_directory_has_everything(shard_dir: Path, tmp_path: 
 
 def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = tmp_path / "whole"
-    Trainer(config(shard_dir, whole)).fit()
+    build_trainer(config(shard_dir, whole)).fit()
 
     interrupted = tmp_path / "interrupted"
     real_step = Trainer.train_step
@@ -80,9 +72,9 @@ def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(Trainer, "train_step", step_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(config(shard_dir, interrupted)).fit()
+        build_trainer(config(shard_dir, interrupted)).fit()
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    Trainer(config(shard_dir, interrupted, resume=True)).fit()
+    build_trainer(config(shard_dir, interrupted, resume=True)).fit()
 
     a = load_weights(latest_checkpoint(whole))
     b = load_weights(latest_checkpoint(interrupted))
@@ -95,7 +87,7 @@ def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path, monkeypatc
 def test_gradient_is_the_mean_over_all_target_tokens_of_the_step(shard_dir: Path, tmp_path: Path) -> None:
     """Micro-batches with different numbers of targets: the step's gradient must weigh every token
     equally (the mean over all of them), not average the micro-batches' means."""
-    trainer = Trainer(config(shard_dir, tmp_path, grad_accum=2, grad_clip=0.0))
+    trainer = build_trainer(config(shard_dir, tmp_path, grad_accum=2, grad_clip=0.0))
     torch.manual_seed(0)
     x = torch.randint(0, 300, (2, 4, 32))
     y = torch.randint(0, 300, (2, 4, 32))
@@ -105,12 +97,13 @@ def test_gradient_is_the_mean_over_all_target_tokens_of_the_step(shard_dir: Path
     trainer.optimizer.step = lambda *a, **k: None  # type: ignore[method-assign]
     trainer.optimizer.zero_grad = lambda *a, **k: None  # type: ignore[method-assign]
     trainer.train_step()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
-    for p in trainer.model.parameters():
+    model = trainer.model.module
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
         p.grad = None
-    _, loss = trainer.model(torch.cat([x[0], x[1]]), torch.cat([y[0], y[1]]))  # mean over all targets
+    _, loss = model(torch.cat([x[0], x[1]]), torch.cat([y[0], y[1]]))  # mean over all targets
     loss.backward()
-    for n, p in trainer.model.named_parameters():
+    for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
@@ -124,7 +117,7 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor() -> None:
 def test_exploding_loss_stops_with_advice_and_keeps_the_last_checkpoint(shard_dir: Path, tmp_path: Path) -> None:
     cfg = config(shard_dir, tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, eval_every=0)
     with pytest.raises(TrainingError, match="lower --lr"):
-        Trainer(cfg).fit()
+        build_trainer(cfg).fit()
     last = latest_checkpoint(tmp_path)
     assert last is not None and last.name == "step_00000001"
     assert all(torch.isfinite(w).all() for w in load_weights(last).values())
@@ -132,12 +125,12 @@ def test_exploding_loss_stops_with_advice_and_keeps_the_last_checkpoint(shard_di
 
 def test_bad_data_and_vocab_are_clear_errors(shard_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="smallm-tokenize"):
-        Trainer(config(shard_dir, tmp_path, data=str(tmp_path / "missing")))
+        build_trainer(config(shard_dir, tmp_path, data=str(tmp_path / "missing")))
     small = dict(TINY_MODEL, vocab_size=100)
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
-        Trainer(config(shard_dir, tmp_path, model=small))
+        build_trainer(config(shard_dir, tmp_path, model=small))
     with pytest.raises(ValueError, match="no checkpoint"):
-        Trainer(config(shard_dir, tmp_path / "fresh", resume=True))
+        build_trainer(config(shard_dir, tmp_path / "fresh", resume=True))
 
 
 def test_config_file_then_flags(shard_dir: Path, tmp_path: Path) -> None:
@@ -214,15 +207,89 @@ def test_compile_that_fails_falls_back_with_a_warning(
 
     monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
     with pytest.warns(UserWarning, match="torch.compile failed"):
-        result = Trainer(config(shard_dir, tmp_path, compile=True, max_steps=3, eval_every=0)).fit()
+        result = build_trainer(config(shard_dir, tmp_path, compile=True, max_steps=3, eval_every=0)).fit()
     assert result["step"] == 3 and math.isfinite(result["loss"])
 
 
 def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(shard_dir: Path, tmp_path: Path) -> None:
-    Trainer(config(shard_dir, tmp_path / "base", max_steps=4)).fit()
+    build_trainer(config(shard_dir, tmp_path / "base", max_steps=4)).fit()
     base = load_weights(latest_checkpoint(tmp_path / "base"))
-    trainer = Trainer(config(shard_dir, tmp_path / "tuned", init_from=str(tmp_path / "base"), model={}))
-    assert trainer.model_config.n_layer == TINY_MODEL["n_layer"]
-    for name, tensor in trainer.model.state_dict().items():
+    trainer = build_trainer(config(shard_dir, tmp_path / "tuned", init_from=str(tmp_path / "base"), model={}))
+    assert trainer.model.config.n_layer == TINY_MODEL["n_layer"]
+    for name, tensor in trainer.model.module.state_dict().items():
         assert torch.equal(tensor, base[name]), name
     assert trainer.state.step == 0 and not trainer.optimizer.state
+
+
+class CountingBatches:
+    """Rows that count up modulo ``modulus`` from a random start; the position is the batch counter."""
+
+    def __init__(self, batch_size: int, seq_len: int, modulus: int) -> None:
+        self.batch_size, self.seq_len, self.modulus, self.batches = batch_size, seq_len, modulus, 0
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(
+            0, self.modulus, (self.batch_size, 1), generator=torch.Generator().manual_seed(self.batches)
+        )
+        rows = (starts + torch.arange(self.seq_len + 1)) % self.modulus
+        self.batches += 1
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches = state["batches"]
+
+
+class Counting:
+    """A kind of run smallm does not have, written as a task and nothing else: learn to count."""
+
+    def __init__(self, tokenizer: Tokenizer, steps: int, modulus: int = 16) -> None:
+        self.tokenizer, self.steps, self.modulus = tokenizer, steps, modulus
+
+    def attach(self, context: Any) -> Any:
+        from smallm.tasks.tokens import TokenLoss
+
+        self.context = context
+        return TokenLoss(torch.ones(context.vocab_size, dtype=torch.long), context.amp_dtype)
+
+    def train_batches(self) -> CountingBatches:
+        return CountingBatches(self.context.batch_size, self.context.seq_len, self.modulus)
+
+    def max_steps(self, rows_per_step: int) -> int:
+        return self.steps
+
+    def validation_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rows = (torch.arange(self.modulus)[:, None] + torch.arange(9)) % self.modulus
+        return [(rows[:, :-1], rows[:, 1:])]
+
+    def sample(self, model: torch.nn.Module) -> str:
+        from smallm.generate import generate_ids
+
+        return " ".join(map(str, generate_ids(model, [3, 4, 5], 4, temperature=0.0)))
+
+    def run_config(self) -> dict[str, Any]:
+        return {"counting": {"modulus": self.modulus}}
+
+
+def test_a_new_kind_of_run_is_a_task_given_to_the_trainer(tok: Tokenizer, tmp_path: Path) -> None:
+    from smallm.distributed import setup_runtime
+    from smallm.model import ModelConfig, SmallLM
+    from smallm.optim import build_optimizer
+    from smallm.trainable import FullModel
+
+    def trainer(steps: int, resume: bool = False) -> Trainer:
+        torch.manual_seed(0)
+        model = FullModel(SmallLM(ModelConfig(vocab_size=64, **TINY_MODEL)))
+        cfg = TrainConfig(out=str(tmp_path), batch_size=8, seq_len=8, lr=1e-2, warmup_steps=5, log_every=10,
+                          eval_every=20, checkpoint_every=20, device="cpu", resume=resume)  # fmt: skip
+        return Trainer(cfg, setup_runtime("cpu"), Counting(tok, steps), model, build_optimizer)
+
+    result = trainer(60).fit()
+    assert result["val_loss"] < 0.2 and result["sample"] == "6 7 8 9"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["counting"] == {"modulus": 16} and config["model"]["vocab_size"] == 64
+    resumed = trainer(80, resume=True)
+    assert resumed.state.step == 60 and resumed.loader.batches == 60
+    assert resumed.fit()["step"] == 80

@@ -6,15 +6,15 @@ A checkpoint is a directory ``run_dir/checkpoints/step_{step:08d}/`` holding
   same memory as an earlier key's (a tied ``lm_head.weight``) is stored once; the metadata maps each
   dropped key to the key it is tied to (``"tied"``, JSON) and says whether any is (``"tied_embeddings"``).
 * ``training_state.pt``: ``torch.save`` of the optimizer, scheduler and grad-scaler state dicts, the RNG
-  states (:func:`capture_rng_state`), the :class:`TrainingState` and ``"format_version"``.
+  states (:func:`smallm.rng.capture_rng_state`), the :class:`TrainingState` and ``"format_version"``.
 * ``config.json``: the run's configuration, as given.
 
 ``run_dir/checkpoints/latest`` and ``best`` are one-line text files naming a step directory.
 
-A save never damages what is there: the files go to ``checkpoints/.tmp-step_XXXXXXXX-<pid>/`` and are
-fsynced, the directory is renamed into place and its parent fsynced, and only then are the pointers
-replaced (``os.replace``) and old checkpoints pruned. A failed save (a full disk) removes its partial
-files and leaves the previous checkpoints and pointers as they were.
+A save never damages what is there: the step directory is written as an atomic folder and the pointers
+as atomic files (:mod:`smallm.files`: a synced temporary, then a rename), and only then are old
+checkpoints pruned. A failed save (a full disk) removes its partial files and leaves the previous
+checkpoints and pointers as they were.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import re
 import shutil
 import warnings
@@ -35,6 +34,10 @@ import safetensors
 import safetensors.torch
 import torch
 
+from smallm.errors import SmallmError, listing
+from smallm.files import write_folder_atomic, write_text_atomic
+from smallm.rng import capture_rng_state, restore_rng_state
+
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
@@ -46,7 +49,7 @@ _STEP_DIR = re.compile(r"step_(\d{8,})")
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SmallmError, RuntimeError):
     """A checkpoint could not be written or read; the message names the path and the reason."""
 
 
@@ -66,42 +69,10 @@ class TrainingState:
     """Free-form (e.g. metrics history): plain Python values, tensors, numpy scalars or arrays."""
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """The state of Python's ``random``, numpy's global generator, torch's CPU generator and every CUDA
-    device's generator (an empty list without CUDA)."""
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (str(name), keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Puts every generator back to ``state`` (from :func:`capture_rng_state`). CUDA states are restored
-    for the devices present; a different device count gives a warning."""
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    name, keys, *position = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *position))
-    torch.set_rng_state(state["torch"].cpu())
-    cuda_states = state.get("cuda") or []
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cuda_states and len(cuda_states) != devices:
-        warnings.warn(
-            f"the RNG state has {len(cuda_states)} CUDA device(s), this machine {devices}: "
-            f"restoring the first {min(len(cuda_states), devices)}",
-            stacklevel=2,
-        )
-    for device, cuda_state in enumerate(cuda_states[:devices]):
-        torch.cuda.set_rng_state(cuda_state.cpu(), device)
-
-
 def save_checkpoint(
     run_dir: PathLike,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     scaler: Any,
     state: TrainingState,
@@ -113,7 +84,8 @@ def save_checkpoint(
 ) -> Path:
     """Writes ``run_dir/checkpoints/step_{state.step:08d}/`` atomically, points ``latest`` (and ``best``
     when ``is_best``) at it, then deletes all but the ``keep_last`` newest checkpoints up to this step,
-    never the best one. ``scheduler`` and ``scaler`` may be None; ``model`` may be wrapped in DDP or
+    never the best one. ``optimizer``, ``scheduler`` and ``scaler`` may be None (a checkpoint of weights
+    only, which inference reads and ``--resume`` refuses); ``model`` may be wrapped in DDP or
     ``torch.compile``. ``weights``: the tensors to store instead of the model's state dict (a LoRA run
     keeps its adapter only). Checkpoints of later steps (a run resumed from an earlier one) are left alone
     until this run overwrites them. Raises :class:`CheckpointError`, with nothing changed, on failure."""
@@ -130,32 +102,23 @@ def save_checkpoint(
     payload = {
         "format_version": FORMAT_VERSION,
         "training_state": _plain(dataclasses.asdict(state)),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
         "rng": capture_rng_state(),
         "tied": ties,
     }
-    tmp = checkpoints / f".tmp-{final.name}-{os.getpid()}"
-    pointer_tmps: dict[str, Path] = {}
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_checkpoint_files(tmp, tensors, ties, payload, config_text)
+        write_folder_atomic(
+            final, lambda directory: _write_checkpoint_files(directory, tensors, ties, payload, config_text)
+        )
         for name in ("latest", "best") if is_best else ("latest",):
-            pointer_tmps[name] = checkpoints / f".{name}.tmp-{os.getpid()}"
-            _write_synced(pointer_tmps[name], (final.name + "\n").encode())
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for pointer_tmp in pointer_tmps.values():
-            pointer_tmp.unlink(missing_ok=True)
-        if not isinstance(error, Exception):
-            raise
+            write_text_atomic(checkpoints / name, final.name + "\n")
+    except Exception as error:
         disk_full = " (disk full?)" if isinstance(error, OSError) else ""
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final}{disk_full}: {error}; {kept}") from error
-    _install(tmp, final, pointer_tmps)
     _prune(checkpoints, state.step, keep_last)
     return final
 
@@ -205,7 +168,10 @@ def load_checkpoint(
         if target is None:
             continue
         if payload.get(name) is None:
-            raise CheckpointError(f"checkpoint {path} holds no {name} state, but a {name} was given")
+            weights_only = (
+                " (it holds weights only: start a run from it with --init-from)" if name == "optimizer" else ""
+            )
+            raise CheckpointError(f"checkpoint {path} holds no {name} state, but a {name} was given{weights_only}")
         try:
             target.load_state_dict(payload[name])
         except (KeyError, RuntimeError, TypeError, ValueError) as error:
@@ -284,38 +250,9 @@ def _write_checkpoint_files(
     metadata = {"format": "pt", "format_version": str(FORMAT_VERSION), "tied": json.dumps(ties)}
     metadata["tied_embeddings"] = json.dumps(bool(ties))
     safetensors.torch.save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
-    with open(directory / WEIGHTS_FILE, "rb+") as file:
-        os.fsync(file.fileno())
     with open(directory / STATE_FILE, "wb") as file:
         torch.save(payload, file)
-        file.flush()
-        os.fsync(file.fileno())
-    _write_synced(directory / CONFIG_FILE, config_text.encode("utf-8"))
-    _fsync_dir(directory)
-
-
-def _install(tmp: Path, final: Path, pointer_tmps: dict[str, Path]) -> None:
-    """Renames ``tmp`` to ``final`` (moving an existing ``final`` aside until the pointers are
-    replaced, then deleting it), and moves the pointer files into place."""
-    displaced = final.with_name(f".old-{final.name}-{os.getpid()}") if final.exists() else None
-    try:
-        if displaced is not None:
-            shutil.rmtree(displaced, ignore_errors=True)
-            os.rename(final, displaced)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        for name, pointer_tmp in pointer_tmps.items():
-            os.replace(pointer_tmp, final.parent / name)
-        _fsync_dir(final.parent)
-    except OSError as error:
-        if displaced is not None and displaced.exists() and not final.exists():
-            os.rename(displaced, final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        for pointer_tmp in pointer_tmps.values():
-            pointer_tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not move checkpoint {tmp} into place as {final}: {error}") from error
-    if displaced is not None:
-        shutil.rmtree(displaced, ignore_errors=True)
+    (directory / CONFIG_FILE).write_text(config_text, encoding="utf-8")
 
 
 def _prune(checkpoints: Path, new_step: int, keep_last: int) -> None:
@@ -397,7 +334,8 @@ def _load_weights_into(model: torch.nn.Module, file: Path) -> None:
         raise CheckpointError(f"checkpoint {file} does not match the model: {'; '.join(problems)}")
     result = model.load_state_dict(safetensors.torch.load_file(str(file)), strict=False)
     # Only the tied keys, dropped at save time, are missing: loading into their targets fills them.
-    assert set(result.missing_keys) == set(model_ties) and not result.unexpected_keys, result
+    if set(result.missing_keys) != set(model_ties) or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {file} did not fill the model: {result}")
 
 
 def _mismatches(
@@ -411,26 +349,21 @@ def _mismatches(
     missing = sorted(expected.keys() - saved_shapes.keys())
     unexpected = sorted(saved_shapes.keys() - expected.keys())
     if missing:
-        problems.append(f"missing keys {_listing(missing)}")
+        problems.append(f"missing keys {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_listing(unexpected)}")
+        problems.append(f"unexpected keys {listing(unexpected)}")
     wrong_shape = [
         f"{key} (checkpoint {saved_shapes[key]}, model {shape})"
         for key, shape in expected.items()
         if key in saved_shapes and saved_shapes[key] != shape
     ]
     if wrong_shape:
-        problems.append(f"shape mismatches {_listing(wrong_shape)}")
+        problems.append(f"shape mismatches {listing(wrong_shape)}")
     for alias in sorted(saved_ties.keys() | model_ties.keys()):
         saved, model = saved_ties.get(alias, "nothing"), model_ties.get(alias, "nothing")
         if saved != model:
             problems.append(f"{alias} is tied to {saved} in the checkpoint, to {model} in the model")
     return problems
-
-
-def _listing(names: list[str], limit: int = 10) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def _config_json(config: dict[str, Any]) -> str:
@@ -458,21 +391,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     return value
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes a directory's entries (a rename, a new file) durable; not possible on Windows."""
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

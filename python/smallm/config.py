@@ -1,168 +1,197 @@
-"""Run configuration: one dataclass, each field documented once; files and the command line map onto it.
+"""Run configuration: what every kind of training run shares, and what pretraining, SFT and DPO add.
 
-A field's help text lives in its ``metadata``; :func:`add_dataclass_arguments` turns the fields of a
-dataclass into command-line flags (``--max-steps``), so a flag and its default exist in one place.
+:class:`RunConfig` holds the fields all runs share (output, steps, batch, optimisation, precision,
+parallelism, evaluation, checkpoints, logging, the end-of-run sample); :class:`TrainConfig`
+(``smallm-train``), :class:`FinetuneConfig` (``smallm-sft``) and :class:`DPOConfig` (``smallm-dpo``) add
+only what their kind of run uses, so a command offers no flag it would ignore. Each field is declared
+once with its help and allowed values (:func:`smallm.options.doc`); :func:`validate` is the one check
+every configuration goes through, field constraints first, then the rules that tie fields together.
+
 Precedence: dataclass defaults < a TOML or JSON config file < command-line flags. The model's shape
-comes from a preset and can be changed field by field with ``--model-<field>`` flags or a ``[model]``
-table in the file.
+(pretraining) comes from a preset and can be changed field by field with ``--model-<field>`` flags or a
+``[model]`` table in the file.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from smallm.lora import LoraSettings
+from smallm.model import PRESETS
+from smallm.options import check_fields, doc, from_mapping, redefault
 
-def doc(help: str, default: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its help text."""
-    return field(default=default, metadata={"help": help})
-
+__all__ = ["PRESET_LR", "DPOConfig", "FinetuneConfig", "RunConfig", "TrainConfig", "build_config", "validate"]
 
 PRESET_LR = {"tiny": 3e-3, "38m": 1.5e-3, "124m": 6e-4, "350m": 3e-4, "tinyllama-1.1b": 4e-4}
-"""Peak learning rates that suit each preset (smaller models take larger steps)."""
+"""Peak pretraining learning rates that suit each preset (smaller models take larger steps)."""
+FINETUNE_LR = {("sft", False): 2e-5, ("sft", True): 2e-4, ("dpo", False): 1e-6, ("dpo", True): 2e-5}
+"""Peak fine-tuning learning rates by (method, LoRA): adapters start from zero and take larger steps."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("auto", "adamw", "paged-adamw")
 
 
 @dataclass
-class TrainConfig:
-    """How to pretrain: data, model, optimisation, precision, evaluation and checkpoints."""
+class RunConfig:
+    """What every training run shares: output, steps, batches, optimisation, precision, parallelism,
+    evaluation, checkpoints, logging and the sample generated at the end."""
 
-    data: str | None = doc("shard directory from smallm-tokenize (default: built-in stdlib corpus)", None)
-    out: str = doc("run directory for checkpoints, metrics.jsonl, config and plots", "runs/smallm")
-    preset: str = doc("model preset: tiny, 38m, 124m, 350m, tinyllama-1.1b", "tiny")
-    max_steps: int = doc("optimizer steps to train for", 300)
-    batch_size: int = doc("sequences per micro-batch on each device", 8)
-    seq_len: int | None = doc("tokens per sequence (default: the model's context)", None)
-    grad_accum: int = doc("micro-batches per optimizer step", 1)
-    sampling: str = doc("training rows: random windows, or documents (rows start at a document)", "random")
-    lr: float | None = doc("peak learning rate (default: the preset's, see PRESET_LR)", None)
-    min_lr_ratio: float = doc("the cosine decay ends at this fraction of the peak", 0.1)
-    warmup_steps: int = doc("steps of linear warm-up from 0 to the peak", 30)
-    weight_decay: float = doc("AdamW weight decay, applied to 2-D weights only", 0.1)
-    beta1: float = doc("AdamW beta1", 0.9)
-    beta2: float = doc("AdamW beta2", 0.95)
-    grad_clip: float = doc("clip the global gradient norm to this (0: off)", 1.0)
-    precision: str = doc("auto (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32", "auto")
-    compile: bool = doc("torch.compile the model (falls back with a warning where it cannot)", False)
-    activation_checkpointing: bool = doc("recompute block activations in the backward pass", False)
-    fsdp: bool = doc("shard parameters with FSDP2 instead of DDP under torchrun", False)
-    device: str = doc("cpu, cuda, cuda:N or auto", "auto")
-    seed: int = doc("seed for initialisation and data order", 1337)
-    log_every: int = doc("steps between metric lines", 10)
-    eval_every: int = doc("steps between validation passes (0: only at the end)", 100)
-    eval_batches: int = doc("validation batches per pass (0: the whole split)", 0)
-    checkpoint_every: int = doc("steps between checkpoints (the last step is always saved)", 100)
-    keep_last: int = doc("checkpoints kept besides the best one", 3)
-    resume: bool = doc("continue from the latest checkpoint in --out", False)
+    out: str = doc("runs/smallm", "run directory for checkpoints, metrics.jsonl, config and plots")
+    max_steps: int = doc(300, "optimizer steps to train for", minimum=0)
+    batch_size: int = doc(8, "sequences per micro-batch on each device", minimum=1)
+    seq_len: int | None = doc(None, "tokens per sequence (default: the model's context)", minimum=1)
+    grad_accum: int = doc(1, "micro-batches per optimizer step", minimum=1)
+    lr: float | None = doc(
+        None, "peak learning rate (default: the preset's in pretraining, the method's in fine-tuning)"
+    )
+    min_lr_ratio: float = doc(0.1, "the cosine decay ends at this fraction of the peak", minimum=0, maximum=1)
+    warmup_steps: int = doc(30, "steps of linear warm-up from 0 to the peak", minimum=0)
+    weight_decay: float = doc(0.1, "AdamW weight decay, applied to 2-D weights only", minimum=0)
+    beta1: float = doc(0.9, "AdamW beta1", minimum=0, below=1)
+    beta2: float = doc(0.95, "AdamW beta2", minimum=0, below=1)
+    optimizer: str = doc(
+        "auto", "adamw, paged-adamw (bitsandbytes, CUDA) or auto (paged under QLoRA on CUDA)", choices=OPTIMIZERS
+    )
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: off)", minimum=0)
+    precision: str = doc(
+        "auto", "auto (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32", choices=PRECISIONS
+    )
+    compile: bool = doc(False, "torch.compile the model (falls back with a warning where it cannot)")
+    activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
+    fsdp: bool = doc(False, "shard parameters with FSDP2 instead of DDP under torchrun")
+    device: str = doc("auto", "cpu, cuda, cuda:N or auto")
+    seed: int = doc(1337, "seed for initialisation and data order", minimum=0)
+    log_every: int = doc(10, "steps between metric lines", minimum=1)
+    eval_every: int = doc(100, "steps between validation passes (0: only at the end)", minimum=0)
+    eval_batches: int = doc(0, "validation batches per pass (0: the whole split)", minimum=0)
+    checkpoint_every: int = doc(100, "steps between checkpoints (the last step is always saved)", minimum=1)
+    keep_last: int = doc(3, "checkpoints kept besides the best one", minimum=1)
+    resume: bool = doc(False, "continue from the latest checkpoint in --out")
+    tensorboard: bool = doc(False, "also log to TensorBoard (needs the tensorboard package)")
+    wandb_project: str | None = doc(None, "also log to this Weights & Biases project (needs wandb)")
+    sample_prompt: str = doc("", "prompt of the sample generated at the end")
+    sample_tokens: int = doc(120, "tokens in the sample generated at the end", minimum=1)
+
+    def peak_lr(self) -> float:
+        """The learning rate to use: ``lr``, else the kind of run's default."""
+        raise NotImplementedError
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Pretraining (``smallm-train``): shards, a model preset (or the weights to start from)."""
+
+    data: str | None = doc(None, "shard directory from smallm-tokenize (default: built-in stdlib corpus)")
+    preset: str = doc("tiny", "model preset", choices=tuple(PRESETS))
+    sampling: str = doc(
+        "random",
+        "training rows: random windows, or documents (rows start at a document)",
+        choices=("random", "documents"),
+    )
     init_from: str | None = doc(
+        None,
         "start from these weights (a run, checkpoint or smallm-import directory) with a fresh optimizer; "
         "the model shape comes from there",
-        None,
     )
-    tensorboard: bool = doc("also log to TensorBoard (needs the tensorboard package)", False)
-    wandb_project: str | None = doc("also log to this Weights & Biases project (needs wandb)", None)
-    sample_prompt: str = doc("prompt of the sample generated at the end", "")
-    sample_tokens: int = doc("tokens in the sample generated at the end", 120)
-    dry_run: bool = doc("print parameters, FLOPs and memory estimates, then exit", False)
-    model: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "overrides of the preset's ModelConfig fields", "cli": False}
+    dry_run: bool = doc(False, "print parameters, FLOPs and memory estimates, then exit")
+    model: dict[str, Any] = doc(dict, "overrides of the preset's ModelConfig fields", cli=False)  # noqa: RUF009 (a field)
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else PRESET_LR.get(self.preset, 6e-4)
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Supervised fine-tuning (``smallm-sft``) of a checkpoint on conversations, in full or with LoRA."""
+
+    method: ClassVar[str] = "sft"
+
+    out: str = redefault(RunConfig, "out", "runs/finetune")
+    max_steps: int = redefault(RunConfig, "max_steps", 0)
+    warmup_steps: int = redefault(RunConfig, "warmup_steps", 10)
+    weight_decay: float = redefault(RunConfig, "weight_decay", 0.0)
+    init_from: str | None = doc(None, "the checkpoint to fine-tune (the command's CKPT)", cli=False)
+    data: str | None = doc(None, "JSON Lines file: conversations (smallm-sft) or preference pairs (smallm-dpo)")
+    val_data: str | None = doc(None, "validation file in the same format (default: hold out --val-fraction)")
+    val_fraction: float = doc(
+        0.05, "share of the data held out for validation when no --val-data (0: none)", minimum=0, below=1
+    )
+    epochs: float = doc(1.0, "passes over the training data when --max-steps is 0", minimum=0)
+    lora_r: int = doc(0, "LoRA rank (0: full fine-tuning of every weight)", minimum=0)
+    lora_alpha: float | None = doc(None, "LoRA scale numerator: updates are scaled by alpha / r (default: 2 * r)")
+    lora_dropout: float = doc(
+        0.0, "dropout on the LoRA input (costs a random mask per adapted layer and step)", minimum=0, below=1
+    )
+    lora_targets: str = doc("all-linear", "layers given adapters: all-linear, or a list like q_proj,v_proj")
+    lora_train_embeddings: bool = doc(
+        False,
+        "LoRA: also train the embedding table and lm_head in full (small or briefly trained bases need it; "
+        "the run is then merged with smallm-merge rather than applied as a peft adapter)",
+    )
+    quantize: str = doc(
+        "none", "none, or nf4: QLoRA, the frozen base in 4-bit NF4 (needs --lora-r)", choices=("none", "nf4")
     )
 
     def peak_lr(self) -> float:
-        """The learning rate to use: ``lr``, else the preset's."""
-        return self.lr if self.lr is not None else PRESET_LR.get(self.preset, 6e-4)
+        return self.lr if self.lr is not None else FINETUNE_LR[(self.method, self.lora_r > 0)]
 
-    def validate(self) -> None:
-        """Raises ValueError naming the first field out of range."""
-        positive = ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.sampling not in ("random", "documents"):
-            raise ValueError(f"sampling must be random or documents, got {self.sampling!r}")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.peak_lr() <= 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be positive and warmup_steps not negative")
+    def lora(self) -> LoraSettings | None:
+        """The adapters to train, or None for full fine-tuning."""
+        if self.lora_r == 0:
+            return None
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+        return LoraSettings(self.lora_r, alpha, self.lora_dropout, LoraSettings.parse_targets(self.lora_targets))
 
 
-_SIMPLE_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+@dataclass
+class DPOConfig(FinetuneConfig):
+    """Direct preference optimization (``smallm-dpo``) of a checkpoint on preference pairs."""
+
+    method: ClassVar[str] = "dpo"
+
+    beta: float = doc(0.1, "strength of the pull towards the reference model (the starting weights)")
 
 
-def _base_type(annotation: Any) -> type:
-    """``int | None`` or ``"int | None"`` -> int (annotations are strings under
-    ``from __future__ import annotations``; parsed by hand because ``X | None`` needs Python 3.10)."""
-    if not isinstance(annotation, str):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if args else annotation
-    text = annotation.replace("Optional[", "").replace("]", "")
-    names = [p.strip() for p in text.split("|") if p.strip() != "None"]
-    return _SIMPLE_TYPES.get(names[0], str) if names else str
+def validate(cfg: RunConfig) -> None:
+    """Raises ``ValueError`` naming the first setting of ``cfg`` that is out of range or that contradicts
+    another. Every kind of run's configuration goes through here."""
+    check_fields(cfg)
+    if not cfg.peak_lr() > 0:
+        raise ValueError(f"lr must be positive, got {cfg.peak_lr()}")
+    if isinstance(cfg, TrainConfig) and cfg.max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    if isinstance(cfg, FinetuneConfig):
+        _validate_finetuning(cfg)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Adds a ``--prefix-field-name`` flag per field; defaults are SUPPRESSed so that only the flags
-    given on the command line override a config file."""
-    for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
-        kind = _base_type(f.type)
-        flag = "--" + prefix + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = f.metadata.get("help", "")
-        dest = prefix.replace("-", "_") + f.name
-        helptext = f"{helptext} (default: {default})"
-        if kind is bool:
-            action = argparse.BooleanOptionalAction
-            parser.add_argument(flag, dest=dest, action=action, default=argparse.SUPPRESS, help=helptext)
-        else:
-            parser.add_argument(
-                flag, dest=dest, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                help=helptext,
-            )  # fmt: skip
+def _validate_finetuning(cfg: FinetuneConfig) -> None:
+    if cfg.max_steps == 0 and not cfg.epochs > 0:
+        raise ValueError("max_steps must be positive, or 0 with a positive --epochs")
+    if not cfg.init_from:
+        raise ValueError("fine-tuning starts from a checkpoint: give CKPT (a run or checkpoint directory)")
+    if not cfg.data:
+        raise ValueError("--data: the JSON Lines file to fine-tune on is required")
+    if cfg.quantize == "nf4" and cfg.lora_r == 0:
+        raise ValueError("--quantize nf4 (QLoRA) trains adapters over a frozen 4-bit base: give --lora-r too")
+    if cfg.lora_train_embeddings and (not cfg.lora_r or isinstance(cfg, DPOConfig)):
+        raise ValueError(
+            "--lora-train-embeddings goes with --lora-r in smallm-sft (DPO's reference is the base with "
+            "the adapters disabled, which must keep the starting embeddings)"
+        )
+    if cfg.lora_r and cfg.fsdp:
+        raise ValueError("--fsdp shards full fine-tuning; LoRA runs replicate the small adapters with DDP")
+    settings = cfg.lora()
+    if settings is not None:
+        settings.validate()
+    if isinstance(cfg, DPOConfig):
+        if not cfg.beta > 0:
+            raise ValueError(f"beta must be positive, got {cfg.beta}")
+        if cfg.fsdp:
+            raise ValueError("smallm-dpo does not shard with --fsdp; use DDP, or LoRA for large models")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML (``.toml``) or JSON file as a dict, with errors that name the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the config file: {e.strerror}") from e
-    if path.suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.9/3.10
-            try:
-                import tomli as tomllib
-            except ImportError as e:
-                raise ValueError(f"{path}: reading TOML on Python < 3.11 needs `pip install tomli`") from e
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a JSON object")
-    return data
-
-
-def build_config(values: dict[str, Any], source: str = "config", cls: type[Any] = TrainConfig) -> Any:
-    """A ``cls`` (TrainConfig or a subclass) from a flat dict (plus an optional ``model`` dict),
-    rejecting unknown keys, validated."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
-    config = cls(**values)
-    config.validate()
+def build_config(cls: type[RunConfig], values: dict[str, Any], source: str = "config") -> Any:
+    """A validated ``cls`` from a flat dict of settings (unknown keys refused, naming ``source``)."""
+    config = from_mapping(cls, values, source)
+    validate(config)
     return config

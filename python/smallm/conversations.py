@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from smallm.chat import IM_END, IM_START
-from smallm.data import IGNORE_INDEX
+from smallm.errors import SmallmError
+from smallm.model import IGNORE_INDEX
 from smallm.tokenizer import Tokenizer
 
 __all__ = [
@@ -55,7 +56,7 @@ ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
 
 
-class DataError(ValueError):
+class DataError(SmallmError, ValueError):
     """A fine-tuning file is malformed; the message names the file, the line and what is wrong."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from smallm.errors import SmallmError
+
 DEFAULT_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
 """File types taken from a directory when no ``extensions`` are given."""
 
@@ -27,7 +29,7 @@ STDLIB_CORPUS = "@stdlib"
 _NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-class CorpusError(ValueError):
+class CorpusError(SmallmError, ValueError):
     """A corpus argument names nothing usable."""
 
 

@@ -25,8 +25,8 @@ Distributed training: rank r of w gets a disjoint part. In ``"documents"`` mode 
 positions i % w == r of each epoch's permutation; in ``"random"`` mode the r-th of w contiguous parts
 of every shard. ``state_dict`` / ``load_state_dict`` resume exactly where a loader stopped.
 
-:class:`ValidationLoader` makes every token of a split (except each shard's first) a target exactly
-once: rows of T+1 tokens with stride T, the last row of a shard padded (x with BOS, y with -100).
+:class:`ValidationLoader` makes every token of a split (except each shard's first), or of token arrays,
+a target exactly once: rows of T+1 tokens with stride T, the last row of each padded (y with -100).
 """
 
 from __future__ import annotations
@@ -34,22 +34,20 @@ from __future__ import annotations
 import bisect
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Literal, Union
 
 import numpy as np
 import torch
 
+from smallm.model import IGNORE_INDEX
 from smallm.shardset import Shard, ShardError, ShardSet
 
-__all__ = ["IGNORE_INDEX", "Shard", "ShardError", "ShardSet", "TokenLoader", "ValidationLoader"]
+__all__ = ["Shard", "ShardError", "ShardSet", "TokenLoader", "ValidationLoader"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Mode = Literal["random", "documents"]
-
-IGNORE_INDEX = -100
-"""The target of padding in validation batches (``torch.nn.functional.cross_entropy``'s default)."""
 
 
 class _RandomWindows:
@@ -329,31 +327,40 @@ class TokenLoader:
 
 
 class ValidationLoader:
-    """One pass over a split in which every token but each shard's first is a target exactly once.
+    """One pass over token streams in which every token but each stream's first is a target exactly once.
 
-    Rows read T+1 tokens with stride T; a shard's last row is padded (``x`` with the BOS id, ``y`` with
-    :data:`IGNORE_INDEX`). Rank r of w takes rows i with i % w == r, so ranks may get a different number
-    of batches: sum the loss and the target count and all-reduce once at the end. The last batch may have
-    fewer rows. Iterate it again for the next evaluation.
+    The streams are the shards of a split (a :class:`ShardSet`, padded with its BOS id) or token arrays
+    (one document stream each, e.g. text files encoded by :func:`smallm.evaluate.text_tokens`; give
+    ``pad_id``). Rows read T+1 tokens with stride T; a stream's last row is padded (``x`` with the pad
+    id, ``y`` with :data:`IGNORE_INDEX`). Rank r of w takes rows i with i % w == r, so ranks may get a
+    different number of batches: sum the loss and the target count and all-reduce once at the end. The
+    last batch may have fewer rows. Iterate it again for the next evaluation.
     """
 
     def __init__(
         self,
-        shards: ShardSet,
+        source: ShardSet | np.ndarray | Sequence[np.ndarray],
         batch_size: int,
         seq_len: int,
         *,
+        pad_id: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         if batch_size < 1 or seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
+        if isinstance(source, ShardSet):
+            self.streams = [s.array for s in source.shards]
+            pad_id = source.bos_id if pad_id is None else pad_id
+        else:
+            self.streams = [source] if isinstance(source, np.ndarray) else list(source)
+        if pad_id is None:
+            raise ValueError("token arrays need a pad_id for the padding of their last rows")
         rank, world_size = _rank_and_world(rank, world_size)
-        self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         self.device = torch.device(device)
-        T = seq_len
-        rows = [(i, start) for i, s in enumerate(shards.shards) for start in range(0, s.num_tokens - 1, T)]
+        rows = [(i, start) for i, s in enumerate(self.streams) for start in range(0, len(s) - 1, seq_len)]
         self.rows = rows[rank::world_size]
 
     def __len__(self) -> int:
@@ -363,11 +370,11 @@ class ValidationLoader:
         pin, T = self.device.type == "cuda", self.seq_len
         for first in range(0, len(self.rows), self.batch_size):
             chunk = self.rows[first : first + self.batch_size]
-            x = torch.full((len(chunk), T), self.shards.bos_id, dtype=torch.int64, pin_memory=pin)
+            x = torch.full((len(chunk), T), self.pad_id, dtype=torch.int64, pin_memory=pin)
             y = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.int64, pin_memory=pin)
             xs, ys = x.numpy(), y.numpy()
-            for row, (shard, start) in enumerate(chunk):
-                window = self.shards.shards[shard].array[start : start + T + 1]
+            for row, (stream, start) in enumerate(chunk):
+                window = self.streams[stream][start : start + T + 1]
                 xs[row, : len(window) - 1] = window[:-1]
                 ys[row, : len(window) - 1] = window[1:]
             yield _to_device(x, self.device), _to_device(y, self.device)

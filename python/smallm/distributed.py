@@ -1,5 +1,5 @@
-"""Multi-process training under torchrun: the process group, FSDP2 sharding, and checkpoints of
-sharded models in the same format as unsharded ones.
+"""Where a run computes: the process group under torchrun, the device and its autocast dtype, DDP or
+FSDP2 around the model, and checkpoints of sharded models in the same format as unsharded ones.
 
 A sharded (FSDP2) model's checkpoint is written from a full copy: the weights and optimizer state are
 gathered to rank 0 on the CPU, loaded into an unsharded CPU replica, and saved by
@@ -10,6 +10,8 @@ Loading reverses it: each rank reads the checkpoint into a replica and scatters 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +33,17 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
+    def log(self, message: str) -> None:
+        """A progress line on stderr, from rank 0 only."""
+        if self.main:
+            print(message, file=sys.stderr)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks, in place (``t`` itself in a single process)."""
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
 
 def setup_runtime(device: str) -> Runtime:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group
@@ -45,6 +58,34 @@ def setup_runtime(device: str) -> Runtime:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(rank, world, local, dev)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (auto, bf16, fp16, fp32) on ``device``; None for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def wrap_model(model: nn.Module, runtime: Runtime, *, sharded: bool, compile: bool) -> nn.Module:
+    """What the training step calls: ``model`` in DDP under torchrun (unless FSDP ``sharded`` it
+    already), compiled if asked (with a warning, and the plain model, where torch.compile is missing)."""
+    net: nn.Module = model
+    if runtime.world_size > 1 and not sharded:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        # Frozen weights (a LoRA base) are loaded alike on every rank and never change: DDP need not
+        # broadcast them, which it cannot do faithfully for a 4-bit tensor subclass.
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if compile:
+        try:
+            net = torch.compile(net)
+        except Exception as e:  # torch.compile raises many types where it cannot work
+            warnings.warn(f"torch.compile is not available here ({e}); training without it", stacklevel=2)
+    return net
 
 
 def shard_model(model: nn.Module) -> None:

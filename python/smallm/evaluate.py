@@ -1,14 +1,13 @@
 """Evaluation: loss (nats per token), perplexity and bits per byte of a model on held-out tokens.
 
-Two sources of batches, both making every token a target exactly once (rows of T+1 tokens with stride
-T; a last, shorter row is padded, ``x`` with the BOS id and ``y`` with -100, which the loss skips):
+The batches come from :class:`smallm.data.ValidationLoader`, which makes every token a target exactly
+once (rows of T+1 tokens with stride T; a last, shorter row is padded, ``y`` with -100, which the loss
+skips), over either of two sources:
 
-* a shard directory's split, through :class:`smallm.data.ValidationLoader` (each shard's first token is
-  never a target: nothing precedes it);
-* raw text files, through :class:`TextWindows`: each file is one document, ``<|endoftext|>`` then its
-  text encoded as ordinary text (as ``smallm-tokenize`` writes documents), and the documents are joined
-  into one stream in the order given, like the documents of a shard; every token but the first is a
-  target.
+* a shard directory's split (each shard's first token is never a target: nothing precedes it);
+* raw text files, as one stream from :func:`text_tokens`: each file is one document, ``<|endoftext|>``
+  then its text encoded as ordinary text (as ``smallm-tokenize`` writes documents), joined in the order
+  given like the documents of a shard; every token but the first is a target.
 
 Bits per byte = total loss in nats / ln 2 / total UTF-8 bytes of the target tokens (special tokens count
 0 bytes): unlike loss per token it does not depend on the tokenizer, so models with different
@@ -20,17 +19,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from smallm.data import IGNORE_INDEX
+from smallm.model import IGNORE_INDEX
 from smallm.tokenizer import Tokenizer
 
-__all__ = ["TextWindows", "byte_length_table", "evaluate_batches", "loss_sums", "metrics_from_sums", "text_tokens"]
+__all__ = ["byte_length_table", "evaluate_batches", "loss_sums", "metrics_from_sums", "text_tokens"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Batch = tuple[Tensor, Tensor]
@@ -128,29 +127,3 @@ def text_tokens(tokenizer: Tokenizer, paths: Sequence[PathLike]) -> np.ndarray:
     documents = tokenizer.encode_ordinary_batch(texts, return_numpy=True)
     parts = [part for doc in documents for part in (np.array([bos], dtype=np.int64), doc.astype(np.int64))]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-class TextWindows:
-    """Batches ``(x, y)`` of ``(batch_size, seq_len)`` over a token stream: rows of T+1 tokens with stride T,
-    so every token but the first is a target exactly once; the last row is padded (x: ``pad_id``, y: -100)."""
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, pad_id: int) -> None:
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError("batch_size and seq_len must be positive")
-        self.tokens, self.batch_size, self.seq_len, self.pad_id = tokens, batch_size, seq_len, pad_id
-        self.starts = list(range(0, len(tokens) - 1, seq_len))
-
-    def __len__(self) -> int:
-        return -(-len(self.starts) // self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        T = self.seq_len
-        for first in range(0, len(self.starts), self.batch_size):
-            starts = self.starts[first : first + self.batch_size]
-            x = torch.full((len(starts), T), self.pad_id, dtype=torch.int64)
-            y = torch.full((len(starts), T), IGNORE_INDEX, dtype=torch.int64)
-            for row, start in enumerate(starts):
-                window = torch.from_numpy(self.tokens[start : start + T + 1])
-                x[row, : len(window) - 1] = window[:-1]
-                y[row, : len(window) - 1] = window[1:]
-            yield x, y

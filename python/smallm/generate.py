@@ -34,13 +34,15 @@ from __future__ import annotations
 import codecs
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from smallm.errors import SmallmError
 from smallm.model import SmallLM
+from smallm.options import doc
 from smallm.tokenizer import Tokenizer
 
 __all__ = [
@@ -68,7 +70,7 @@ STOP_TOKENS = ("<|endoftext|>", "<|im_end|>")
 """Special tokens that end a generation: the end of a document and the end of a chat turn."""
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(SmallmError, ValueError):
     """Prompt plus new tokens exceed the model's context and truncation is off."""
 
 
@@ -76,18 +78,14 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt lost its first ids, or max_new_tokens was lowered, to fit the model's context."""
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SamplingConfig:
     """How the next id is chosen from the logits; the order and semantics are Hugging Face's."""
 
-    temperature: float = _field(0.8, "softmax temperature; 0 is greedy decoding (argmax)")
-    top_k: int | None = _field(50, "sample from the k most likely ids only (0 or None: all)")
-    top_p: float | None = _field(None, "sample from the most likely ids holding probability p (1 or None: all)")
-    repetition_penalty: float = _field(1.0, "penalise ids already present, as Hugging Face does (1: off)")
+    temperature: float = doc(0.8, "softmax temperature; 0 is greedy decoding (argmax)")
+    top_k: int | None = doc(50, "sample from the k most likely ids only (0 or None: all)")
+    top_p: float | None = doc(None, "sample from the most likely ids holding probability p (1 or None: all)")
+    repetition_penalty: float = doc(1.0, "penalise ids already present, as Hugging Face does (1: off)")
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:

@@ -29,6 +29,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from smallm.errors import SmallmError
+from smallm.files import write_folder_atomic
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -51,7 +54,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
 
-class AdapterError(RuntimeError):
+class AdapterError(SmallmError, RuntimeError):
     """An adapter cannot be made, read or applied; the message names the file or setting and why."""
 
 
@@ -241,8 +244,6 @@ def save_adapter(peft_model: Any, folder: PathLike, base: str = "") -> Path:
     """Writes ``folder/adapter_config.json`` and ``folder/adapter_model.safetensors``, the layout
     ``peft.PeftModel.from_pretrained`` reads; the folder is written beside and renamed into place.
     ``base``: recorded as ``base_model_name_or_path``."""
-    from smallm.hf import _write_folder
-
     config = peft_model.peft_config["default"].to_dict()
     config.update(
         target_modules=sorted(config["target_modules"]), base_model_name_or_path=base or None,
@@ -255,7 +256,7 @@ def save_adapter(peft_model: Any, folder: PathLike, base: str = "") -> Path:
         safetensors.torch.save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
 
-    return _write_folder(Path(os.path.abspath(folder)), fill)
+    return write_folder_atomic(Path(os.path.abspath(folder)), fill)
 
 
 def read_adapter(folder: PathLike) -> tuple[LoraSettings, dict[str, torch.Tensor], dict[str, Any]]:
@@ -304,55 +305,3 @@ def _replace_base_weights(base: nn.Module, tensors: Mapping[str, torch.Tensor], 
             )
         with torch.no_grad():
             own[name].copy_(tensor)
-
-
-def merge_run(source: PathLike, out: PathLike, *, base: PathLike | None = None, force: bool = False) -> Path:
-    """Writes a smallm run directory ``out`` (one checkpoint, like ``smallm-import`` writes) holding the
-    base with the adapter of ``source`` merged in. ``source``: a LoRA run or checkpoint of
-    ``smallm-sft``/``smallm-dpo`` (its base is the one it names, unless ``base`` is given), or a peft
-    adapter folder (then ``base`` is required unless the folder's ``base_model_name_or_path`` is a local
-    smallm run). The tokenizer comes from the source run, else the base."""
-    import dataclasses
-
-    from smallm.checkpoint import CheckpointError, TrainingState, load_weights, save_checkpoint
-    from smallm.hf import _check_destination, _write_folder
-    from smallm.runs import find_tokenizer, load_model, read_config, resolve_checkpoint
-
-    source, out = Path(source), Path(os.path.abspath(out))
-    tokenizer = None
-    if (source / ADAPTER_CONFIG).is_file():
-        settings, tensors, raw = read_adapter(source)
-        named = raw.get("base_model_name_or_path")
-        base = base or (named if named and Path(named).exists() else None)
-        if base is None:
-            raise AdapterError(f"{source}: name the smallm checkpoint the adapter was trained on with --base")
-    else:
-        checkpoint = resolve_checkpoint(source)
-        config = read_config(checkpoint)
-        if "lora" not in config:
-            raise AdapterError(
-                f"{checkpoint}: not a LoRA run (its config.json has no lora section) nor an adapter folder"
-            )
-        lora = config["lora"]
-        settings = LoraSettings.from_run_config(lora)
-        tensors = load_weights(checkpoint)
-        base = base or lora["base"]
-        with contextlib.suppress(CheckpointError):
-            tokenizer = find_tokenizer(checkpoint, config)
-    _check_destination(out, force, source=source)
-    model, base_tokenizer, _ = load_model(base)
-    merged = merge_adapter(model, settings, tensors, str(source))
-    tokenizer = tokenizer or base_tokenizer
-    run_config = {
-        "train": {},
-        "model": dataclasses.asdict(merged.config),
-        "merged_from": {"adapter": str(source.absolute()), "base": str(Path(base).absolute())},
-    }
-
-    def fill(run: Path) -> None:
-        state = TrainingState(step=0, tokens_seen=0)
-        save_checkpoint(run, merged, torch.optim.AdamW(merged.parameters()), None, None, state, run_config)
-        (run / "config.json").write_text(json.dumps(run_config, indent=2) + "\n", encoding="utf-8")
-        tokenizer.save(run)
-
-    return _write_folder(out, fill)

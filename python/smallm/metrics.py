@@ -7,16 +7,29 @@ Each line of ``metrics.jsonl`` is one JSON object with at least ``step``; traini
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+from smallm.files import write_bytes_atomic
+
 
 class MetricsLogger:
     """Writes every record to ``out/metrics.jsonl`` and to whichever sinks are enabled."""
 
-    def __init__(self, out: Path, cfg: Any, *, enabled: bool = True, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        run_config: dict[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.out = out
         self.enabled = enabled
         self._file = open(out / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
@@ -27,26 +40,25 @@ class MetricsLogger:
             return
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
-        if cfg.tensorboard:
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
             except ImportError:
                 warnings.warn("--tensorboard needs `pip install tensorboard`; not logging to TensorBoard", stacklevel=2)
-        if cfg.wandb_project:
+        if wandb_project:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=cfg.wandb_project, dir=str(out), config=vars(cfg), resume="allow")
+                self._wandb = wandb.init(project=wandb_project, dir=str(out), config=run_config, resume="allow")
             except Exception as e:  # wandb raises several types when offline or not logged in
                 warnings.warn(f"W&B logging is off: {e}", stacklevel=2)
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self._file is None:
             return
-        assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
@@ -102,8 +114,10 @@ def plot_losses(metrics: Path, target: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(target)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    write_bytes_atomic(target, image.getvalue())
     return target
 
 

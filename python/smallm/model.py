@@ -18,7 +18,7 @@ so the state dict loads into it unchanged (the tests check logits match to 1e-5)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,9 +26,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from smallm.options import doc
+
 __all__ = ["IGNORE_INDEX", "PRESETS", "KVCache", "ModelConfig", "SmallLM"]
 
-IGNORE_INDEX = -100  # target id the loss skips; the loader pads with it (smallm.data.IGNORE_INDEX)
+IGNORE_INDEX = -100
+"""The target id the loss skips (``cross_entropy``'s default): padding, and tokens not supervised."""
 MLP_MULTIPLE = 256  # the default intermediate size is rounded up to this, for matmul-friendly shapes
 # enable_gqa arrived in torch 2.5; before it the kv heads are repeated to match the query heads.
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -51,11 +54,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=2048, rope_theta=10000.0, tie_embeddings=False,
     ),
 }  # fmt: skip
-
-
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with its one-line help, which ``smallm-train --model-<field>`` shows."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -419,12 +417,3 @@ class SmallLM(nn.Module):
         if exclude_embeddings:
             n -= self.model.embed_tokens.weight.numel()
         return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token at context ``seq_len`` (default max_seq_len):
-        6 * (weights of every matmul, lm_head included even when tied; not the embedding lookup)
-        + 12 * n_layer * n_embd * seq_len for the attention scores and their weighted sum (PaLM,
-        Chowdhery et al. 2022, appendix B; counts the full T x T matrix, not the causal half)."""
-        T = self.config.max_seq_len if seq_len is None else seq_len
-        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_params + 12 * self.config.n_layer * self.config.n_embd * T

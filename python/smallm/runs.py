@@ -1,21 +1,49 @@
-"""Finding and opening a trained model: a run directory or one of its checkpoints, with its tokenizer.
+"""Runs on disk: finding and opening a trained model with its tokenizer, and writing a run of one checkpoint.
 
-A run directory (``smallm-train --out RUN``) holds ``tokenizer.json`` and ``checkpoints/step_*/``; a
-checkpoint directory holds ``model.safetensors`` and ``config.json`` (``{"train": ..., "model": ...}``).
+A run directory (``smallm-train --out RUN``) holds ``config.json``, ``tokenizer.json`` and
+``checkpoints/step_*/``; a checkpoint directory holds ``model.safetensors`` and ``config.json``
+(``{"train": ..., "model": ...}``, plus ``lora`` for an adapter run). :func:`load_model` opens either,
+merging a LoRA run's adapter into the base it names. :func:`write_run` is the one writer of a run that
+holds weights only (what ``smallm-import`` and ``smallm-merge`` make); :func:`merge_run` is
+``smallm-merge``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+from torch import nn
 
-from smallm.checkpoint import CheckpointError, best_checkpoint, latest_checkpoint, load_weights
+from smallm.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    TrainingState,
+    best_checkpoint,
+    latest_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from smallm.files import check_destination, write_folder_atomic
+from smallm.lora import ADAPTER_CONFIG, AdapterError, LoraSettings, merge_adapter, read_adapter
 from smallm.model import ModelConfig, SmallLM
 from smallm.tokenizer import Tokenizer
+
+__all__ = [
+    "find_tokenizer",
+    "load_model",
+    "merge_run",
+    "read_config",
+    "resolve_checkpoint",
+    "run_dir_of",
+    "write_run",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -23,7 +51,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 def resolve_checkpoint(path: PathLike, *, prefer: str = "latest") -> Path:
     """The checkpoint directory ``path`` names: itself, or a run directory's latest (or best)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / WEIGHTS_FILE).is_file():
         return path
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
@@ -40,12 +68,13 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def read_config(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json``, which must have a ``model`` section."""
     try:
-        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{checkpoint / 'config.json'}: cannot read the run config: {e}") from e
-    if "model" not in config:
-        raise CheckpointError(f"{checkpoint / 'config.json'}: no model section; not a smallm checkpoint")
+        raise CheckpointError(f"{checkpoint / CONFIG_FILE}: cannot read the run config: {e}") from e
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{checkpoint / CONFIG_FILE}: no model section; not a smallm checkpoint")
     return config
 
 
@@ -64,30 +93,28 @@ def load_model(
     """The model of a checkpoint (in eval mode, on ``device``), its tokenizer and its run config."""
     checkpoint = resolve_checkpoint(path, prefer=prefer)
     config = read_config(checkpoint)
-    if "lora" in config:
-        return _load_lora_run(checkpoint, config, device, dtype)
+    model = _lora_merged(checkpoint, config) if "lora" in config else _plain_model(checkpoint, config)
+    model.to(device=device, dtype=dtype).eval()
+    return model, find_tokenizer(checkpoint, config), config
+
+
+def _plain_model(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
     try:
         model_config = ModelConfig(**config["model"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{checkpoint / 'config.json'}: the model section is not valid here: {e}") from e
+        raise CheckpointError(f"{checkpoint / CONFIG_FILE}: the model section is not valid here: {e}") from e
     model = SmallLM(model_config)
-    weights = load_weights(checkpoint)
-    result = model.load_state_dict(weights, strict=False)
+    result = model.load_state_dict(load_weights(checkpoint), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{checkpoint}: weights do not fit the configured model "
             f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
-    model.to(device=device, dtype=dtype).eval()
-    return model, find_tokenizer(checkpoint, config), config
+    return model
 
 
-def _load_lora_run(
-    checkpoint: Path, config: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None
-) -> tuple[SmallLM, Tokenizer, dict[str, Any]]:
+def _lora_merged(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
     """A LoRA run's checkpoint holds its adapter: the base it names, with the adapter merged in."""
-    from smallm.lora import AdapterError, LoraSettings, merge_adapter
-
     lora = config["lora"]
     base_path = Path(lora.get("base", ""))
     if not base_path.exists():
@@ -96,10 +123,69 @@ def _load_lora_run(
             "merge it onto that base's weights with smallm-merge --base"
         )
     base, _, _ = load_model(base_path)
-    settings = LoraSettings.from_run_config(lora)
     try:
-        model = merge_adapter(base, settings, load_weights(checkpoint), str(checkpoint))
+        return merge_adapter(base, LoraSettings.from_run_config(lora), load_weights(checkpoint), str(checkpoint))
     except AdapterError as e:
         raise CheckpointError(str(e)) from e
-    model.to(device=device, dtype=dtype).eval()
-    return model, find_tokenizer(checkpoint, config), config  # type: ignore[return-value]
+
+
+def write_run(
+    out: PathLike,
+    model: nn.Module,
+    tokenizer: Tokenizer | None,
+    config: dict[str, Any],
+    *,
+    force: bool = False,
+    source: PathLike | None = None,
+) -> Path:
+    """Writes the run directory ``out`` holding one checkpoint of ``model``'s weights
+    (``checkpoints/step_00000000``, no optimizer state), ``config`` as its ``config.json`` and the
+    tokenizer, as one atomic folder. An existing non-empty ``out`` is replaced only with ``force``, and
+    never when it is or holds ``source``. Returns ``out``."""
+    out = Path(os.path.abspath(out))
+    check_destination(out, force, source=source)
+
+    def fill(run: Path) -> None:
+        save_checkpoint(run, model, None, None, None, TrainingState(step=0, tokens_seen=0), config)
+        (run / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(run)
+
+    return write_folder_atomic(out, fill)
+
+
+def merge_run(source: PathLike, out: PathLike, *, base: PathLike | None = None, force: bool = False) -> Path:
+    """Writes a run directory ``out`` holding the base with the adapter of ``source`` merged in.
+    ``source``: a LoRA run or checkpoint of ``smallm-sft``/``smallm-dpo`` (its base is the one it names,
+    unless ``base`` is given), or a peft adapter folder (then ``base`` is required unless the folder's
+    ``base_model_name_or_path`` is a local smallm run). The tokenizer comes from the source run, else the
+    base."""
+    source = Path(source)
+    tokenizer = None
+    if (source / ADAPTER_CONFIG).is_file():
+        settings, tensors, raw = read_adapter(source)
+        named = raw.get("base_model_name_or_path")
+        base = base or (named if named and Path(named).exists() else None)
+        if base is None:
+            raise AdapterError(f"{source}: name the smallm checkpoint the adapter was trained on with --base")
+    else:
+        checkpoint = resolve_checkpoint(source)
+        config = read_config(checkpoint)
+        if "lora" not in config:
+            raise AdapterError(
+                f"{checkpoint}: not a LoRA run (its config.json has no lora section) nor an adapter folder"
+            )
+        settings = LoraSettings.from_run_config(config["lora"])
+        tensors = load_weights(checkpoint)
+        base = base or config["lora"]["base"]
+        with contextlib.suppress(CheckpointError):
+            tokenizer = find_tokenizer(checkpoint, config)
+    check_destination(out, force, source=source)
+    model, base_tokenizer, _ = load_model(base)
+    merged = merge_adapter(model, settings, tensors, str(source))
+    run_config = {
+        "train": {},
+        "model": dataclasses.asdict(merged.config),
+        "merged_from": {"adapter": str(source.absolute()), "base": str(Path(base).absolute())},
+    }
+    return write_run(out, merged, tokenizer or base_tokenizer, run_config, force=force, source=source)

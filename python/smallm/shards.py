@@ -22,6 +22,7 @@ from typing import Any
 
 from smallm import __version__, _core
 from smallm.corpus import Corpus, FileGroup
+from smallm.files import write_json_atomic
 from smallm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -55,20 +56,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON through a temporary file and a rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def pack_corpus(
     corpus: Corpus,
     tokenizer: Tokenizer,
@@ -91,7 +78,7 @@ def pack_corpus(
     fingerprint = hashlib.sha256(
         json.dumps([tokenizer_sha, settings, corpus.describe()], sort_keys=True).encode()
     ).hexdigest()
-    packer = _core.Packer(tokenizer._core, str(out), options.shard_tokens, options.val_fraction, fingerprint)
+    packer = _core.Packer(tokenizer.core, str(out), options.shard_tokens, options.val_fraction, fingerprint)
     dtype, bos_id = packer.dtype, packer.bos_id
     # Parquet and datasets yield text, not file bytes, so their progress total is unknown.
     known_total = corpus.hf_dataset is None and not any(p.suffix == ".parquet" for p in corpus.files)

@@ -28,6 +28,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from smallm.errors import SmallmError
+
 __all__ = ["Shard", "ShardError", "ShardSet"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -39,7 +41,7 @@ TOKEN_VERSIONS = {"uint16": 1, "uint32": 2}  # manifest dtype -> .bin header ver
 TOKEN_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 
 
-class ShardError(ValueError):
+class ShardError(SmallmError, ValueError):
     """A shard directory that does not follow the format; the message names the file at fault."""
 
 

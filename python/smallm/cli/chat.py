@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from smallm.chat import chatml_ids
-from smallm.cli.generate import add_model_arguments, add_sampling_arguments, load, run_main, sampling_from
+from smallm.cli.common import add_model_arguments, add_sampling_arguments, load, run_command, sampling_from
 from smallm.generate import PromptTruncatedWarning, SamplingConfig, StreamDecoder, stop_ids_of, stream_tokens
 
 PROG = "smallm-chat"
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return converse(session, sys.stdin, sys.stdout, sys.stdin.isatty())
 
-    return run_main(PROG, body)
+    return run_command(PROG, body, always_warn=(PromptTruncatedWarning,))
 
 
 if __name__ == "__main__":

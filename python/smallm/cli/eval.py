@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from smallm.cli.generate import add_model_arguments, load, run_main
+from smallm.cli.common import add_model_arguments, load, run_command
 
 PROG = "smallm-eval"
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
@@ -46,7 +46,7 @@ def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: 
     """The batches of ``--data`` and a description of them."""
     from smallm.corpus import find_corpus_files
     from smallm.data import ShardSet, ValidationLoader
-    from smallm.evaluate import TextWindows, text_tokens
+    from smallm.evaluate import text_tokens
     from smallm.tokenizer import Tokenizer
 
     data = [Path(d) for d in args.data]
@@ -62,15 +62,17 @@ def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: 
     tokens = text_tokens(tokenizer, files)
     if len(tokens) < 2:
         raise ValueError("the text files hold nothing to evaluate")
-    windows = TextWindows(tokens, args.batch_size, seq_len, pad_id=tokenizer.eot_token)
+    windows = ValidationLoader(
+        tokens, args.batch_size, seq_len, pad_id=tokenizer.eot_token, rank=0, world_size=1, device=device
+    )
     return windows, f"{len(files)} text file(s), {len(tokens):,} tokens"
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from itertools import islice
 
+    from smallm.distributed import autocast_dtype
     from smallm.evaluate import byte_length_table, evaluate_batches
-    from smallm.trainer import autocast_dtype
 
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise ValueError("--batch-size and --max-batches must be positive")
@@ -101,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: evaluate(args))
+    return run_command(PROG, lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from smallm.cli.common import run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     from smallm.hf import DTYPES
@@ -33,19 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.checkpoint import CheckpointError
-    from smallm.hf import HFError, export_hf
+    from smallm.hf import export_hf
 
     args = build_parser().parse_args(argv)
-    try:
-        out = export_hf(
-            args.checkpoint, args.out, force=args.force, dtype=args.dtype, prefer="best" if args.best else "latest"
-        )
-    except (HFError, CheckpointError, OSError) as e:
-        print(f"smallm-export: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-    return 0
+
+    def body() -> int:
+        prefer = "best" if args.best else "latest"
+        out = export_hf(args.checkpoint, args.out, force=args.force, dtype=args.dtype, prefer=prefer)
+        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        return 0
+
+    return run_command("smallm-export", body)
 
 
 if __name__ == "__main__":

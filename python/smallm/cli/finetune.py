@@ -21,13 +21,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smallm.cli.train import report
-from smallm.config import add_dataclass_arguments, build_config, read_config_file
+from smallm.cli.common import run_command
+from smallm.cli.train import INTERRUPTED, report
+from smallm.config import DPOConfig, FinetuneConfig, build_config
+from smallm.options import add_dataclass_arguments, read_config_file
+
+CONFIGS = {"sft": FinetuneConfig, "dpo": DPOConfig}
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    from smallm.finetune import FinetuneConfig
-
     what = (
         'conversations ({"messages": [...]} per line)'
         if method == "sft"
@@ -42,43 +44,29 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         "checkpoint", help="the model to start from: a run directory (its latest checkpoint) or a checkpoint"
     )
     p.add_argument("--config", type=Path, help="a TOML or JSON file of settings (flags override it)")
-    add_dataclass_arguments(p, FinetuneConfig)
+    add_dataclass_arguments(p, CONFIGS[method])
     return p
 
 
 def parse_config(method: str, argv: Sequence[str] | None) -> Any:
-    from smallm.finetune import FinetuneConfig
-
     args = vars(build_parser(method).parse_args(argv))
     config_file = args.pop("config", None)
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update(args)
     values["init_from"] = values.pop("checkpoint")
-    values["method"] = method
-    return build_config(values, str(config_file) if config_file else "command line", FinetuneConfig)
+    return build_config(CONFIGS[method], values, str(config_file) if config_file else "command line")
 
 
 def run(method: str, argv: Sequence[str] | None) -> int:
-    from smallm.checkpoint import CheckpointError
-    from smallm.conversations import DataError
-    from smallm.lora import AdapterError
-    from smallm.trainer import TrainingError
-
-    name = f"smallm-{method}"
-    try:
+    def body() -> int:
         cfg = parse_config(method, argv)
         print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
-        from smallm.finetune import finetune
+        from smallm.jobs import run as run_job
 
-        result = finetune(cfg)
-    except (ValueError, OSError, DataError, AdapterError, CheckpointError, TrainingError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
-        return 130
-    report(result, cfg.out, sample="sample reply")
-    return 0
+        report(run_job(cfg), cfg.out, sample="sample reply")
+        return 0
+
+    return run_command(f"smallm-{method}", body, on_interrupt=INTERRUPTED)
 
 
 def sft_main(argv: Sequence[str] | None = None) -> int:

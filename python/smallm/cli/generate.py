@@ -14,87 +14,17 @@ keeps its last tokens with a warning, or is refused with ``--no-truncate`` (see 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from smallm.config import add_dataclass_arguments
+from smallm.cli.common import add_model_arguments, add_sampling_arguments, load, run_command, sampling_from
 from smallm.generate import PromptTruncatedWarning, SamplingConfig
 
 PROG = "smallm-generate"
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-
-
-# ----- pieces the chat and eval commands share ------------------------------------------------------
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """CKPT, --prefer, --device and --dtype."""
-    p.add_argument("checkpoint", metavar="CKPT", help="a run directory (its latest checkpoint) or a checkpoint")
-    p.add_argument("--prefer", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype; auto: bf16 on CUDA, else fp32")
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """The :class:`~smallm.generate.SamplingConfig` fields as flags, and --seed."""
-    group = p.add_argument_group("sampling")
-    add_dataclass_arguments(group, SamplingConfig)
-    group.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")
-
-
-def sampling_from(args: argparse.Namespace, **defaults: Any) -> SamplingConfig:
-    """The SamplingConfig of the flags given, over ``defaults`` (over the dataclass's own)."""
-    names = [f.name for f in dataclasses.fields(SamplingConfig)]
-    values = {**defaults, **{n: getattr(args, n) for n in names if hasattr(args, n)}}
-    return SamplingConfig(**values)
-
-
-def load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model and tokenizer of ``args.checkpoint`` on the chosen device and dtype."""
-    import torch
-
-    from smallm.runs import load_model
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    if args.dtype == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    model, tokenizer, _ = load_model(args.checkpoint, device=device, dtype=dtype, prefer=args.prefer)
-    return model, tokenizer
-
-
-@contextmanager
-def plain_warnings(prog: str) -> Iterator[None]:
-    """Warnings as ``prog: warning: message`` lines on stderr, each time they occur."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", PromptTruncatedWarning)
-        warnings.showwarning = lambda message, *_args, **_kw: print(f"{prog}: warning: {message}", file=sys.stderr)
-        yield
-
-
-def run_main(prog: str, body: Any) -> int:
-    """Runs ``body()``; known failures (a missing or incompatible checkpoint, bad input) exit 1 with the message."""
-    from smallm.checkpoint import CheckpointError
-    from smallm.shardset import ShardError
-
-    try:
-        with plain_warnings(prog):
-            return body()
-    except (CheckpointError, ShardError, ValueError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
 
 
 # ----- generation -------------------------------------------------------------------------------------
@@ -246,7 +176,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(PROG, lambda: run_benchmark(args) if args.benchmark else generate(args))
+    body = lambda: run_benchmark(args) if args.benchmark else generate(args)  # noqa: E731
+    return run_command(PROG, body, always_warn=(PromptTruncatedWarning,))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from smallm.cli.common import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,21 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.checkpoint import CheckpointError
-    from smallm.hf import HFError, import_hf
+    from smallm.hf_import import import_hf
 
     args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            run = import_hf(args.hf_dir, args.out, force=args.force)
-    except (HFError, CheckpointError, OSError) as e:
-        print(f"smallm-import: error: {e}", file=sys.stderr)
-        return 1
-    for warning in caught:
-        print(f"smallm-import: warning: {warning.message}", file=sys.stderr)
-    print(f"wrote the run directory {run}")
-    return 0
+
+    def body() -> int:
+        run = import_hf(args.hf_dir, args.out, force=args.force)
+        print(f"wrote the run directory {run}")
+        return 0
+
+    return run_command("smallm-import", body, always_warn=(UserWarning,))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from smallm.cli.common import run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smallm-merge", description="Merge a LoRA adapter into its base model.")
@@ -26,18 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.checkpoint import CheckpointError
-    from smallm.hf import HFError
-    from smallm.lora import AdapterError, merge_run
+    from smallm.runs import merge_run
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         out = merge_run(args.adapter, args.out, base=args.base, force=args.force)
-    except (AdapterError, CheckpointError, HFError, OSError) as e:
-        print(f"smallm-merge: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}: the base with the adapter merged in")
-    return 0
+        print(f"wrote {out}: the base with the adapter merged in")
+        return 0
+
+    return run_command("smallm-merge", body)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from smallm.cli.common import run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -28,16 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.hf import HFError, push_to_hub
+    from smallm.hub import push_to_hub
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         url = push_to_hub(args.folder, args.repo_id, private=args.private, commit_message=args.message)
-    except HFError as e:
-        print(f"smallm-push: error: {e}", file=sys.stderr)
-        return 1
-    print(f"uploaded {args.folder} to {url}")
-    return 0
+        print(f"uploaded {args.folder} to {url}")
+        return 0
+
+    return run_command("smallm-push", body)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ their ``.idx`` document indexes, and ``manifest.json``. An interrupted run resum
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from smallm.cli.common import run_command
 from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
+from smallm.files import copy_file_atomic
 from smallm.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
 from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
@@ -79,20 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         corpus = find_corpus(args)
         check_options(args)
         resuming = prepare_output(args.out, args)
         tokenizer = get_tokenizer(args, corpus, resuming)
         if not args.no_shards:
             write_shards(args, corpus, tokenizer)
-    except (ValueError, OSError) as e:
-        print(f"smallm-tokenize: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("smallm-tokenize: interrupted; finished shards are kept and a re-run resumes", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_command(
+        "smallm-tokenize", body, on_interrupt="interrupted; finished shards are kept and a re-run resumes"
+    )
 
 
 def find_corpus(args: argparse.Namespace) -> Corpus:
@@ -162,20 +161,11 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> T
         # Copy the files as they are: the shards' manifest records the sha256 of tokenizer.json.
         args.out.mkdir(parents=True, exist_ok=True)
         for name in TOKENIZER_FILES:
-            copy_atomic(args.tokenizer / name, args.out / name)
+            copy_file_atomic(args.tokenizer / name, args.out / name)
     else:
         tokenizer.save(args.out)
     print(f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr)
     return tokenizer
-
-
-def copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def train_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:

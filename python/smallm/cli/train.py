@@ -22,9 +22,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smallm.config import TrainConfig, add_dataclass_arguments, build_config, read_config_file
+from smallm.cli.common import run_command
+from smallm.config import TrainConfig, build_config
 from smallm.model import ModelConfig
+from smallm.options import add_dataclass_arguments, read_config_file
 
+INTERRUPTED = "interrupted; resume from the last checkpoint with --resume"
 DEFAULT_VOCAB = 8192
 """Vocabulary of the built-in stdlib corpus: small enough for the tiny preset's embedding table."""
 
@@ -53,7 +56,7 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
             model[key[len("model_") :]] = args.pop(key)
     values.update(args)
     values["model"] = model
-    return build_config(values, source)
+    return build_config(TrainConfig, values, source)
 
 
 def cache_dir() -> Path:
@@ -66,6 +69,7 @@ def cache_dir() -> Path:
 def default_corpus() -> Path:
     """Tokenizes and packs the stdlib sources once; later runs reuse the cached shards."""
     from smallm.corpus import Corpus, stdlib_sources
+    from smallm.files import write_folder_atomic
     from smallm.shards import MANIFEST, PackOptions, pack_corpus
     from smallm.tokenizer import Tokenizer
 
@@ -74,20 +78,17 @@ def default_corpus() -> Path:
         return target
     print(f"preparing the built-in corpus (Python stdlib sources) in {target}, once", file=sys.stderr)
     corpus = Corpus(files=stdlib_sources())
-    building = target.with_name(target.name + f".tmp-{os.getpid()}")
-    building.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.train_from_corpus(corpus, DEFAULT_VOCAB, progress=True)
-    tokenizer.save(building)
-    pack_corpus(corpus, tokenizer, building, PackOptions(val_fraction=0.02), progress=True)
-    building.rename(target)
-    return target
+
+    def fill(building: Path) -> None:
+        tokenizer = Tokenizer.train_from_corpus(corpus, DEFAULT_VOCAB, progress=True)
+        tokenizer.save(building)
+        pack_corpus(corpus, tokenizer, building, PackOptions(val_fraction=0.02), progress=True)
+
+    return write_folder_atomic(target, fill)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.data import ShardError
-    from smallm.trainer import TrainingError
-
-    try:
+    def body() -> int:
         cfg = parse_config(argv)
         if cfg.data is None:
             cfg.data = str(default_corpus())
@@ -96,17 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
         if cfg.dry_run:
             return dry_run(cfg)
-        from smallm.trainer import train
+        from smallm.jobs import run as run_job
 
-        result = train(cfg)
-    except (ValueError, OSError, ShardError, TrainingError) as e:
-        print(f"smallm-train: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("smallm-train: interrupted; resume from the last checkpoint with --resume", file=sys.stderr)
-        return 130
-    report(result, cfg.out)
-    return 0
+        report(run_job(cfg), cfg.out)
+        return 0
+
+    return run_command("smallm-train", body, on_interrupt=INTERRUPTED)
 
 
 def report(result: dict[str, Any], out: str, sample: str = "sample") -> None:
@@ -121,9 +117,10 @@ def report(result: dict[str, Any], out: str, sample: str = "sample") -> None:
 def dry_run(cfg: TrainConfig) -> int:
     import torch
 
+    from smallm.distributed import autocast_dtype
     from smallm.memory import describe_run
     from smallm.tokenizer import Tokenizer
-    from smallm.trainer import autocast_dtype, model_config_for
+    from smallm.trainable import model_config_for
 
     tokenizer = Tokenizer.load(cfg.data or ".")
     mc = model_config_for(cfg, tokenizer)

@@ -1,0 +1,149 @@
+"""Direct preference optimization (``smallm-dpo``; Rafailov et al. 2023) against the frozen start.
+
+For each pair, with the log-probabilities of the answers summed over their tokens,
+``loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``, normalised by the pairs of the whole
+step. The reference is the starting model, frozen: under LoRA the same network with its adapters disabled
+(no second copy), otherwise a copy made before training. Logged: the implicit rewards
+``beta * (pi - ref)`` of chosen and rejected answers, their margin and the preference accuracy (how often
+the chosen answer's reward is the higher).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smallm.config import DPOConfig
+from smallm.conversations import EncodedPair, PairBatches, encode_pairs, pair_tensors, read_pairs
+from smallm.tasks import Batch, RunContext
+from smallm.tasks.chat import ChatData
+
+__all__ = ["DPO", "PreferenceLoss"]
+
+
+class PreferenceLoss:
+    """The DPO :class:`~smallm.tasks.Objective`: batches are ``(x, y)`` of 2B rows, the B chosen answers
+    then the B rejected ones; the stats are the sums of [loss, chosen reward, rejected reward, pairs the
+    chosen answer wins, pairs]."""
+
+    def __init__(
+        self,
+        beta: float,
+        reference: Callable[[], AbstractContextManager[nn.Module]],
+        autocast: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
+        self.beta, self.reference, self.autocast = beta, reference, autocast
+
+    def count(self, batch: Batch) -> Tensor:
+        return torch.tensor(batch[0].shape[0] // 2, device=batch[0].device)
+
+    def sequence_logps(self, net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Summed log-probability of each row's supervised targets (the answer), fp32."""
+        with self.autocast():
+            _, losses = net(x, y, reduction="none")
+        return -losses.sum(dim=-1)
+
+    def pair_stats(self, x: Tensor, y: Tensor, net: nn.Module) -> tuple[Tensor, Tensor]:
+        """(summed DPO loss, the stats) of one batch."""
+        policy = self.sequence_logps(net, x, y)
+        with torch.no_grad(), self.reference() as reference:
+            was_training = reference.training
+            reference.eval()
+            ref = self.sequence_logps(reference, x, y)
+            reference.train(was_training)
+        B = x.shape[0] // 2
+        reward = self.beta * (policy - ref)  # implicit rewards; only their difference has a gradient
+        margin = reward[:B] - reward[B:]
+        loss = -F.logsigmoid(margin).sum()
+        r = reward.detach()
+        stats = torch.stack([loss.detach(), r[:B].sum(), r[B:].sum(), (margin > 0).sum().float(), torch.tensor(B)])
+        return loss, stats.double()
+
+    def loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.pair_stats(batch[0], batch[1], net)
+
+    def train_metrics(self, stats: Tensor, count: Tensor) -> dict[str, float]:
+        loss, chosen, rejected, correct, pairs = stats.tolist()
+        n = max(pairs, 1.0)
+        return {
+            "loss": loss / n,
+            "reward_chosen": chosen / n,
+            "reward_rejected": rejected / n,
+            "reward_margin": (chosen - rejected) / n,
+            "reward_accuracy": correct / n,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> Tensor:
+        sums = torch.zeros(5, dtype=torch.float64, device=next(model.parameters()).device)
+        was_training = model.training
+        model.eval()
+        try:
+            for x, y, *_ in batches:
+                sums += self.pair_stats(x, y, model)[1].to(sums.device)
+        finally:
+            model.train(was_training)
+        return sums
+
+    def validation_metrics(self, sums: Tensor) -> dict[str, float]:
+        if sums[4] == 0:
+            return {}
+        return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[4]).items()}
+
+
+class DPO:
+    """The :class:`~smallm.tasks.Task` of ``smallm-dpo``."""
+
+    def __init__(self, cfg: DPOConfig) -> None:
+        self.cfg = cfg
+        self.data = ChatData(cfg, read_pairs)
+        self.tokenizer = self.data.tokenizer
+
+    def attach(self, context: RunContext) -> PreferenceLoss:
+        self.context = context
+        self.pairs = self._encode(self.data.train, "training")
+        if not self.pairs:
+            raise ValueError(f"{self.cfg.data}: no pair fits in {context.seq_len} tokens; raise --seq-len")
+        self.val_pairs = self._encode(self.data.val, "validation")
+        context.runtime.log(f"{len(self.pairs)} preference pairs")
+        return PreferenceLoss(self.cfg.beta, context.frozen_start(), context.autocast)
+
+    def _encode(self, pairs: list[Any], what: str) -> list[EncodedPair]:
+        encoded, dropped = encode_pairs(self.tokenizer, pairs, self.context.seq_len)
+        if dropped:
+            warnings.warn(
+                f"{dropped} of {len(pairs)} {what} pairs are longer than the context of {self.context.seq_len} "
+                "tokens and were left out",
+                stacklevel=3,
+            )
+        return encoded
+
+    def train_batches(self) -> PairBatches:
+        c = self.context
+        return PairBatches(
+            self.pairs, c.batch_size, self.data.pad_id(), seed=c.seed, rank=c.runtime.rank,
+            world_size=c.runtime.world_size, device=c.runtime.device,
+        )  # fmt: skip
+
+    def max_steps(self, rows_per_step: int) -> int:
+        return self.data.max_steps(len(self.pairs), rows_per_step, self.context.runtime)
+
+    def validation_batches(self) -> list[Batch] | None:
+        if not self.val_pairs:
+            return None
+        runtime, B = self.context.runtime, self.context.batch_size
+        mine = self.val_pairs[runtime.rank :: runtime.world_size]
+        return [pair_tensors(mine[s : s + B], self.data.pad_id(), runtime.device) for s in range(0, len(mine), B)]
+
+    def sample(self, model: nn.Module) -> str:
+        prompt, chosen, _ = self.data.train[0]
+        return self.data.sample_reply(model, prompt + chosen)
+
+    def run_config(self) -> dict[str, Any]:
+        return self.data.run_config()

@@ -1,0 +1,192 @@
+"""The model a run trains: built from the run's configuration, and what its checkpoints hold.
+
+* :class:`FullModel`: every weight trains and checkpoints hold the whole state dict. Pretraining builds
+  it fresh from a preset (the vocabulary rounded up to a multiple of 64) or from the weights of
+  ``--init-from``; full fine-tuning from the checkpoint it tunes.
+* :class:`AdapterModel`: LoRA adapters (QLoRA: over a 4-bit NF4 base) on a frozen base, and with
+  ``--lora-train-embeddings`` the embedding table (and an untied ``lm_head``) training in full beside them.
+  Checkpoints hold those tensors only; at the end the adapter is also written in peft's layout to
+  ``RUN/adapter/``, and the run's config names the base it belongs to (``lora`` section).
+
+:func:`build_trainable` chooses and builds one, on the run's device.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from smallm.checkpoint import load_weights
+from smallm.config import FinetuneConfig, RunConfig, TrainConfig
+from smallm.distributed import Runtime
+from smallm.lora import (
+    LoraSettings,
+    adapter_state,
+    apply_lora,
+    load_adapter,
+    place_frozen_base,
+    quantize_nf4,
+    save_adapter,
+)
+from smallm.model import ModelConfig, SmallLM
+from smallm.runs import load_model, read_config, resolve_checkpoint
+from smallm.tokenizer import Tokenizer
+
+__all__ = ["AdapterModel", "FullModel", "Trainable", "build_trainable", "model_config_for"]
+
+Reference = Callable[[], AbstractContextManager[nn.Module]]
+
+
+class FullModel:
+    """A model whose every weight trains."""
+
+    quantized = False
+
+    def __init__(self, module: SmallLM) -> None:
+        self.module, self.config = module, module.config
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The tensors a checkpoint stores instead of the whole state dict: None, all of it."""
+        return None
+
+    def restore(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        self.module.load_state_dict(tensors)
+
+    def frozen_start(self, dtype: torch.dtype) -> Reference:
+        """A frozen copy of the weights as they are now, in ``dtype`` (DPO's reference)."""
+        frozen = copy.deepcopy(self.module).to(dtype=dtype).eval().requires_grad_(False)
+        return lambda: nullcontext(frozen)
+
+    def run_config(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self, out: Path, runtime: Runtime) -> None:
+        """What to write beside the checkpoints at the end of the run: nothing."""
+
+
+class AdapterModel:
+    """LoRA or QLoRA adapters over a frozen base; see the module docstring."""
+
+    def __init__(self, module: SmallLM, settings: LoraSettings, cfg: FinetuneConfig, base: Path, runtime: Runtime,
+                 frozen_dtype: torch.dtype) -> None:  # fmt: skip
+        self.config, self.settings, self.base = module.config, settings, base
+        self.quantized, self.train_embeddings = cfg.quantize == "nf4", cfg.lora_train_embeddings
+        if self.quantized:
+            size = quantize_nf4(module, runtime.device, frozen_dtype)
+            runtime.log(f"block weights quantized to NF4: {size / 2**20:.1f} MiB")
+        place_frozen_base(module, runtime.device, frozen_dtype)
+        self.peft = apply_lora(module, settings)
+        self.module = module  # peft injects its layers into the module itself
+        for p in self.embedding_weights().values():
+            p.data = p.data.float()  # trained in fp32 like the adapters
+            p.requires_grad_(True)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        runtime.log(f"LoRA r={settings.r} on {','.join(settings.targets)}: {trainable / 1e6:.2f}M trainable")
+
+    def embedding_weights(self) -> dict[str, nn.Parameter]:
+        """With ``--lora-train-embeddings``: the embedding table and (untied) lm_head, by their checkpoint
+        names; otherwise nothing."""
+        if not self.train_embeddings:
+            return {}
+        base = self.peft.get_base_model()
+        weights = {"model.embed_tokens.weight": base.model.embed_tokens.weight}
+        if not self.config.tie_embeddings:
+            weights["lm_head.weight"] = base.lm_head.weight
+        return weights
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor] | None:
+        return {**adapter_state(self.peft), **self.embedding_weights()}
+
+    def restore(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        tensors = dict(tensors)
+        with torch.no_grad():
+            for name, p in self.embedding_weights().items():
+                p.copy_(tensors.pop(name))
+        load_adapter(self.peft, tensors, source)
+
+    def frozen_start(self, dtype: torch.dtype) -> Reference:
+        """The base as it was at the start: the same network with its adapters disabled (no copy)."""
+
+        @contextmanager
+        def disabled() -> Iterator[nn.Module]:
+            with self.peft.disable_adapter():
+                yield self.module
+
+        return disabled
+
+    def run_config(self) -> dict[str, Any]:
+        base = str(Path(os.path.abspath(self.base)))
+        quantize = "nf4" if self.quantized else "none"
+        return {
+            "lora": {**asdict(self.settings), "quantize": quantize, "base": base, "embeddings": self.train_embeddings}
+        }
+
+    def finish(self, out: Path, runtime: Runtime) -> None:
+        """Writes ``out/adapter/`` in peft's layout (not with trained embeddings: it would be incomplete)."""
+        if self.train_embeddings:
+            runtime.log(f"the embeddings were trained too: make the full model with smallm-merge {out} --out DIR")
+            return
+        folder = save_adapter(self.peft, out / "adapter", base=str(self.base))
+        runtime.log(f"adapter (peft format) in {folder}")
+
+
+Trainable = Union[FullModel, AdapterModel]
+
+
+def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer, init: Path | None = None) -> ModelConfig:
+    """The preset with the run's overrides, or the shape of the ``init`` checkpoint; the vocabulary
+    defaults to the tokenizer's, rounded up to a multiple of 64 for faster matmuls."""
+    if init is not None:
+        mc = ModelConfig(**read_config(init)["model"])
+    else:
+        overrides = dict(cfg.model)
+        overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
+        mc = ModelConfig.preset(cfg.preset, **overrides)
+    if mc.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"the model's vocab_size {mc.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}: "
+            "ids past the embedding table would crash training; raise model.vocab_size"
+        )
+    return mc
+
+
+def build_trainable(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime, amp_dtype: torch.dtype | None) -> Trainable:
+    """The model ``cfg`` trains, on the runtime's device, with activation checkpointing as configured."""
+    if isinstance(cfg, FinetuneConfig):
+        base = resolve_checkpoint(cfg.init_from or "")
+        module = load_model(base)[0].train()  # a LoRA run's adapter is merged into its base
+        runtime.log(f"fine-tuning {base} ({module.num_parameters() / 1e6:.1f}M parameters)")
+        settings = cfg.lora()
+        if settings is None:
+            model: Trainable = FullModel(module.to(runtime.device))
+        else:
+            # Frozen weights are only read through autocast: store them in its dtype.
+            model = AdapterModel(module, settings, cfg, base, runtime, amp_dtype or torch.float32)
+    elif isinstance(cfg, TrainConfig):
+        model = FullModel(_pretraining_model(cfg, tokenizer, runtime).to(runtime.device))
+    else:
+        raise TypeError(f"no model builder for a {type(cfg).__name__}")
+    model.module.gradient_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def _pretraining_model(cfg: TrainConfig, tokenizer: Tokenizer, runtime: Runtime) -> SmallLM:
+    """A fresh model of the preset, or one with the weights of ``init_from``."""
+    init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+    mc = model_config_for(cfg, tokenizer, init)
+    model = SmallLM(mc)
+    if init is not None and "lora" in read_config(init):
+        model = load_model(init)[0].train()  # the adapter merged into the base it names
+        runtime.log(f"initialised from {init} merged into its base")
+    elif init is not None:
+        model.load_state_dict(load_weights(init))
+        runtime.log(f"initialised from the weights of {init}")
+    return model

@@ -1,0 +1,104 @@
+"""Run configuration: one base for every kind of run, one check all of them go through, and only the
+flags a kind of run uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from smallm.cli import finetune as finetune_cli
+from smallm.cli import train as train_cli
+from smallm.config import DPOConfig, FinetuneConfig, RunConfig, TrainConfig, build_config, validate
+
+
+def flags(parser_help: str) -> set[str]:
+    return {word.rstrip(",") for word in parser_help.split() if word.startswith("--")}
+
+
+def test_the_shared_fields_are_declared_once() -> None:
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    for kind in (TrainConfig, FinetuneConfig, DPOConfig):
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        assert shared <= fields.keys()
+        for name in shared:  # a kind may change a default, never the help or the constraints
+            assert fields[name].metadata == next(f for f in dataclasses.fields(RunConfig) if f.name == name).metadata
+
+
+@pytest.mark.parametrize("kind", [TrainConfig, FinetuneConfig, DPOConfig])
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"precision": "bf61"}, "precision must be one of auto, bf16, fp16, fp32, got 'bf61'"),
+        ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+        ({"beta2": 1.0}, "beta2 must be below 1, got 1.0"),
+        ({"max_steps": "5"}, "max_steps must be int, got '5'"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"optimizer": "sgd"}, "optimizer must be one of auto, adamw, paged-adamw"),
+    ],
+)
+def test_every_kind_of_run_checks_the_shared_fields(kind: type, setting: dict, message: str) -> None:
+    base = {"init_from": "ckpt", "data": "chats.jsonl"} if kind is not TrainConfig else {}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(kind(**base, **setting))
+
+
+def test_fine_tuning_rules(tmp_path: Path) -> None:
+    def check(kind: type = FinetuneConfig, **values: object) -> None:
+        validate(kind(**{"init_from": "ckpt", "data": "chats.jsonl", **values}))
+
+    check()
+    with pytest.raises(ValueError, match="give --lora-r too"):
+        check(quantize="nf4")
+    with pytest.raises(ValueError, match="positive --epochs"):
+        check(epochs=0.0)
+    with pytest.raises(ValueError, match="LoRA runs replicate"):
+        check(lora_r=4, fsdp=True)
+    with pytest.raises(ValueError, match="beta must be positive"):
+        check(DPOConfig, beta=0.0)
+    with pytest.raises(ValueError, match="does not shard with --fsdp"):
+        check(DPOConfig, fsdp=True)
+    with pytest.raises(ValueError, match="fine-tuning starts from a checkpoint"):
+        validate(FinetuneConfig(data="chats.jsonl"))
+
+
+def test_each_command_offers_only_the_flags_its_run_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    helps = {}
+    for name, parser in (
+        ("train", train_cli.build_parser()),
+        ("sft", finetune_cli.build_parser("sft")),
+        ("dpo", finetune_cli.build_parser("dpo")),
+    ):
+        helps[name] = flags(parser.format_help())
+    assert {"--preset", "--sampling", "--dry-run", "--model-n-layer"} <= helps["train"]
+    assert not {"--lora-r", "--beta", "--epochs", "--val-data"} & helps["train"]
+    assert {"--lora-r", "--quantize", "--epochs", "--val-data"} <= helps["sft"]
+    assert not {"--beta", "--preset", "--sampling", "--dry-run"} & helps["sft"]
+    assert helps["dpo"] == helps["sft"] | {"--beta"}
+    shared = {"--lr", "--precision", "--grad-accum", "--optimizer", "--resume", "--keep-last"}
+    assert all(shared <= h for h in helps.values())
+
+
+def test_a_bad_precision_for_sft_is_a_clear_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "sft.toml"
+    config.write_text('precision = "bf61"\n', encoding="utf-8")
+    argv = [str(tmp_path / "base"), "--data", str(tmp_path / "chats.jsonl"), "--config", str(config)]
+    assert finetune_cli.sft_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "smallm-sft: error:" in err and "precision must be one of auto, bf16, fp16, fp32, got 'bf61'" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):  # on the command line argparse refuses it, naming the choices
+        finetune_cli.sft_main([*argv[:3], "--precision", "bf61"])
+    assert "invalid choice: 'bf61'" in capsys.readouterr().err
+
+
+def test_a_config_file_names_what_it_gets_wrong(tmp_path: Path) -> None:
+    bad = tmp_path / "run.toml"
+    bad.write_text('max_steps = "many"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"run.toml: max_steps must be int, got 'many'"):
+        train_cli.parse_config(["--config", str(bad)])
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['beta'\]"):
+        build_config(FinetuneConfig, {"init_from": "ckpt", "data": "x.jsonl", "beta": 0.1}, "sft.toml")
+    assert build_config(DPOConfig, {"init_from": "ckpt", "data": "x.jsonl", "beta": 0.2}).beta == 0.2
