@@ -1,8 +1,9 @@
 """Generation speed of smallm against Hugging Face ``transformers``' ``generate`` on the same model.
 
 The model is a random-weight smallm model of a preset (default ``38m`` at vocabulary 32000) or a
-trained checkpoint (``--checkpoint RUN``). The ``transformers`` side is a ``LlamaForCausalLM`` built
-from the same shape with smallm's state dict loaded into it (the keys are the same; a tied lm_head is
+trained checkpoint (``--checkpoint RUN``). The ``transformers`` side is the class ``smallm-export``
+names (``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with QK-norm) built from the same config with
+smallm's state dict loaded into it (the keys are the same; a tied lm_head is
 tied in both), SDPA attention; before timing, the script checks that both give the same logits.
 
 Both get the same prompts (random ordinary token ids, ``--prompt-tokens`` each, equal lengths so that
@@ -40,24 +41,19 @@ SETTINGS = {"greedy": SamplingConfig(temperature=0.0), "t=0.8, top-k 50": Sampli
 
 
 def transformers_twin(model: SmallLM) -> Any:
-    """A ``LlamaForCausalLM`` of the same shape holding the same weights."""
+    """The transformers model of the same shape (``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with
+    QK-norm, from the config ``smallm-export`` writes) holding the same weights."""
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from smallm.hf import hf_config
 
     c = model.config
     major = int(transformers.__version__.split(".")[0])
-    # transformers 5 reads rope_theta from rope_parameters; 4.x takes it as a top-level field.
-    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}} if major >= 5 else {
-        "rope_theta": c.rope_theta
-    }  # fmt: skip
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa", **rope,
-    )  # fmt: skip
-    twin = LlamaForCausalLM(config).to(dtype=model.lm_head.weight.dtype, device=model.lm_head.weight.device)
+    settings = hf_config(c, None, model.lm_head.weight.dtype, major)
+    settings.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    config._attn_implementation = "sdpa"
+    twin = transformers.AutoModelForCausalLM.from_config(config)
+    twin = twin.to(dtype=model.lm_head.weight.dtype, device=model.lm_head.weight.device)
     twin.load_state_dict(model.state_dict(), strict=True)
     if c.tie_embeddings:
         assert twin.lm_head.weight.data_ptr() == twin.model.embed_tokens.weight.data_ptr()

@@ -34,7 +34,7 @@ def test_the_shared_fields_are_declared_once() -> None:
         ({"beta2": 1.0}, "beta2 must be below 1, got 1.0"),
         ({"max_steps": "5"}, "max_steps must be int, got '5'"),
         ({"lr": -1.0}, "lr must be positive"),
-        ({"optimizer": "sgd"}, "optimizer must be one of auto, adamw, paged-adamw"),
+        ({"optimizer": "sgd"}, "optimizer must be one of auto, muon, adamw, paged-adamw"),
     ],
 )
 def test_every_kind_of_run_checks_the_shared_fields(kind: type, setting: dict, message: str) -> None:
@@ -71,11 +71,11 @@ def test_each_command_offers_only_the_flags_its_run_uses(capsys: pytest.CaptureF
     ):
         helps[name] = flags(parser.format_help())
     assert {"--preset", "--sampling", "--dry-run", "--model-n-layer"} <= helps["train"]
-    assert not {"--lora-r", "--beta", "--epochs", "--val-data"} & helps["train"]
-    assert {"--lora-r", "--quantize", "--epochs", "--val-data"} <= helps["sft"]
-    assert not {"--beta", "--preset", "--sampling", "--dry-run"} & helps["sft"]
+    assert not {"--lora-r", "--beta", "--epochs", "--val-data", "--grad-accum"} & helps["train"]
+    assert {"--lora-r", "--quantize", "--epochs", "--val-data", "--grad-accum"} <= helps["sft"]
+    assert not {"--beta", "--preset", "--sampling", "--dry-run", "--batch-tokens", "--init"} & helps["sft"]
     assert helps["dpo"] == helps["sft"] | {"--beta"}
-    shared = {"--lr", "--precision", "--grad-accum", "--optimizer", "--resume", "--keep-last"}
+    shared = {"--lr", "--precision", "--schedule", "--optimizer", "--resume", "--keep-last"}
     assert all(shared <= h for h in helps.values())
 
 
@@ -102,3 +102,12 @@ def test_a_config_file_names_what_it_gets_wrong(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['beta'\]"):
         build_config(FinetuneConfig, {"init_from": "ckpt", "data": "x.jsonl", "beta": 0.1}, "sft.toml")
     assert build_config(DPOConfig, {"init_from": "ckpt", "data": "x.jsonl", "beta": 0.2}).beta == 0.2
+
+
+def test_pretraining_batches_are_given_in_tokens() -> None:
+    cfg = TrainConfig(batch_size=4, batch_tokens=4 * 256 * 6)
+    assert cfg.micro_batches(256, 1) == 6 and cfg.micro_batches(256, 2) == 3
+    with pytest.raises(ValueError, match=r"--batch-tokens 6144 is not a multiple of --batch-size 4 x seq_len 256 x 4"):
+        cfg.micro_batches(256, 4)
+    assert TrainConfig(preset="124m").step_tokens() == 2**19  # the preset's
+    assert FinetuneConfig(grad_accum=3).micro_batches(1024, 8) == 3

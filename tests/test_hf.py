@@ -125,6 +125,39 @@ def test_export_loads_as_llama_with_smallm_logits(run: Path, exported: Path, hf_
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("options", "architecture"),
+    [
+        ({"qk_norm": True}, "Qwen3ForCausalLM"),
+        ({"qk_norm": True, "hidden_act": "relu2", "tie_embeddings": False}, "Qwen3ForCausalLM"),
+        ({"hidden_act": "gelu_pytorch_tanh"}, "LlamaForCausalLM"),
+    ],
+)
+def test_architecture_options_export_to_the_class_that_computes_them(
+    options: dict, architecture: str, tokenizer: Tokenizer, tmp_path: Path, save_run, transformers: Any
+) -> None:
+    """QK-norm exports as Qwen3 (LLaMA's layers with per-head query/key norms); the activation is the
+    config's hidden_act. Logits equal smallm's, and an import of the export gives them back."""
+    from smallm.hf_import import import_hf
+
+    config = ModelConfig(vocab_size=MODEL_VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64, **options)
+    torch.manual_seed(5)
+    model = SmallLM(config).eval()
+    with torch.no_grad():  # norm gains away from 1, so that a missing or misplaced norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    exported = export_hf(save_run(model, tokenizer), tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(hf_model).__name__ == architecture
+    ids = torch.randint(0, TOKENIZER_VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-5, rtol=0)
+        back = load_model(import_hf(exported, tmp_path / "back"))[0]
+        torch.testing.assert_close(back(ids), model(ids), atol=1e-6, rtol=0)
+    assert back.config.qk_norm == config.qk_norm and back.config.hidden_act == config.hidden_act
+
+
 def test_tied_embeddings_are_stored_once_and_tied_on_load(run: Path, exported: Path, hf_model: Any) -> None:
     tied = load_model(run)[0].config.tie_embeddings
     with safetensors.safe_open(str(exported / "model.safetensors"), framework="pt") as weights:
@@ -158,8 +191,8 @@ def test_every_rope_form_gives_the_installed_transformers_the_same_theta(
     tokenizer: Tokenizer, transformers: Any, major: int | None
 ) -> None:
     # Without transformers both forms are written; the installed version must read either.
-    config = hf_config(ModelConfig(vocab_size=448, n_layer=1, n_embd=64, n_head=4, rope_theta=5e5), tokenizer,
-                       torch.float32, major)  # fmt: skip
+    config = hf_config(ModelConfig(vocab_size=448, n_layer=1, n_embd=64, n_head=4, rope_theta=5e5),
+                       tokenizer.eot_token, torch.float32, major)  # fmt: skip
     assert ("rope_parameters" in config) is (major != 4) and ("rope_theta" in config) is (major != 5)
     loaded = transformers.LlamaConfig(**config)
     rope = getattr(loaded, "rope_parameters", None) or {"rope_theta": loaded.rope_theta}

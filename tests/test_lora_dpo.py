@@ -401,3 +401,31 @@ def test_lora_can_train_the_embeddings_too(tied: bool, tok: Tokenizer, data: tup
     assert torch.equal(resumed.model.module.model.embed_tokens.weight, trained)
     with pytest.raises(ValueError, match="lora-train-embeddings goes with --lora-r in smallm-sft"):
         validate(config(base, data[1], tmp_path / "dpo", method="dpo", lora_r=4, lora_train_embeddings=True))
+
+
+@pytest.mark.slow
+def test_muon_under_ddp_keeps_the_ranks_identical_and_tracks_one_rank(
+    base: Path, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Full SFT with Muon on two ranks: every rank orthogonalises the same averaged gradient, so both hold
+    the very same weights; and they track one rank of the doubled batch (torch's Muon runs Newton-Schulz
+    in bf16, which turns the last-bit differences of a differently summed gradient into differences of a
+    few percent of a step, so the runs agree to a fraction of how far they moved, not bitwise)."""
+    common = [
+        str(base), "--data", str(data[0]), "--optimizer", "muon", "--lr", "0.02", "--max-steps", "3", "--device",
+        "cpu", "--val-fraction", "0", "--warmup-steps", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    script = str(Path(__file__).with_name("weights_per_rank.py"))
+    one = [sys.executable, script, *common, "--batch-size", "4", "--out", str(tmp_path / "one")]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", script]
+    two += [*common, "--batch-size", "2", "--out", str(tmp_path / "two")]
+    for command in (one, two):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1))
+    single, start = torch.load(tmp_path / "one" / "rank0.pt"), load_weights(latest_checkpoint(base))
+    for key, weight in rank0.items():
+        assert torch.equal(weight, rank1[key]), key
+        moved = (single[key] - start[key]).norm()
+        assert (weight - single[key]).norm() < 0.3 * moved, key

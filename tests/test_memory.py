@@ -27,7 +27,7 @@ from smallm.memory import (  # noqa: E402
     peak_flops_for_name,
     warn_unknown_device,
 )
-from smallm.model import PRESETS, SDPA_HAS_GQA, ModelConfig, SmallLM  # noqa: E402
+from smallm.model import PRESETS, ModelConfig, SmallLM  # noqa: E402
 
 # No activation of a B x T = 120-token batch has a 2-D shape equal to a weight's (97, 64, 32, 160),
 # so the weight copies autocast saves can be told apart from activations by shape.
@@ -128,8 +128,6 @@ def saved_tensor_bytes(config: ModelConfig, precision: str, checkpointing: bool)
 @pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=4, tie_embeddings=False)], ids=["gqa", "mha"])
 def test_activation_estimate_matches_the_saved_tensors(precision: str, overrides: dict) -> None:
     config = tiny_config(**overrides)
-    if config.n_kv_head != config.n_head and not SDPA_HAS_GQA:
-        pytest.skip("before torch 2.5 the model repeats k and v to n_head heads, which the estimate ignores")
     measured, copies = saved_tensor_bytes(config, precision, checkpointing=False)
     est = estimate(config, batch_size=BATCH, seq_len=SEQ, precision=precision)
     log_probs = 4 * BATCH * SEQ * VOCAB  # the part of est.logits that autograd saves
@@ -244,7 +242,7 @@ def test_bad_arguments_are_refused(overrides: dict) -> None:
 
 
 def test_reports_name_every_item() -> None:
-    config = ModelConfig.preset("124m", vocab_size=50304)
+    config = ModelConfig.preset("124m", vocab_size=50304, tie_embeddings=True)  # GPT-2 small's 124M
     table = format_estimate(estimate_training_memory(config, 16, 1024, precision="bf16", activation_checkpointing=True))
     for word in ("parameters", "gradients", "optimizer state", "weight copies", "activations", "logits", "total"):
         assert word in table

@@ -93,16 +93,6 @@ def test_logits_and_loss_equal_transformers_llama(n_kv_head: int, tie_embeddings
         torch.testing.assert_close(loss, hf(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
 
 
-def test_gqa_without_enable_gqa_repeats_kv_heads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import smallm.model
-
-    model, ids = random_model(n_kv_head=2), random_ids(2, 12)
-    with torch.no_grad():
-        native = model(ids)
-        monkeypatch.setattr(smallm.model, "SDPA_HAS_GQA", False)  # torch < 2.5
-        torch.testing.assert_close(model(ids), native, atol=1e-6, rtol=1e-6)
-
-
 def test_rmsnorm_matches_transformers_bitwise_in_bf16() -> None:
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     model = random_model()
@@ -280,11 +270,11 @@ def test_rotary_tables_stay_fp32_and_survive_meta_device() -> None:
 # ----- configs and presets -----------------------------------------------------------------------
 
 # Parameter counts at vocab_size 32000 (the table in the PRESETS comments).
-PRESET_PARAMS = {
-    "tiny": 11_340_032,
-    "38m": 38_252_928,
-    "124m": 109_529_856,
-    "350m": 341_099_520,
+PRESET_PARAMS = {  # at vocab 32000, untied: the tied counts of the preset comments + 32000 x width
+    "tiny": 11_340_032 + 32000 * 256,
+    "38m": 38_252_928 + 32000 * 384,
+    "124m": 109_529_856 + 32000 * 768,
+    "350m": 341_099_520 + 32000 * 1024,
     "tinyllama-1.1b": 1_100_048_384,
 }
 
@@ -298,8 +288,8 @@ def test_presets_build_with_their_documented_sizes(name: str) -> None:
 
 def test_gpt2_shaped_presets_match_gpt2_sizes_at_its_vocab() -> None:
     with torch.device("meta"):
-        small = SmallLM(ModelConfig.preset("124m", vocab_size=50304))
-        medium = SmallLM(ModelConfig.preset("350m", vocab_size=50304))
+        small = SmallLM(ModelConfig.preset("124m", vocab_size=50304, tie_embeddings=True))  # GPT-2 ties them
+        medium = SmallLM(ModelConfig.preset("350m", vocab_size=50304, tie_embeddings=True))
     assert round(small.num_parameters() / 1e6) == 124
     assert round(medium.num_parameters() / 1e6) == 360  # GPT-2 medium: 355M with biases, 50257 ids
 
@@ -349,3 +339,39 @@ def test_parameter_and_flop_counts() -> None:
     assert model.num_parameters(exclude_embeddings=True) == L * per_layer + d
     matmuls = L * (2 * d * d + 2 * d * kv + 3 * d * ff) + VOCAB * d  # lm_head counts even when tied
     assert flops_per_token(model.config, 32) == 6 * matmuls + 12 * L * d * 32
+
+
+def test_zero_residual_init_starts_every_block_as_the_identity() -> None:
+    from smallm.trainable import initialise
+
+    model = random_model()
+    initialise(model, "zero-residual")
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        embedded = model.model.embed_tokens(ids)
+        for layer in model.model.layers:
+            assert torch.count_nonzero(layer.self_attn.o_proj.weight) == 0
+            assert torch.count_nonzero(layer.mlp.down_proj.weight) == 0
+            assert torch.equal(layer(embedded, model.model.rotary_emb(torch.arange(16)[None], embedded.dtype), None,
+                                     None, 0), embedded)  # fmt: skip
+    assert torch.count_nonzero(model.model.layers[0].self_attn.q_proj.weight) > 0
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "relu2"])
+def test_qk_norm_and_activations_keep_the_model_causal_and_cached(act: str) -> None:
+    """With QK-norm and each activation, a KV-cached decode gives the logits of the full forward."""
+    config = ModelConfig(vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=32,
+                         qk_norm=True, hidden_act=act)  # fmt: skip
+    torch.manual_seed(0)
+    model = SmallLM(config).eval()
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(1)
+        steps = [model(ids[:, :8], kv_cache=cache)] + [
+            model(ids[:, i : i + 1], kv_cache=cache, start_pos=i) for i in range(8, 12)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (16,)
+    with pytest.raises(ValueError, match="hidden_act must be one of"):
+        ModelConfig(hidden_act="gelu")

@@ -35,8 +35,8 @@ def shard_dir(make_shards) -> Path:
 def config(shard_dir: Path, out: Path, **overrides: object) -> TrainConfig:
     values: dict = dict(
         data=str(shard_dir), out=str(out), preset="tiny", model=dict(TINY_MODEL), max_steps=8, batch_size=4,
-        seq_len=32, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, checkpoint_every=4, device="cpu",
-        sample_tokens=8,
+        seq_len=32, batch_tokens=128, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, checkpoint_every=4,
+        device="cpu", sample_tokens=8,
     )  # fmt: skip
     values.update(overrides)
     return TrainConfig(**values)
@@ -87,7 +87,7 @@ def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path, monkeypatc
 def test_gradient_is_the_mean_over_all_target_tokens_of_the_step(shard_dir: Path, tmp_path: Path) -> None:
     """Micro-batches with different numbers of targets: the step's gradient must weigh every token
     equally (the mean over all of them), not average the micro-batches' means."""
-    trainer = build_trainer(config(shard_dir, tmp_path, grad_accum=2, grad_clip=0.0))
+    trainer = build_trainer(config(shard_dir, tmp_path, batch_tokens=256, grad_clip=0.0))
     torch.manual_seed(0)
     x = torch.randint(0, 300, (2, 4, 32))
     y = torch.randint(0, 300, (2, 4, 32))
@@ -156,7 +156,7 @@ def test_ddp_on_two_cpu_processes_trains_and_checkpoints(shard_dir: Path, tmp_pa
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         "-m", "smallm.cli.train", "--data", str(shard_dir), "--out", str(tmp_path), "--max-steps", "3",
-        "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--checkpoint-every", "3",
+        "--batch-size", "2", "--seq-len", "32", "--batch-tokens", "128", "--device", "cpu", "--checkpoint-every", "3",
         "--model-n-layer", "2", "--model-n-embd", "32", "--model-n-head", "2", "--model-n-kv-head", "1",
         "--model-max-seq-len", "32", "--sample-tokens", "4",
     ]  # fmt: skip
@@ -173,7 +173,8 @@ def test_fsdp_on_two_cpu_processes_resumes_to_identical_weights(shard_dir: Path,
         args = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
             "-m", "smallm.cli.train", "--data", str(shard_dir), "--out", str(tmp_path), "--fsdp", "--max-steps", "4",
-            "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--checkpoint-every", "2", "--eval-every", "2",
+            "--batch-size", "2", "--seq-len", "32", "--batch-tokens", "128", "--device", "cpu",
+            "--checkpoint-every", "2", "--eval-every", "2",
             "--model-n-layer", "2", "--model-n-embd", "32", "--model-n-head", "2", "--model-n-kv-head", "1",
             "--model-max-seq-len", "32", "--sample-tokens", "4", *extra,
         ]  # fmt: skip
@@ -282,8 +283,8 @@ def test_a_new_kind_of_run_is_a_task_given_to_the_trainer(tok: Tokenizer, tmp_pa
     def trainer(steps: int, resume: bool = False) -> Trainer:
         torch.manual_seed(0)
         model = FullModel(SmallLM(ModelConfig(vocab_size=64, **TINY_MODEL)))
-        cfg = TrainConfig(out=str(tmp_path), batch_size=8, seq_len=8, lr=1e-2, warmup_steps=5, log_every=10,
-                          eval_every=20, checkpoint_every=20, device="cpu", resume=resume)  # fmt: skip
+        cfg = TrainConfig(out=str(tmp_path), batch_size=8, seq_len=8, batch_tokens=64, lr=1e-2, warmup_steps=5,
+                          log_every=10, eval_every=20, checkpoint_every=20, device="cpu", resume=resume)  # fmt: skip
         return Trainer(cfg, setup_runtime("cpu"), Counting(tok, steps), model, build_optimizer)
 
     result = trainer(60).fit()

@@ -21,14 +21,13 @@ from smallm.lora import LoraSettings
 from smallm.model import PRESETS
 from smallm.options import check_fields, doc, from_mapping, redefault
 
-__all__ = ["PRESET_LR", "DPOConfig", "FinetuneConfig", "RunConfig", "TrainConfig", "build_config", "validate"]
+__all__ = ["PRESET_BATCH_TOKENS", "DPOConfig", "FinetuneConfig", "RunConfig", "TrainConfig", "build_config", "validate"]
 
-PRESET_LR = {"tiny": 3e-3, "38m": 1.5e-3, "124m": 6e-4, "350m": 3e-4, "tinyllama-1.1b": 4e-4}
-"""Peak pretraining learning rates that suit each preset (smaller models take larger steps)."""
-FINETUNE_LR = {("sft", False): 2e-5, ("sft", True): 2e-4, ("dpo", False): 1e-6, ("dpo", True): 2e-5}
-"""Peak fine-tuning learning rates by (method, LoRA): adapters start from zero and take larger steps."""
+PRESET_BATCH_TOKENS = {"tiny": 2048, "38m": 2**17, "124m": 2**19, "350m": 2**19, "tinyllama-1.1b": 2**20}
+"""Tokens per optimizer step that suit each preset (larger models take larger batches)."""
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-OPTIMIZERS = ("auto", "adamw", "paged-adamw")
+OPTIMIZERS = ("auto", "muon", "adamw", "paged-adamw")
+SCHEDULES = ("wsd", "cosine")
 
 
 @dataclass
@@ -40,18 +39,30 @@ class RunConfig:
     max_steps: int = doc(300, "optimizer steps to train for", minimum=0)
     batch_size: int = doc(8, "sequences per micro-batch on each device", minimum=1)
     seq_len: int | None = doc(None, "tokens per sequence (default: the model's context)", minimum=1)
-    grad_accum: int = doc(1, "micro-batches per optimizer step", minimum=1)
-    lr: float | None = doc(
-        None, "peak learning rate (default: the preset's in pretraining, the method's in fine-tuning)"
-    )
-    min_lr_ratio: float = doc(0.1, "the cosine decay ends at this fraction of the peak", minimum=0, maximum=1)
-    warmup_steps: int = doc(30, "steps of linear warm-up from 0 to the peak", minimum=0)
-    weight_decay: float = doc(0.1, "AdamW weight decay, applied to 2-D weights only", minimum=0)
-    beta1: float = doc(0.9, "AdamW beta1", minimum=0, below=1)
-    beta2: float = doc(0.95, "AdamW beta2", minimum=0, below=1)
     optimizer: str = doc(
-        "auto", "adamw, paged-adamw (bitsandbytes, CUDA) or auto (paged under QLoRA on CUDA)", choices=OPTIMIZERS
+        "auto",
+        "muon (Muon for the block matrices, AdamW for the rest), adamw, paged-adamw (bitsandbytes, CUDA) or auto: "
+        "muon for pretraining, adamw for fine-tuning, paged-adamw under QLoRA on CUDA",
+        choices=OPTIMIZERS,
     )
+    lr: float | None = doc(
+        None, "peak learning rate of the matrices (Muon's, or AdamW's for all); default: scaled to the width and batch"
+    )
+    embedding_lr: float | None = doc(None, "Muon runs: AdamW's peak rate for the embedding (default: scaled)")
+    head_lr: float | None = doc(None, "Muon runs: AdamW's peak rate for lm_head or a tied embedding (default: scaled)")
+    norm_lr: float | None = doc(None, "Muon runs: AdamW's peak rate for the norm gains (default: scaled)")
+    muon_momentum: float = doc(0.95, "Muon's momentum, reached after a warm-up from 0.85", minimum=0, below=1)
+    schedule: str = doc(
+        "wsd", "wsd (warm-up, stable, linear decay) or cosine (warm-up, cosine decay)", choices=SCHEDULES
+    )
+    decay_fraction: float = doc(0.6, "wsd: the share of the steps over which the rate decays", minimum=0, maximum=1)
+    min_lr_ratio: float = doc(0.05, "the schedule ends at this fraction of the peak", minimum=0, maximum=1)
+    warmup_steps: int = doc(30, "steps of linear warm-up from 0 to the peak", minimum=0)
+    weight_decay: float = doc(0.1, "decoupled weight decay of the matrices (Muon's, or AdamW's 2-D weights)", minimum=0)
+    beta1: float | None = doc(
+        None, "AdamW's beta1 (default: 0.8 beside Muon, as nanochat; 0.9 alone)", minimum=0, below=1
+    )
+    beta2: float = doc(0.95, "AdamW's beta2", minimum=0, below=1)
     grad_clip: float = doc(1.0, "clip the global gradient norm to this (0: off)", minimum=0)
     precision: str = doc(
         "auto", "auto (bf16 if supported, else fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32", choices=PRECISIONS
@@ -72,8 +83,8 @@ class RunConfig:
     sample_prompt: str = doc("", "prompt of the sample generated at the end")
     sample_tokens: int = doc(120, "tokens in the sample generated at the end", minimum=1)
 
-    def peak_lr(self) -> float:
-        """The learning rate to use: ``lr``, else the kind of run's default."""
+    def micro_batches(self, seq_len: int, world_size: int) -> int:
+        """Micro-batches of ``batch_size`` rows each rank runs per optimizer step."""
         raise NotImplementedError
 
 
@@ -83,6 +94,17 @@ class TrainConfig(RunConfig):
 
     data: str | None = doc(None, "shard directory from smallm-tokenize (default: built-in stdlib corpus)")
     preset: str = doc("tiny", "model preset", choices=tuple(PRESETS))
+    batch_tokens: int | None = doc(
+        None,
+        "tokens per optimizer step over all ranks, in micro-batches of --batch-size rows (default: the preset's)",
+        minimum=1,
+    )
+    init: str = doc(
+        "zero-residual",
+        "initialisation of a fresh model: zero-residual (o_proj and down_proj start at zero) or gpt2 (normal, the "
+        "residual projections scaled by 1/sqrt(2 x layers))",
+        choices=("zero-residual", "gpt2"),
+    )
     sampling: str = doc(
         "random",
         "training rows: random windows, or documents (rows start at a document)",
@@ -96,8 +118,18 @@ class TrainConfig(RunConfig):
     dry_run: bool = doc(False, "print parameters, FLOPs and memory estimates, then exit")
     model: dict[str, Any] = doc(dict, "overrides of the preset's ModelConfig fields", cli=False)  # noqa: RUF009 (a field)
 
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else PRESET_LR.get(self.preset, 6e-4)
+    def step_tokens(self) -> int:
+        """Tokens per optimizer step: ``batch_tokens``, else the preset's."""
+        return self.batch_tokens or PRESET_BATCH_TOKENS.get(self.preset, 2**19)
+
+    def micro_batches(self, seq_len: int, world_size: int) -> int:
+        rows = self.batch_size * seq_len * world_size
+        if self.step_tokens() % rows:
+            raise ValueError(
+                f"--batch-tokens {self.step_tokens()} is not a multiple of --batch-size {self.batch_size} x "
+                f"seq_len {seq_len} x {world_size} rank(s) = {rows} tokens: change one of them"
+            )
+        return self.step_tokens() // rows
 
 
 @dataclass
@@ -108,8 +140,11 @@ class FinetuneConfig(RunConfig):
 
     out: str = redefault(RunConfig, "out", "runs/finetune")
     max_steps: int = redefault(RunConfig, "max_steps", 0)
+    schedule: str = redefault(RunConfig, "schedule", "cosine")
+    min_lr_ratio: float = redefault(RunConfig, "min_lr_ratio", 0.1)
     warmup_steps: int = redefault(RunConfig, "warmup_steps", 10)
     weight_decay: float = redefault(RunConfig, "weight_decay", 0.0)
+    grad_accum: int = doc(1, "micro-batches per optimizer step", minimum=1)
     init_from: str | None = doc(None, "the checkpoint to fine-tune (the command's CKPT)", cli=False)
     data: str | None = doc(None, "JSON Lines file: conversations (smallm-sft) or preference pairs (smallm-dpo)")
     val_data: str | None = doc(None, "validation file in the same format (default: hold out --val-fraction)")
@@ -132,8 +167,8 @@ class FinetuneConfig(RunConfig):
         "none", "none, or nf4: QLoRA, the frozen base in 4-bit NF4 (needs --lora-r)", choices=("none", "nf4")
     )
 
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else FINETUNE_LR[(self.method, self.lora_r > 0)]
+    def micro_batches(self, seq_len: int, world_size: int) -> int:
+        return self.grad_accum
 
     def lora(self) -> LoraSettings | None:
         """The adapters to train, or None for full fine-tuning."""
@@ -156,8 +191,9 @@ def validate(cfg: RunConfig) -> None:
     """Raises ``ValueError`` naming the first setting of ``cfg`` that is out of range or that contradicts
     another. Every kind of run's configuration goes through here."""
     check_fields(cfg)
-    if not cfg.peak_lr() > 0:
-        raise ValueError(f"lr must be positive, got {cfg.peak_lr()}")
+    for name in ("lr", "embedding_lr", "head_lr", "norm_lr"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if isinstance(cfg, TrainConfig) and cfg.max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
     if isinstance(cfg, FinetuneConfig):

@@ -1,4 +1,4 @@
-"""Hugging Face export: a checkpoint as a ``transformers`` LLaMA folder.
+"""Hugging Face export: a checkpoint as a ``transformers`` LLaMA (or, with QK-norm, Qwen3) folder.
 
 :func:`export_hf` writes a folder that ``AutoModelForCausalLM.from_pretrained`` loads as ``LlamaForCausalLM``
 and ``AutoTokenizer.from_pretrained`` as a fast tokenizer, without smallm:
@@ -97,7 +97,7 @@ def export_hf(
     weights_dtype = weights_dtype or model.lm_head.weight.dtype
     major = _transformers_major()
     files = {
-        "config.json": hf_config(model.config, tokenizer, weights_dtype, major),
+        "config.json": hf_config(model.config, tokenizer.eot_token, weights_dtype, major),
         "generation_config.json": generation_config(model.config, tokenizer),
         "tokenizer_config.json": tokenizer_config(model.config, tokenizer),
         "special_tokens_map.json": special_tokens_map(tokenizer),
@@ -117,12 +117,14 @@ def export_hf(
     return write_folder_atomic(out, fill)
 
 
-def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype, major: int | None) -> dict[str, Any]:
-    """``config.json`` of ``LlamaForCausalLM`` for transformers version ``major`` (None: not installed)."""
-    eot = tokenizer.eot_token
+def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: int | None) -> dict[str, Any]:
+    """``config.json`` of ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with QK-norm: LLaMA's layers with a
+    normalised query and key per head) for transformers version ``major`` (None: not installed), with
+    ``eot`` (``<|endoftext|>``'s id) as the BOS, EOS and padding id."""
+    architecture, model_type = ("Qwen3ForCausalLM", "qwen3") if config.qk_norm else ("LlamaForCausalLM", "llama")
     hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
@@ -132,7 +134,7 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype, maj
         "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        "hidden_act": "silu",
+        "hidden_act": config.hidden_act,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -143,6 +145,8 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype, maj
         "pad_token_id": eot,
         "use_cache": True,
     }
+    if config.qk_norm:  # Qwen3 can also slide a window over the keys: not in these models
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
     dtype_name = str(dtype).replace("torch.", "")
     if major is None or major >= 5:
         hf["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}

@@ -1,4 +1,4 @@
-"""Hugging Face import: a local ``LlamaForCausalLM`` folder as a smallm run.
+"""Hugging Face import: a local ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM``) folder as a smallm run.
 
 :func:`import_hf` reads ``config.json`` and the safetensors weights (one file, or the shards an
 ``model.safetensors.index.json`` lists), refuses what smallm's model does not implement (other model
@@ -23,7 +23,7 @@ import torch
 from smallm.errors import listing
 from smallm.files import check_destination
 from smallm.hf import HFError
-from smallm.model import ModelConfig, SmallLM
+from smallm.model import ACTIVATIONS, ModelConfig, SmallLM
 from smallm.runs import write_run
 from smallm.tokenizer import Tokenizer
 
@@ -54,17 +54,19 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` of a Hugging Face LLaMA ``config.json``; raises :class:`HFError` naming
-    the field for what smallm does not implement (other model types, rotary scaling, biases, other
-    activations, a head size other than hidden_size / num_attention_heads)."""
+    """The :class:`ModelConfig` of a Hugging Face LLaMA or Qwen3 ``config.json``; raises :class:`HFError`
+    naming the field for what smallm does not implement (other model types, rotary scaling, biases, other
+    activations, sliding windows, a head size other than hidden_size / num_attention_heads)."""
 
     def refuse(field: str, value: Any, why: str) -> HFError:
         return HFError(f"config.json: {field} = {json.dumps(value)} is not supported: {why}")
 
-    if hf.get("model_type") != "llama":
-        raise refuse("model_type", hf.get("model_type"), "smallm imports LLaMA models (model_type 'llama') only")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise refuse("hidden_act", hf["hidden_act"], "smallm's MLP is SwiGLU (silu)")
+    if hf.get("model_type") not in ("llama", "qwen3"):
+        raise refuse("model_type", hf.get("model_type"), "smallm imports LLaMA and Qwen3 models only")
+    if hf.get("hidden_act", "silu") not in ACTIVATIONS:
+        raise refuse("hidden_act", hf["hidden_act"], f"smallm's gated MLP takes {', '.join(ACTIVATIONS)}")
+    if hf.get("use_sliding_window"):
+        raise refuse("use_sliding_window", hf["use_sliding_window"], "smallm's attention sees the whole context")
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
             raise refuse(field, hf[field], "smallm's linear layers have no biases")
@@ -105,6 +107,8 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=float(hf.get("initializer_range", 0.02)),
+            qk_norm=hf["model_type"] == "qwen3",
+            hidden_act=hf.get("hidden_act", "silu"),
         )
     except (TypeError, ValueError) as e:
         raise HFError(f"config.json does not describe a model smallm can build: {e}") from e

@@ -147,7 +147,7 @@ def matmul_weight_count(config: ModelConfig) -> int:
 def parameter_count(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     """``SmallLM(config).num_parameters(exclude_embeddings)`` without building the model."""
     embedding = config.vocab_size * config.n_embd
-    norms = (2 * config.n_layer + 1) * config.n_embd
+    norms = (2 * config.n_layer + 1) * config.n_embd + (2 * config.n_layer * config.head_dim if config.qk_norm else 0)
     total = matmul_weight_count(config) + norms + (0 if config.tie_embeddings else embedding)
     return total - embedding if exclude_embeddings else total
 
@@ -161,7 +161,7 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
 # ----- training memory ----------------------------------------------------------------------------
 
 ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes of a matmul input/output element
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "sgd": 1}  # fp32 tensors per parameter
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "lion": 1, "sgd": 1}  # fp32 tensors per parameter
 LOGIT_BYTES = 16  # 4 fp32 tensors of B x T x vocab at the peak; see estimate_training_memory
 
 
@@ -247,7 +247,8 @@ def estimate_training_memory(
     * Parameters and gradients are fp32 at every ``precision``: the trainer runs autocast over fp32
       weights, so fp32 weights double as the master copy. Under DDP (``world_size`` > 1, not ``fsdp``)
       the gradient buckets hold a second copy of the gradients.
-    * Optimizer state: fp32 tensors per parameter, 2 for AdamW (both moments).
+    * Optimizer state: fp32 tensors per parameter, 2 for AdamW (both moments); ``muon``: one (the
+      momentum) for the block matrices, AdamW's two for the embeddings and norms.
     * Weight copies: under bf16/fp16, autocast's casts of the matmul weights (2 bytes each), held in
       its cache until the forward ends (and, without checkpointing, saved for backward). Not divided
       by FSDP (the casts are of the gathered weights), which makes this term pessimistic there.
@@ -286,7 +287,7 @@ def estimate_training_memory(
     return MemoryEstimate(
         parameters=4 * n_params // shards,
         gradients=ddp_buckets * 4 * n_params // shards,
-        optimizer_state=OPTIMIZER_STATES[optimizer] * 4 * n_params // shards,
+        optimizer_state=_optimizer_state_bytes(config, optimizer, n_params) // shards,
         weight_copies=0 if e == 4 else e * matmul_weight_count(config),
         activations=blocks + final_norm + head_input + rope + ids,
         logits=LOGIT_BYTES * N * config.vocab_size,
@@ -302,6 +303,13 @@ def estimate_training_memory(
     )
 
 
+def _optimizer_state_bytes(config: ModelConfig, optimizer: str, n_params: int) -> int:
+    if optimizer != "muon":
+        return OPTIMIZER_STATES[optimizer] * 4 * n_params
+    matrices = matmul_weight_count(config) - config.vocab_size * config.n_embd  # lm_head takes AdamW
+    return 4 * (matrices + 2 * (n_params - matrices))
+
+
 def _activation_bytes(precision: str) -> int:
     if precision not in ACTIVATION_BYTES:
         raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
@@ -309,6 +317,10 @@ def _activation_bytes(precision: str) -> int:
 
 
 # ----- reports ------------------------------------------------------------------------------------
+
+
+def _state_count(optimizer: str) -> str:
+    return "1 (matrices) or 2" if optimizer == "muon" else str(OPTIMIZER_STATES[optimizer])
 
 
 def format_bytes(n: float) -> str:
@@ -331,7 +343,7 @@ def _memory_rows(est: MemoryEstimate) -> list[tuple[str, int]]:
     rows = [
         (f"parameters (fp32{sharded})", est.parameters),
         (f"gradients (fp32{grads})", est.gradients),
-        (f"optimizer state ({est.optimizer}, {OPTIMIZER_STATES[est.optimizer]} x fp32{sharded})", est.optimizer_state),
+        (f"optimizer state ({est.optimizer}, {_state_count(est.optimizer)} x fp32{sharded})", est.optimizer_state),
     ]
     if est.weight_copies:
         rows.append((f"{est.precision} weight copies (autocast)", est.weight_copies))
@@ -364,15 +376,18 @@ def describe_run(
     precision: str,
     world_size: int = 1,
     fsdp: bool = False,
+    optimizer: str = "adamw",
+    step_tokens: int | None = None,
 ) -> str:
-    """What ``smallm-train --dry-run`` prints: parameter counts, FLOPs per token and step, and the
-    memory per GPU without and with activation checkpointing."""
-    kw = dict(precision=precision, world_size=world_size, fsdp=fsdp)
+    """What ``smallm-train --dry-run`` prints: parameter counts, FLOPs per token and per optimizer step
+    of ``step_tokens`` (default: one micro-batch on every rank), and the memory per GPU without and
+    with activation checkpointing."""
+    kw = dict(precision=precision, world_size=world_size, fsdp=fsdp, optimizer=optimizer)
     plain = estimate_training_memory(config, batch_size, seq_len, activation_checkpointing=False, **kw)
     ckpt = estimate_training_memory(config, batch_size, seq_len, activation_checkpointing=True, **kw)
     n, n_body = parameter_count(config), parameter_count(config, exclude_embeddings=True)
     fpt = flops_per_token(config, seq_len)
-    step_tokens = batch_size * seq_len * world_size
+    step_tokens = step_tokens or batch_size * seq_len * world_size
     mode = "fp32" if precision == "fp32" else f"{precision} autocast over fp32 weights"
     parallel = f"{world_size} GPUs, {'FSDP' if fsdp else 'DDP'}" if world_size > 1 else "1 device"
     tied = "tied to lm_head" if config.tie_embeddings else "lm_head untied"
@@ -385,7 +400,7 @@ def describe_run(
             f"({config.n_kv_head} kv), MLP {config.intermediate_size}, vocab {config.vocab_size}",
             f"training FLOPs: {fpt:.3g} per token at seq_len {seq_len} (6 x matmul weights + attention), "
             f"{fpt * step_tokens:.3g} per step of {step_tokens:,} tokens",
-            f"memory per GPU: {mode}, AdamW, batch {batch_size} x {seq_len}, {parallel}",
+            f"memory per GPU: {mode}, {optimizer}, micro-batch {batch_size} x {seq_len}, {parallel}",
             "",
             _table([r[0] for r in rows], columns, ["no checkpointing", "with checkpointing"]),
             "",

@@ -7,11 +7,13 @@ Architecture (LLaMA, Touvron et al. 2023), pre-norm: token embedding, then ``n_l
   layout (the two halves of a head are the pairs, not interleaved neighbours), grouped-query attention
   (GQA, Ainslie et al. 2023: ``n_kv_head`` key/value heads shared by ``n_head`` query heads), computed by
   ``torch.nn.functional.scaled_dot_product_attention``.
-* MLP: SwiGLU (Shazeer 2020), ``down(silu(gate(x)) * up(x))``.
-* RMSNorm (Zhang & Sennrich 2019) in fp32; no biases anywhere.
+* MLP: SwiGLU (Shazeer 2020), ``down(silu(gate(x)) * up(x))``; the activation can be GELU or ReLU^2.
+* RMSNorm (Zhang & Sennrich 2019) in fp32; no biases anywhere. Optionally QK-norm: every query and key
+  head RMS-normalised before rotary, as Qwen3 does (Henry et al. 2020; Wortsman et al. 2023).
 
-Module names are those of Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``, ...),
-so the state dict loads into it unchanged (the tests check logits match to 1e-5) and peft
+Module names are those of Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``, ...;
+``q_norm``/``k_norm`` as in ``Qwen3ForCausalLM``), so the state dict loads into either unchanged (the
+tests check logits match to 1e-5) and peft
 ``target_modules`` names transfer as-is. :class:`KVCache` holds keys and values for incremental decoding.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,21 +35,27 @@ __all__ = ["IGNORE_INDEX", "PRESETS", "KVCache", "ModelConfig", "SmallLM"]
 IGNORE_INDEX = -100
 """The target id the loss skips (``cross_entropy``'s default): padding, and tokens not supervised."""
 MLP_MULTIPLE = 256  # the default intermediate size is rounded up to this, for matmul-friendly shapes
-# enable_gqa arrived in torch 2.5; before it the kv heads are repeated to match the query heads.
-SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 Rope = tuple[Tensor, Tensor]  # the (cos, sin) tables of the positions being computed
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: F.relu(x).square(),
+}
+"""The MLP activations, by the names transformers' ``hidden_act`` gives them (so exports stay exact)."""
 
-# name -> ModelConfig fields. Parameter counts are at vocab_size 32000 unless said otherwise.
+# name -> ModelConfig fields. Parameter counts are at vocab_size 32000 unless said otherwise. The embedding
+# and lm_head are untied (with Muon they train at rates of their own: 0.07 bits per byte better on tiny in
+# benches/quality.py); tie them with tie_embeddings=True to save vocab x width parameters.
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU demo: 300 steps of 8 x 256 tokens take ~3 min on 2 cores and write Shakespeare-shaped text;
-    # 11.3M params (5.2M at vocab 8000).
-    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=True),
-    # Deep and thin (MobileLLM's advice for small models), one GPU-hour scale; 38.3M params.
-    "38m": dict(n_layer=16, n_embd=384, n_head=6, n_kv_head=3, max_seq_len=1024, tie_embeddings=True),
-    # GPT-2 small's shape, full multi-head attention to compare with GPT-2 runs; 124M at vocab 50304.
-    "124m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, max_seq_len=1024, tie_embeddings=True),
-    # GPT-2 medium's shape, full multi-head attention; 341M (360M at vocab 50304).
-    "350m": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=16, max_seq_len=1024, tie_embeddings=True),
+    # CPU demo: 300 steps of 2048 tokens take ~4 min on 2 cores; 3.1M parameters in the blocks, 7.3M in all
+    # at vocab 8192.
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=2, max_seq_len=256, tie_embeddings=False),
+    # Deep and thin (MobileLLM's advice for small models), one GPU-hour scale; 38.3M params tied, 50.5M untied.
+    "38m": dict(n_layer=16, n_embd=384, n_head=6, n_kv_head=3, max_seq_len=1024, tie_embeddings=False),
+    # GPT-2 small's shape, full multi-head attention to compare with GPT-2 runs; 124M tied at vocab 50304.
+    "124m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, max_seq_len=1024, tie_embeddings=False),
+    # GPT-2 medium's shape, full multi-head attention; 341M tied (374M untied).
+    "350m": dict(n_layer=24, n_embd=1024, n_head=16, n_kv_head=16, max_seq_len=1024, tie_embeddings=False),
     # TinyLlama 1.1B (Zhang et al. 2024) exactly: untied, 4 KV heads, its own 32000-id vocabulary.
     "tinyllama-1.1b": dict(
         vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_kv_head=4, intermediate_size=5632,
@@ -73,6 +81,8 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "epsilon added to the mean square in RMSNorm")
     tie_embeddings: bool = doc(True, "share one matrix between embed_tokens and lm_head")
     init_std: float = doc(0.02, "standard deviation of the normal init of linear and embedding weights")
+    qk_norm: bool = doc(False, "RMSNorm each query and key head before rotary (Qwen3's; exported as Qwen3ForCausalLM)")
+    hidden_act: str = doc("silu", "the gated MLP's activation: silu (SwiGLU), gelu_pytorch_tanh (GeGLU) or relu2")
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -94,6 +104,8 @@ class ModelConfig:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim (n_embd // n_head = {self.head_dim}) must be even for rotary")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
 
     @property
     def head_dim(self) -> int:
@@ -192,11 +204,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv_dim, bias=False)
         self.v_proj = nn.Linear(d, kv_dim, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        # QK-norm (Qwen3): each head's query and key RMS-normalised, with its own gain, before rotary.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, start_pos: int) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -204,26 +222,22 @@ class Attention(nn.Module):
         # No mask and as many keys as queries: plain causal attention (the flash kernels' fast path).
         # No mask and more keys: a decode step, which sees every cached position.
         is_causal = mask is None and k.size(2) == T
-        if SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-        else:
-            groups = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU with the default silu."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.act = ACTIVATIONS[config.hidden_act]
         self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -158,6 +158,18 @@ def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer, init: Path | None =
     return mc
 
 
+def initialise(model: SmallLM, scheme: str) -> None:
+    """Weights of a fresh model for ``scheme``: ``gpt2`` is :meth:`SmallLM.init_weights` (normal; the
+    projections into the residual stream scaled by 1/sqrt(2 x layers)); ``zero-residual`` also starts
+    ``o_proj`` and ``down_proj`` at zero, so that every block begins as the identity and the first
+    steps shape the embeddings and the blocks' inputs (modded-nanogpt, nanochat)."""
+    if scheme == "zero-residual":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+
+
 def build_trainable(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime, amp_dtype: torch.dtype | None) -> Trainable:
     """The model ``cfg`` trains, on the runtime's device, with activation checkpointing as configured."""
     if isinstance(cfg, FinetuneConfig):
@@ -183,7 +195,9 @@ def _pretraining_model(cfg: TrainConfig, tokenizer: Tokenizer, runtime: Runtime)
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
     mc = model_config_for(cfg, tokenizer, init)
     model = SmallLM(mc)
-    if init is not None and "lora" in read_config(init):
+    if init is None:
+        initialise(model, cfg.init)
+    elif "lora" in read_config(init):
         model = load_model(init)[0].train()  # the adapter merged into the base it names
         runtime.log(f"initialised from {init} merged into its base")
     elif init is not None:

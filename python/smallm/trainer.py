@@ -4,7 +4,8 @@ A :class:`Trainer` is given a configuration (:mod:`smallm.config`), a task (:mod
 data, the objective, the sample), the model to train (:mod:`smallm.trainable`: full or adapters) and an
 optimizer builder (:mod:`smallm.optim`); it owns what every run does alike:
 
-* one optimizer step: ``grad_accum`` micro-batches per rank; each one's loss is a sum, divided by the
+* one optimizer step: several micro-batches per rank (``batch_tokens`` or ``grad_accum`` say how many);
+  each one's loss is a sum, divided by the
   objective's count (target tokens, pairs) of *all* micro-batches on *all* ranks, so the gradient is the
   mean over the whole step (not a mean of per-micro-batch means); the global gradient norm clipped after
   synchronisation; a non-finite step stops the run with advice;
@@ -40,14 +41,15 @@ from smallm.files import write_json_atomic
 from smallm.memory import flops_per_token, mfu, peak_flops, warn_unknown_device
 from smallm.metrics import MetricsLogger
 from smallm.model import IGNORE_INDEX, SmallLM
-from smallm.optim import build_schedule
+from smallm.optim import build_schedule, describe
 from smallm.tasks import Batch, RunContext, Task
 from smallm.trainable import Trainable
 
 __all__ = ["OptimizerBuilder", "Trainer", "TrainingError"]
 
-OptimizerBuilder = Callable[[nn.Module, RunConfig, torch.device, bool], torch.optim.Optimizer]
-"""``(model, cfg, device, quantized) -> optimizer`` over the model's trainable parameters."""
+OptimizerBuilder = Callable[..., torch.optim.Optimizer]
+"""``(model, cfg, device, *, quantized, total_steps) -> optimizer`` over the model's
+trainable parameters (:func:`smallm.optim.build_optimizer`)."""
 
 
 class TrainingError(SmallmError, RuntimeError):
@@ -77,15 +79,20 @@ class Trainer:
         if self.sharded:
             shard_model(model.module)  # before the optimizer: sharding replaces the parameters
         self.loader = task.train_batches()
-        self.max_steps = task.max_steps(cfg.batch_size * cfg.grad_accum * runtime.world_size)
-        self.optimizer = build_optimizer(model.module, cfg, runtime.device, model.quantized)
+        self.micro_batches = cfg.micro_batches(self.seq_len, runtime.world_size)
+        rows = cfg.batch_size * self.micro_batches * runtime.world_size
+        self.max_steps = task.max_steps(rows)
+        self.optimizer = build_optimizer(
+            model.module, cfg, runtime.device, quantized=model.quantized, total_steps=self.max_steps
+        )
         self.scheduler = build_schedule(self.optimizer, cfg, self.max_steps)
+        runtime.log(f"{self.max_steps} steps of {rows * self.seq_len:,} tokens; {describe(self.optimizer)}")
         fp16 = self.amp_dtype == torch.float16 and runtime.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
 
         def replica() -> tuple[nn.Module, torch.optim.Optimizer]:
             copy = SmallLM(model.config)
-            return copy, build_optimizer(copy, cfg, torch.device("cpu"), False)
+            return copy, build_optimizer(copy, cfg, torch.device("cpu"))
 
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
         self.state = TrainingState(step=0, tokens_seen=0)
@@ -105,8 +112,8 @@ class Trainer:
     # ----- one step -------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the objective's metrics."""
-        batches = [next(self.loader) for _ in range(self.cfg.grad_accum)]
+        """One optimizer step over the step's micro-batches; returns the objective's metrics."""
+        batches = [next(self.loader) for _ in range(self.micro_batches)]
         counts = torch.stack([self.objective.count(b) for b in batches]).to(torch.float64).sum()
         inputs = torch.tensor(float(sum(b[0].numel() for b in batches)), dtype=torch.float64, device=counts.device)
         count, tokens = self.runtime.all_reduce(torch.stack([counts, inputs]))
@@ -236,9 +243,11 @@ class Trainer:
     def loop(self, logger: MetricsLogger) -> dict[str, Any]:
         """Steps to the end: each step trains, then logs, validates and saves when they are due."""
         last: dict[str, Any] = {}
-        start_step, self.clock = self.state.step, (time.perf_counter(), self.state.tokens_seen)
+        start_step, self.since_log = self.state.step, (0.0, self.state.tokens_seen)
         while self.state.step < self.max_steps:
+            started = time.perf_counter()
             stats = self.train_step() if self.state.step > start_step else self.first_step()
+            self.since_log = (self.since_log[0] + time.perf_counter() - started, self.since_log[1])
             self.state.step += 1
             if not math.isfinite(stats["loss"]):
                 self.diverged(f"the loss became {stats['loss']}")
@@ -256,14 +265,15 @@ class Trainer:
         return bool(every and self.state.step % every == 0) or self.state.step == self.max_steps
 
     def log_step(self, logger: MetricsLogger, stats: dict[str, float]) -> dict[str, Any]:
-        """Logs the step's metrics with the learning rate, tokens/s and MFU since the last line."""
-        started, tokens = self.clock
-        tokens_per_s = (self.state.tokens_seen - tokens) / max(time.perf_counter() - started, 1e-9)
+        """Logs the step's metrics with the learning rate, and the tokens/s and MFU of the training steps
+        since the last line (validation and checkpoints left out)."""
+        seconds, tokens = self.since_log
+        tokens_per_s = (self.state.tokens_seen - tokens) / max(seconds, 1e-9)
         line = {"step": self.state.step, **stats, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s}
         util = mfu(self.flops_per_token, tokens_per_s, self.peak)
         if util is not None:
             line["mfu"] = util
-        self.clock = (time.perf_counter(), self.state.tokens_seen)
+        self.since_log = (0.0, self.state.tokens_seen)
         logger.log(line)
         return line
 

@@ -119,16 +119,22 @@ def dry_run(cfg: TrainConfig) -> int:
 
     from smallm.distributed import autocast_dtype
     from smallm.memory import describe_run
+    from smallm.optim import resolve_optimizer
     from smallm.tokenizer import Tokenizer
     from smallm.trainable import model_config_for
 
     tokenizer = Tokenizer.load(cfg.data or ".")
     mc = model_config_for(cfg, tokenizer)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
-    dtype = autocast_dtype(cfg.precision, device if cfg.device == "auto" else torch.device(cfg.device))
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+    device = device if cfg.device == "auto" else torch.device(cfg.device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(cfg.precision, device)]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    print(describe_run(mc, cfg.batch_size, cfg.seq_len or mc.max_seq_len, precision, world_size=world, fsdp=cfg.fsdp))
+    optimizer = {"paged-adamw": "adamw"}.get(resolve_optimizer(cfg, device), resolve_optimizer(cfg, device))
+    seq_len = cfg.seq_len or mc.max_seq_len
+    print(
+        describe_run(mc, cfg.batch_size, seq_len, precision, world_size=world, fsdp=cfg.fsdp, optimizer=optimizer,
+                     step_tokens=cfg.step_tokens())
+    )  # fmt: skip
     return 0
 
 
