@@ -294,3 +294,33 @@ def test_a_new_kind_of_run_is_a_task_given_to_the_trainer(tok: Tokenizer, tmp_pa
     resumed = trainer(80, resume=True)
     assert resumed.state.step == 60 and resumed.loader.batches == 60
     assert resumed.fit()["step"] == 80
+
+
+def test_resuming_with_more_steps_extends_the_stable_phase(shard_dir: Path, tmp_path: Path) -> None:
+    """Warmup-stable-decay: a run resumed before its decay with a larger --max-steps stays at the peak
+    and decays over the end of the longer run (what training stages build on)."""
+    cfg = config(shard_dir, tmp_path, max_steps=8, warmup_steps=2, decay_fraction=0.5, checkpoint_every=2, lr=0.01)
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
+    (tmp_path / "checkpoints" / "latest").unlink()  # back to step 4, the last step at the peak
+    longer = build_trainer(config(shard_dir, tmp_path, max_steps=16, warmup_steps=2, decay_fraction=0.5, lr=0.01,
+                                  resume=True))  # fmt: skip
+    assert longer.state.step == 4
+    rates = []
+    for _ in range(12):
+        rates.append(longer.scheduler.get_last_lr()[0])
+        longer.optimizer.step()
+        longer.scheduler.step()
+    assert rates[:4] == [0.01] * 4  # steps 4-7: still the peak (the first run had begun to decay)
+    assert rates[4] == pytest.approx(0.01 * (0.05 + 0.95 * 7 / 8)) and rates[-1] == pytest.approx(0.01 * 0.05)
+
+
+def test_resuming_with_another_lr_takes_it(shard_dir: Path, tmp_path: Path) -> None:
+    build_trainer(config(shard_dir, tmp_path, max_steps=4, warmup_steps=0, checkpoint_every=4, lr=0.01)).fit()
+    resumed = build_trainer(
+        config(shard_dir, tmp_path, max_steps=8, warmup_steps=0, decay_fraction=0.25, lr=0.02, resume=True)
+    )
+    muon = resumed.optimizer.param_groups[0]
+    assert muon["initial_lr"] == 0.02 and muon["lr"] == pytest.approx(0.02)  # step 4 of 8: still stable

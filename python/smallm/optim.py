@@ -40,6 +40,7 @@ __all__ = [
     "learning_rates",
     "param_groups",
     "resolve_optimizer",
+    "restore_schedule",
     "warmup_stable_decay",
 ]
 
@@ -240,6 +241,17 @@ def _muon_with_adamw(
     betas = (0.8 if cfg.beta1 is None else cfg.beta1, cfg.beta2)
     adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, fused=cuda)
     return MuonWithAdamW(muon, adamw, momentum_warmup=min(MOMENTUM_WARMUP, total_steps // 3))
+
+
+def restore_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, peaks: list[float], step: int) -> None:
+    """After a checkpoint was loaded into ``optimizer`` and ``scheduler``: the run's configured peak rates
+    (``peaks``, so that ``--resume --lr X`` takes X) and the schedule's rate for ``step``, computed as an
+    uninterrupted run computes it (so a longer ``--max-steps`` moves the decay, from the very next step)."""
+    scheduler.base_lrs = list(peaks)
+    for group, peak in zip(optimizer.param_groups, peaks):
+        group["initial_lr"] = peak
+    scheduler.last_epoch = step - 1
+    scheduler.step()
 
 
 def describe(optimizer: torch.optim.Optimizer) -> str:

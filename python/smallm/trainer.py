@@ -41,7 +41,7 @@ from smallm.files import write_json_atomic
 from smallm.memory import flops_per_token, mfu, peak_flops, warn_unknown_device
 from smallm.metrics import MetricsLogger
 from smallm.model import IGNORE_INDEX, SmallLM
-from smallm.optim import build_schedule, describe
+from smallm.optim import build_schedule, describe, restore_schedule
 from smallm.tasks import Batch, RunContext, Task
 from smallm.trainable import Trainable
 
@@ -97,7 +97,9 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
         self.state = TrainingState(step=0, tokens_seen=0)
         if cfg.resume:
+            peaks = [group["initial_lr"] for group in self.optimizer.param_groups]
             self.state = self.checkpointer.resume(model, self.optimizer, self.scheduler, self.scaler, self.loader)
+            restore_schedule(self.optimizer, self.scheduler, peaks, self.state.step)
         self.net = wrap_model(model.module, runtime, sharded=self.sharded, compile=cfg.compile)
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
         self.peak = peak_flops(runtime.device, self.amp_dtype or torch.float32)
