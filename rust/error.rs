@@ -34,9 +34,7 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Format { path: PathBuf, reason: String },
     /// An id that is not in the vocabulary was given to decode.
-    #[error(
-        "token id {id} is out of range: the vocabulary has {vocab_size} ids (0..{vocab_size})"
-    )]
+    #[error("token id {id} is out of range: the vocabulary has {vocab_size} ids (0 to {last})", last = vocab_size.saturating_sub(1))]
     UnknownId { id: u32, vocab_size: usize },
     /// The text contains a special token string that the caller did not allow.
     #[error("the text contains the special token {token:?} at byte offset {offset}, which is not allowed here; pass it in allowed_special to encode it as a special token, or use encode_ordinary to treat it as plain text")]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from smallm import Tokenizer
-from smallm.checkpoint import latest_checkpoint, load_weights
+from smallm.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from smallm.cli.finetune import sft_main
 from smallm.cli.merge import main as merge_main
 from smallm.config import DPOConfig, FinetuneConfig, validate
@@ -429,3 +429,23 @@ def test_muon_under_ddp_keeps_the_ranks_identical_and_tracks_one_rank(
         assert torch.equal(weight, rank1[key]), key
         moved = (single[key] - start[key]).norm()
         assert (weight - single[key]).norm() < 0.3 * moved, key
+
+
+def test_a_lora_run_refuses_a_base_that_was_replaced_since(
+    tok: Tokenizer, data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Issue 12 item 1: a LoRA run whose base directory was overwritten by another run must not merge
+    onto those weights without a word; it records the sha256 of its base's weights."""
+    base = make_base(tmp_path / "base", tok)
+    run = tmp_path / "lora"
+    build_trainer(config(base, data[0], run, lora_r=4, max_steps=2, val_fraction=0.0)).fit()
+    recorded = json.loads((run / "config.json").read_text())["lora"]["base_sha256"]
+    assert len(recorded) == 64
+    load_model(run)  # the base as it was: fine
+    make_base(tmp_path / "base", tok, seed=1)  # another model written over it
+    with pytest.raises(CheckpointError, match="now holds other weights"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match="--base ORIGINAL"):
+        merge_run(run, tmp_path / "merged")
+    with pytest.raises(CheckpointError, match="trained on a base with other weights"):
+        build_trainer(config(base, data[0], run, lora_r=4, max_steps=4, val_fraction=0.0, resume=True))

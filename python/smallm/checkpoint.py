@@ -123,20 +123,23 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: PathLike) -> Path | None:
-    """The checkpoint ``checkpoints/latest`` names; if that file or its directory is gone, the complete
-    ``step_*`` directory with the highest step; None when there is none."""
+def latest_checkpoint(run_dir: PathLike, needs: tuple[str, ...] = CHECKPOINT_FILES) -> Path | None:
+    """The checkpoint ``checkpoints/latest`` names; if that file or its directory is gone, or it lacks
+    one of the files in ``needs`` (by default all: what ``--resume`` needs; inference needs only the
+    weights and the config), the ``step_*`` directory with the highest step that has them all; None
+    when there is none."""
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
-    pointed = _read_pointer(checkpoints, "latest")
+    pointed = _read_pointer(checkpoints, "latest", needs)
     if pointed is not None:
         return pointed
-    complete = [path for _, path in _step_dirs(checkpoints) if _is_complete(path)]
+    complete = [path for _, path in _step_dirs(checkpoints) if _is_complete(path, needs)]
     return complete[-1] if complete else None
 
 
-def best_checkpoint(run_dir: PathLike) -> Path | None:
-    """The checkpoint ``checkpoints/best`` names, or None (no such file, or its directory is gone)."""
-    return _read_pointer(Path(run_dir) / CHECKPOINTS_DIR, "best")
+def best_checkpoint(run_dir: PathLike, needs: tuple[str, ...] = CHECKPOINT_FILES) -> Path | None:
+    """The checkpoint ``checkpoints/best`` names, or None (no such file, its directory is gone, or it
+    lacks one of ``needs``)."""
+    return _read_pointer(Path(run_dir) / CHECKPOINTS_DIR, "best", needs)
 
 
 def load_checkpoint(
@@ -279,16 +282,16 @@ def _step_dirs(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in CHECKPOINT_FILES)
+def _is_complete(path: Path, needs: tuple[str, ...] = CHECKPOINT_FILES) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in needs)
 
 
-def _read_pointer(checkpoints: Path, name: str) -> Path | None:
+def _read_pointer(checkpoints: Path, name: str, needs: tuple[str, ...] = CHECKPOINT_FILES) -> Path | None:
     try:
         target = (checkpoints / name).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    if not _STEP_DIR.fullmatch(target) or not _is_complete(checkpoints / target):
+    if not _STEP_DIR.fullmatch(target) or not _is_complete(checkpoints / target, needs):
         return None
     return checkpoints / target
 

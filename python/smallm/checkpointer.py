@@ -17,8 +17,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smallm.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from smallm.checkpoint import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from smallm.distributed import Runtime, gather_to_replica, scatter_from_replica
+from smallm.rundir import resume_changes
+from smallm.runs import read_config
 from smallm.tasks import Batches
 from smallm.trainable import Trainable
 
@@ -61,12 +71,28 @@ class Checkpointer:
             dist.barrier()
 
     def resume(
-        self, model: Trainable, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, loader: Batches
-    ) -> TrainingState:
-        """Restores the latest checkpoint in ``out`` and this rank's data position; returns the state."""
+        self, model: Trainable, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, loader: Batches,
+        settings: dict[str, Any] | None = None,
+    ) -> TrainingState:  # fmt: skip
+        """Restores the latest checkpoint in ``out`` and this rank's data position; returns the state.
+        ``settings``: the resumed run's, checked against the checkpoint's (:func:`resume_changes`); the
+        changes it may make are logged."""
         path = latest_checkpoint(self.out)
         if path is None:
             raise ValueError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; train without --resume first")
+        newest = latest_checkpoint(self.out, needs=(WEIGHTS_FILE,))
+        if newest is not None and newest != path:
+            self.runtime.log(f"{newest} lacks the training state --resume needs; resuming from {path}")
+        saved = read_config(path)
+        if settings is not None:
+            for change in resume_changes(saved.get("train", {}), settings, str(path)):
+                self.runtime.log(f"changed on resume: {change}")
+        trained_on = saved.get("lora", {}).get("base_sha256")
+        if trained_on is not None and model.run_config().get("lora", {}).get("base_sha256") != trained_on:
+            raise CheckpointError(
+                f"{path}: this LoRA run was trained on a base with other weights than the one it opens now "
+                f"({model.run_config()['lora']['base']}): that base was continued or replaced since the run began"
+            )
         if self.make_replica is not None:
             replica, replica_opt = self.make_replica()
             state, _ = load_checkpoint(path, replica, replica_opt, scheduler, scaler)
@@ -76,12 +102,12 @@ class Checkpointer:
             state, _ = load_checkpoint(path, model.module if whole else None, optimizer, scheduler, scaler)
             if not whole:
                 model.restore(load_weights(path), str(path))
-        saved = state.loader
-        if saved.get("world_size") != self.runtime.world_size:
+        positions = state.loader
+        if positions.get("world_size") != self.runtime.world_size:
             raise ValueError(
-                f"{path} was written by {saved.get('world_size')} process(es); resume it with as many "
+                f"{path} was written by {positions.get('world_size')} process(es); resume it with as many "
                 f"(this run has {self.runtime.world_size}): each one continues its own part of the data"
             )
-        loader.load_state_dict(saved["ranks"][self.runtime.rank])
+        loader.load_state_dict(positions["ranks"][self.runtime.rank])
         self.runtime.log(f"resumed from {path} at step {state.step}")
         return state

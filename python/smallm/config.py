@@ -14,11 +14,11 @@ Precedence: dataclass defaults < a TOML or JSON config file < command-line flags
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from smallm.lora import LoraSettings
-from smallm.model import PRESETS
+from smallm.model import PRESETS, ModelConfig
 from smallm.options import check_fields, doc, from_mapping, redefault
 
 __all__ = ["PRESET_BATCH_TOKENS", "DPOConfig", "FinetuneConfig", "RunConfig", "TrainConfig", "build_config", "validate"]
@@ -78,6 +78,7 @@ class RunConfig:
     checkpoint_every: int = doc(100, "steps between checkpoints (the last step is always saved)", minimum=1)
     keep_last: int = doc(3, "checkpoints kept besides the best one", minimum=1)
     resume: bool = doc(False, "continue from the latest checkpoint in --out")
+    force: bool = doc(False, "start a new run in an --out that holds one, deleting its checkpoints and metrics")
     tensorboard: bool = doc(False, "also log to TensorBoard (needs the tensorboard package)")
     wandb_project: str | None = doc(None, "also log to this Weights & Biases project (needs wandb)")
     sample_prompt: str = doc("", "prompt of the sample generated at the end")
@@ -116,6 +117,9 @@ class TrainConfig(RunConfig):
         "the model shape comes from there",
     )
     dry_run: bool = doc(False, "print parameters, FLOPs and memory estimates, then exit")
+    verify_data: bool = doc(
+        True, "read every shard once when the run opens the data: its sha256, token ids and document starts"
+    )
     model: dict[str, Any] = doc(dict, "overrides of the preset's ModelConfig fields", cli=False)  # noqa: RUF009 (a field)
 
     def step_tokens(self) -> int:
@@ -194,10 +198,27 @@ def validate(cfg: RunConfig) -> None:
     for name in ("lr", "embedding_lr", "head_lr", "norm_lr"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if isinstance(cfg, TrainConfig) and cfg.max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    if cfg.resume and cfg.force:
+        raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
+    if isinstance(cfg, TrainConfig):
+        if cfg.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
+        _validate_model_section(cfg.preset, cfg.model)
     if isinstance(cfg, FinetuneConfig):
         _validate_finetuning(cfg)
+
+
+def _validate_model_section(preset: str, overrides: dict[str, Any]) -> None:
+    """The ``[model]`` overrides (``--model-<field>``) must be ModelConfig fields of the right types."""
+    known = sorted(f.name for f in fields(ModelConfig))
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"model: unknown setting(s) {unknown}; known: {known}")
+    try:
+        model = ModelConfig.preset(preset, **overrides)
+    except (TypeError, ValueError) as e:  # ModelConfig's own checks, or a value they cannot compare
+        raise ValueError(f"model: {e}") from e
+    check_fields(model, "model")
 
 
 def _validate_finetuning(cfg: FinetuneConfig) -> None:

@@ -77,20 +77,21 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line."""
     path = Path(path)
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from e
     with handle:
-        try:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from e
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a line)") from e
+        for number, raw in enumerate(handle, 1):  # lines as bytes, so a decoding error knows its line
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from e
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from e
 
 
 def _messages(value: Any, where: str, field: str) -> Messages:

@@ -37,12 +37,14 @@ def find_corpus_files(
     specs: Iterable[str | os.PathLike[str]], extensions: Sequence[str] = DEFAULT_EXTENSIONS
 ) -> list[Path]:
     """Expands files, directories (searched recursively for ``extensions``, hidden entries skipped)
-    and glob patterns into a sorted, de-duplicated list of files.
+    and glob patterns into a sorted list of files, each once however many arguments name it and
+    however they spell it (paths are compared resolved: ``a.txt``, ``./a.txt``, a symlink to it).
 
-    Raises :class:`CorpusError` naming the argument when one matches no file.
+    Raises :class:`CorpusError` naming the argument when one matches no file, or names something that
+    is not a regular file (a pipe, ``/dev/stdin``), and naming the directory a walk cannot read.
     """
     wanted = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
-    found: dict[Path, None] = {}
+    found: dict[Path, Path] = {}
     for spec in specs:
         spec = os.fspath(spec)
         matches: list[Path] = []
@@ -54,6 +56,11 @@ def find_corpus_files(
                 raise CorpusError(f"{spec}: directory holds no files ending in {', '.join(wanted)}")
         elif os.path.isfile(spec):
             matches = [Path(spec)]
+        elif os.path.exists(spec):
+            raise CorpusError(
+                f"{spec}: not a regular file or directory (a pipe or a device?); the corpus is read from files, "
+                "so save the text to a file first"
+            )
         elif glob.has_magic(spec):
             for m in sorted(glob.glob(spec, recursive=True)):
                 p = Path(m)
@@ -63,15 +70,21 @@ def find_corpus_files(
         else:
             raise CorpusError(f"{spec}: no such file or directory")
         for m in matches:
-            found.setdefault(m, None)
+            found.setdefault(m.resolve(), m)
     if not found:
         raise CorpusError("no corpus files given")
-    return list(found)
+    return list(found.values())
 
 
 def _walk(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+    def unreadable(error: OSError) -> None:
+        raise CorpusError(
+            f"{error.filename}: cannot read this directory of the corpus ({error.strerror}); fix its permissions "
+            "or leave it out"
+        )
+
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and f.endswith(extensions))
     return files

@@ -21,6 +21,13 @@ shard is ever copied, only the rows of a batch.
   worse the longer it runs). A bigger buffer barely helps. An epoch uses each document exactly once: the
   buffer drains before the next epoch's permutation starts (a row may straddle the two).
 
+Worker processes: :class:`TokenDataset` is the ``IterableDataset`` for a ``torch.utils.data.DataLoader``
+with ``num_workers > 0``: worker i of n on rank r of w reads the part of rank ``r * n + i`` of ``w * n``,
+so no two workers repeat a batch, and each maps the shards itself (a :class:`ShardSet` pickles as its
+directory, not its tokens). A :class:`TokenLoader` iterated in several workers unsplit would repeat every
+batch once per worker, and refuses to. Exact resume is the in-process loader's (the trainer's):
+a DataLoader's workers run ahead of the batches it has handed out.
+
 Distributed training: rank r of w gets a disjoint part. In ``"documents"`` mode the documents at
 positions i % w == r of each epoch's permutation; in ``"random"`` mode the r-th of w contiguous parts
 of every shard. ``state_dict`` / ``load_state_dict`` resume exactly where a loader stopped.
@@ -44,7 +51,7 @@ import torch
 from smallm.model import IGNORE_INDEX
 from smallm.shardset import Shard, ShardError, ShardSet
 
-__all__ = ["Shard", "ShardError", "ShardSet", "TokenLoader", "ValidationLoader"]
+__all__ = ["Shard", "ShardError", "ShardSet", "TokenDataset", "TokenLoader", "ValidationLoader"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Mode = Literal["random", "documents"]
@@ -256,12 +263,29 @@ class TokenLoader:
         # batch handed out is kept beside it in _state.
         if prefetch is None:
             prefetch = self.device.type == "cuda"
+        self.prefetch, self.buffer_size = prefetch, buffer_size
         self._worker = ThreadPoolExecutor(1, "smallm-loader") if prefetch else None
         self._next: Future[tuple[torch.Tensor, dict[str, Any]]] | None = None
         self._state = self._sampler.state_dict()
+        self._split_for_workers = False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1 and not self._split_for_workers:
+            raise RuntimeError(
+                f"a TokenLoader iterated in each of {info.num_workers} DataLoader workers would give every "
+                "batch once per worker; give the DataLoader a smallm.data.TokenDataset, which splits the data "
+                "between the workers"
+            )
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Its configuration and position (the shards pickle as their directory); no prefetch thread.
+        options = {
+            "mode": self.mode, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+            "device": self.device, "buffer_size": self.buffer_size, "prefetch": self.prefetch,
+        }  # fmt: skip
+        return _rebuild_loader, (self.shards, self.batch_size, self.seq_len, options, self.state_dict())
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._worker is None:
@@ -324,6 +348,51 @@ class TokenLoader:
         """Stops the prefetch thread, if any."""
         if self._worker is not None:
             self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _rebuild_loader(
+    shards: ShardSet, batch_size: int, seq_len: int, options: dict[str, Any], state: dict[str, Any]
+) -> TokenLoader:
+    loader = TokenLoader(shards, batch_size, seq_len, **options)
+    loader.load_state_dict(state)
+    return loader
+
+
+class TokenDataset(torch.utils.data.IterableDataset):
+    """:class:`TokenLoader` batches for a ``DataLoader`` (``batch_size=None``: the items are batches)
+    with worker processes; each worker reads its own part of this rank's data (see the module
+    docstring). The arguments are :class:`TokenLoader`'s; batches are made on the CPU (the DataLoader's
+    ``pin_memory`` pins them)."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        batch_size: int,
+        seq_len: int,
+        *,
+        mode: Mode = "random",
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        buffer_size: int = 1024,
+    ) -> None:
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
+        self.mode, self.seed, self.buffer_size = mode, seed, buffer_size
+
+    def loader(self, worker: int = 0, workers: int = 1) -> TokenLoader:
+        """The loader of worker ``worker`` of ``workers``."""
+        loader = TokenLoader(
+            self.shards, self.batch_size, self.seq_len, mode=self.mode, seed=self.seed,
+            rank=self.rank * workers + worker, world_size=self.world_size * workers, buffer_size=self.buffer_size,
+            prefetch=False,
+        )  # fmt: skip
+        loader._split_for_workers = True
+        return loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        return iter(self.loader(info.id, info.num_workers) if info is not None else self.loader())
 
 
 class ValidationLoader:

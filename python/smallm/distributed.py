@@ -45,14 +45,36 @@ class Runtime:
         return t
 
 
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device ``name`` stands for: ``auto`` is this process's GPU (``cuda:LOCAL_RANK``) if there is one,
+    else the CPU; a bare ``cuda`` is ``cuda:LOCAL_RANK``. Raises ``ValueError`` for a name torch does not
+    know and for a CUDA or MPS device this machine lacks, saying what it has."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps or auto)") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "with CUDA" if torch.version.cuda else "without CUDA"
+            raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}, built {built}); "
+                             "use --device cpu or auto")  # fmt: skip
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu or auto")
+    return device
+
+
 def setup_runtime(device: str) -> Runtime:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group
     (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -11,14 +11,21 @@ A crash, a kill or a full disk must never leave a half-written file where a good
 * on any failure the temporary is removed and the original error raised: what was there stays as it was.
 
 :func:`check_destination` is the "refuse an existing output without ``--force``" rule every command that
-writes a folder follows. The Rust core writes the shards with the same discipline (``rust/atomic.rs``).
+writes a folder follows. :class:`DirectoryLock` keeps a second process out of a directory that one is
+writing in place (a shard directory being packed, a run being trained). The Rust core writes the
+shards with the same discipline (``rust/atomic.rs``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
@@ -26,10 +33,13 @@ from typing import Any, Union
 from smallm.errors import SmallmError
 
 __all__ = [
+    "LOCK_FILE",
     "DestinationError",
+    "DirectoryLock",
     "check_destination",
     "copy_file_atomic",
     "fsync_dir",
+    "sha256_file",
     "write_bytes_atomic",
     "write_folder_atomic",
     "write_json_atomic",
@@ -37,6 +47,11 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+LOCK_FILE = ".smallm.lock"
+"""The lock file :class:`DirectoryLock` keeps in the directory it guards while it holds it (deleted on
+release; one left by a killed holder is unlocked, since the lock is the operating system's and dies with
+the process, and is simply locked again)."""
 
 
 class DestinationError(SmallmError, ValueError):
@@ -59,6 +74,15 @@ def fsync_dir(directory: PathLike) -> None:
 
 def _temporary(path: Path, what: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{what}-{os.getpid()}")
+
+
+def sha256_file(path: PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
@@ -141,3 +165,76 @@ def check_destination(out: PathLike, force: bool, *, source: PathLike | None = N
         raise DestinationError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise DestinationError(f"{out} already exists and is not empty; pass --force (force=True) to replace it")
+
+
+class DirectoryLock:
+    """An exclusive lock on ``directory`` (created if missing) held while one command writes in it, so
+    that a second command on the same directory stops at once with the name of the first instead of
+    interleaving its files. The lock is an ``flock`` on ``directory/.smallm.lock``: the operating system
+    drops it when the holder exits, even by ``kill -9``, so no stale lock is ever left to clear by hand.
+    The file records the holder (command, process id, host, start time) for the message. A context
+    manager; on Windows (no ``flock``) it only records the holder."""
+
+    def __init__(self, directory: PathLike, command: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.command = command or Path(sys.argv[0]).name or "python"
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        self._created = not self.directory.exists()
+        for _ in range(100):
+            fd = self._open_locked()
+            try:  # the holder may have deleted the file before we locked it: lock the one on disk
+                if os.stat(self.directory / LOCK_FILE).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise DestinationError(f"could not lock {self.directory}: its lock file keeps being replaced")
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        holder = f"{self.command} (process {os.getpid()} on {socket.gethostname()}, since {started})"
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, holder.encode("utf-8"))
+        self._fd = fd
+
+    def _open_locked(self) -> int:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DestinationError(f"cannot write in {self.directory}: {e.strerror or e}") from e
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise DestinationError(
+                f"{self.directory} is in use by {holder}; wait for it to finish or stop it, or choose another directory"
+            ) from None
+        return fd
+
+    def release(self) -> None:
+        """Unlocks and deletes the lock file (a process that opened it meanwhile sees it gone once it has
+        locked it, and locks a new one); a directory the lock created and that stayed empty goes too."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.directory / LOCK_FILE).unlink()
+            if self._created and not any(self.directory.iterdir()):
+                self.directory.rmdir()
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -30,12 +31,15 @@ from smallm.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from smallm.files import check_destination, write_folder_atomic
+from smallm.errors import listing
+from smallm.files import check_destination, sha256_file, write_folder_atomic
 from smallm.lora import ADAPTER_CONFIG, AdapterError, LoraSettings, merge_adapter, read_adapter
 from smallm.model import ModelConfig, SmallLM
 from smallm.tokenizer import Tokenizer
 
 __all__ = [
+    "INFERENCE_FILES",
+    "check_base",
     "find_tokenizer",
     "load_model",
     "merge_run",
@@ -48,15 +52,20 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+INFERENCE_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+"""What opening a checkpoint's model needs (not the optimizer state, which only ``--resume`` reads)."""
+
+
 def resolve_checkpoint(path: PathLike, *, prefer: str = "latest") -> Path:
-    """The checkpoint directory ``path`` names: itself, or a run directory's latest (or best)."""
+    """The checkpoint directory ``path`` names: itself, or a run directory's latest (or best) that holds
+    the weights and the config."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         return path
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    found = best_checkpoint(path) if prefer == "best" else None
-    found = found or latest_checkpoint(path)
+    found = best_checkpoint(path, INFERENCE_FILES) if prefer == "best" else None
+    found = found or latest_checkpoint(path, INFERENCE_FILES)
     if found is None:
         raise CheckpointError(f"{path}: holds no checkpoint (expected model.safetensors or checkpoints/step_*/)")
     return found
@@ -94,6 +103,12 @@ def load_model(
     checkpoint = resolve_checkpoint(path, prefer=prefer)
     config = read_config(checkpoint)
     model = _lora_merged(checkpoint, config) if "lora" in config else _plain_model(checkpoint, config)
+    broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(
+            f"{checkpoint}: the weights {listing(broken)} hold NaN or infinite values (the run diverged before "
+            "this save?); open an earlier checkpoint (--prefer best, or a step directory)"
+        )
     model.to(device=device, dtype=dtype).eval()
     return model, find_tokenizer(checkpoint, config), config
 
@@ -122,11 +137,36 @@ def _lora_merged(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
             f"{checkpoint} holds a LoRA adapter for the base {base_path}, which is gone; "
             "merge it onto that base's weights with smallm-merge --base"
         )
-    base, _, _ = load_model(base_path)
+    base_checkpoint = resolve_checkpoint(base_path)
+    check_base(lora, base_checkpoint, checkpoint)
+    base, _, _ = load_model(base_checkpoint)
     try:
         return merge_adapter(base, LoraSettings.from_run_config(lora), load_weights(checkpoint), str(checkpoint))
     except AdapterError as e:
         raise CheckpointError(str(e)) from e
+
+
+def check_base(lora: dict[str, Any], base: Path, adapter: PathLike, *, chosen: bool = False) -> None:
+    """Refuses to put the adapter of ``adapter`` (a LoRA run whose config has the ``lora`` section) on the
+    checkpoint ``base`` when its weights are not the ones the adapter was trained on (the sha256 the run
+    recorded; runs made before it was recorded are not checked). A base the user ``chosen`` explicitly
+    (``--base``) only gets a warning."""
+    expected = lora.get("base_sha256")
+    if expected is None:
+        return
+    found = sha256_file(base / WEIGHTS_FILE)
+    if found == expected:
+        return
+    if chosen:
+        warnings.warn(
+            f"{base} is not the base {adapter} was trained on (other weights); merging as asked", stacklevel=2
+        )
+        return
+    raise CheckpointError(
+        f"{adapter} was trained on a base whose weights have sha256 {expected[:16]}..., but {base} now holds "
+        f"other weights ({found[:16]}...): that run was continued or replaced since. Give the original "
+        f"base: smallm-merge {adapter} --base ORIGINAL --out DIR"
+    )
 
 
 def write_run(
@@ -177,6 +217,7 @@ def merge_run(source: PathLike, out: PathLike, *, base: PathLike | None = None, 
             )
         settings = LoraSettings.from_run_config(config["lora"])
         tensors = load_weights(checkpoint)
+        check_base(config["lora"], resolve_checkpoint(base or config["lora"]["base"]), checkpoint, chosen=bool(base))
         base = base or config["lora"]["base"]
         with contextlib.suppress(CheckpointError):
             tokenizer = find_tokenizer(checkpoint, config)

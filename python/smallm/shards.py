@@ -6,7 +6,8 @@ shows progress, and writes ``manifest.json``, which :mod:`smallm.data` reads:
 
 * ``format``/``format_version``; ``tokenizer`` (file name and sha256 of ``tokenizer.json`` beside it);
 * ``vocab_size``, ``dtype`` (``uint16`` or ``uint32``), ``bos_id`` and ``special_tokens``;
-* ``splits``: per split, the shards in order with their token, document and text-byte counts;
+* ``splits``: per split, the shards in order with their token, document and text-byte counts and the
+  sha256 of their token and index files;
 * ``totals`` per split (with bytes per token), the ``sources`` and the ``options`` used.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from smallm import __version__, _core
 from smallm.corpus import Corpus, FileGroup
-from smallm.files import write_json_atomic
+from smallm.files import sha256_file, write_json_atomic
 from smallm.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -46,14 +47,6 @@ class PackOptions:
             raise ValueError(f"shard size {self.shard_tokens} is out of range: it must be 1 to {2**31 - 1} tokens")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"validation fraction {self.val_fraction} is out of range: it must be in [0, 1)")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pack_corpus(
@@ -103,6 +96,10 @@ def pack_corpus(
                     document += len(batch)
                     bar.update(bar.bytes_done, packer.tokens_written, texts=batch)
     shards = packer.finish()
+    for entry in (entry for split in shards.values() for entry in split):
+        # What ShardSet.open(verify=True) checks: the token and index files as written.
+        entry["sha256"] = sha256_file(out / entry["file"])
+        entry["index_sha256"] = sha256_file(out / entry["index"])
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -18,7 +18,6 @@ is a :class:`ShardError` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from smallm.errors import SmallmError
+from smallm.files import sha256_file
 
 __all__ = ["Shard", "ShardError", "ShardSet"]
 
@@ -88,7 +88,8 @@ class ShardSet:
         """Reads ``directory/manifest.json`` and maps the shards of ``split``.
 
         Always checks the manifest, the tokenizer's sha256, and every header, file size and count
-        against each other and the manifest. ``verify`` also reads every token once: ids below
+        against each other and the manifest. ``verify`` also reads every file once: its sha256
+        against the manifest's (shards packed before the manifest had them are not hashed), ids below
         ``vocab_size`` and a BOS at every document start. Raises :class:`ShardError` naming the file.
         """
         directory = Path(directory)
@@ -106,9 +107,16 @@ class ShardSet:
                 raise ShardError(f"{manifest_path}: {split} shard {i} lacks {e}") from e
             shard = _open_shard(directory / file, directory / index, version, tokens, documents)
             if verify:
+                for path, key in ((shard.path, "sha256"), (shard.index_path, "index_sha256")):
+                    _verify_digest(path, entry.get(key), manifest_path)
                 _verify_tokens(shard, manifest["vocab_size"], manifest["bos_id"])
             shards.append(shard)
         return cls(directory, split, manifest, shards)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        # Pickled as where it is, not as its tokens: a DataLoader worker (spawn) maps the same files again
+        # (checked as always, not read through again), so a large shard set costs a few bytes to send.
+        return _reopen, (os.fspath(self.directory), self.split)
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +131,10 @@ class ShardSet:
             f"ShardSet({str(self.directory)!r}, split={self.split!r}, shards={len(self.shards)}, "
             f"tokens={self.num_tokens}, documents={self.num_documents})"
         )
+
+
+def _reopen(directory: str, split: str) -> ShardSet:
+    return ShardSet.open(directory, split, verify=False)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -156,7 +168,7 @@ def _check_tokenizer(directory: Path, manifest_path: Path, entry: dict[str, str]
         raise ShardError(f"{manifest_path}: the tokenizer entry needs a file and a sha256: {e!r}") from e
     if not path.is_file():
         raise ShardError(f"{path}: missing (the tokenizer named in {manifest_path})")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != expected:
         raise ShardError(
             f"{path}: sha256 {digest} does not match {expected} in {manifest_path}: "
@@ -223,6 +235,17 @@ def _open_shard(path: Path, index_path: Path, version: int, tokens: int, documen
             raise ShardError(f"{index_path}: the last document starts at {starts[-1]}, past {n} tokens")
     array = _map(path, dtype, TOKENS_HEADER_BYTES, n)
     return Shard(path, index_path, array, torch.from_numpy(array), starts)
+
+
+def _verify_digest(path: Path, expected: str | None, manifest_path: Path) -> None:
+    if expected is None:
+        return
+    digest = sha256_file(path)
+    if digest != expected:
+        raise ShardError(
+            f"{path}: sha256 {digest} does not match {expected} in {manifest_path}: the file changed after "
+            "it was packed (a disk error, or an edit); pack the corpus again (smallm-tokenize ... --force)"
+        )
 
 
 def _verify_tokens(shard: Shard, vocab_size: int, bos_id: int) -> None:

@@ -294,6 +294,11 @@ class Tokenizer:
         num_threads: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         # One joined string and the lengths cross into Rust much faster than many small strings.
+        if isinstance(texts, (str, bytes)):
+            raise TypeError(
+                f"the batch encoders take a list of texts, not one {type(texts).__name__} (which would be encoded "
+                "per character); use encode/encode_ordinary for one text, or pass [text]"
+            )
         texts = texts if isinstance(texts, list) else list(texts)
         lengths = [len(t) for t in texts]
         joined = "".join(texts)
@@ -332,7 +337,7 @@ class Tokenizer:
 
     def _unknown_id(self, id: int) -> ValueError:
         return ValueError(
-            f"token id {id} is out of range: the vocabulary has {self.vocab_size} ids (0..{self.vocab_size})"
+            f"token id {id} is out of range: the vocabulary has {self.vocab_size} ids (0 to {self.vocab_size - 1})"
         )
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:

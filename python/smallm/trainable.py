@@ -24,9 +24,10 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from smallm.checkpoint import load_weights
+from smallm.checkpoint import WEIGHTS_FILE, load_weights
 from smallm.config import FinetuneConfig, RunConfig, TrainConfig
 from smallm.distributed import Runtime
+from smallm.files import sha256_file
 from smallm.lora import (
     LoraSettings,
     adapter_state,
@@ -78,6 +79,7 @@ class AdapterModel:
     def __init__(self, module: SmallLM, settings: LoraSettings, cfg: FinetuneConfig, base: Path, runtime: Runtime,
                  frozen_dtype: torch.dtype) -> None:  # fmt: skip
         self.config, self.settings, self.base = module.config, settings, base
+        self.base_sha256 = sha256_file(base / WEIGHTS_FILE)  # what merging onto it later checks
         self.quantized, self.train_embeddings = cfg.quantize == "nf4", cfg.lora_train_embeddings
         if self.quantized:
             size = quantize_nf4(module, runtime.device, frozen_dtype)
@@ -126,8 +128,11 @@ class AdapterModel:
         base = str(Path(os.path.abspath(self.base)))
         quantize = "nf4" if self.quantized else "none"
         return {
-            "lora": {**asdict(self.settings), "quantize": quantize, "base": base, "embeddings": self.train_embeddings}
-        }
+            "lora": {
+                **asdict(self.settings), "quantize": quantize, "base": base, "base_sha256": self.base_sha256,
+                "embeddings": self.train_embeddings,
+            }
+        }  # fmt: skip
 
     def finish(self, out: Path, runtime: Runtime) -> None:
         """Writes ``out/adapter/`` in peft's layout (not with trained embeddings: it would be incomplete)."""

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smallm.checkpoint import CheckpointError, TrainingState
+from smallm.checkpoint import CheckpointError, TrainingState, latest_checkpoint
 from smallm.checkpointer import Checkpointer
 from smallm.config import RunConfig, validate
 from smallm.distributed import Runtime, all_finite, autocast_dtype, shard_model, wrap_model
@@ -42,6 +42,7 @@ from smallm.memory import flops_per_token, mfu, peak_flops, warn_unknown_device
 from smallm.metrics import MetricsLogger
 from smallm.model import IGNORE_INDEX, SmallLM
 from smallm.optim import build_schedule, describe, restore_schedule
+from smallm.rundir import RunDirectory, trim_metrics
 from smallm.tasks import Batch, RunContext, Task
 from smallm.trainable import Trainable
 
@@ -95,10 +96,15 @@ class Trainer:
             return copy, build_optimizer(copy, cfg, torch.device("cpu"))
 
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
+        self.directory = RunDirectory(self.out, writer=runtime.main)
         self.state = TrainingState(step=0, tokens_seen=0)
-        if cfg.resume:
+        if not cfg.resume:
+            self.directory.check_new_run(cfg.force)  # again under the lock in fit(); here to fail early
+        else:
             peaks = [group["initial_lr"] for group in self.optimizer.param_groups]
-            self.state = self.checkpointer.resume(model, self.optimizer, self.scheduler, self.scaler, self.loader)
+            self.state = self.checkpointer.resume(
+                model, self.optimizer, self.scheduler, self.scaler, self.loader, settings=asdict(cfg)
+            )
             restore_schedule(self.optimizer, self.scheduler, peaks, self.state.step)
         self.net = wrap_model(model.module, runtime, sharded=self.sharded, compile=cfg.compile)
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
@@ -180,10 +186,12 @@ class Trainer:
             return self.train_step()
 
     def diverged(self, what: str) -> None:
-        raise TrainingError(
-            f"{what} at step {self.state.step}; stopping. The last good checkpoint in {self.out / 'checkpoints'} "
-            "is intact: resume from it with a lower --lr or more --warmup-steps"
-        )
+        last = latest_checkpoint(self.out)
+        if last is None:
+            advice = "No checkpoint was saved before it: start again with a lower --lr or more --warmup-steps"
+        else:
+            advice = f"The last good checkpoint, {last}, is intact: resume from it with a lower --lr"
+        raise TrainingError(f"{what} at step {self.state.step}; stopping. {advice}")
 
     # ----- validation and checkpoints -----------------------------------------------------------
 
@@ -217,9 +225,18 @@ class Trainer:
     # ----- the run ------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Trains to the last step and returns the last metrics and the sample."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Trains to the last step and returns the last metrics and the sample. The run directory is
+        locked meanwhile (see :mod:`smallm.rundir`)."""
+        self.directory.open(resume=self.cfg.resume, force=self.cfg.force)
+        try:
+            return self.fit_locked()
+        finally:
+            self.directory.close()
+
+    def fit_locked(self) -> dict[str, Any]:
         if self.runtime.main:
+            if self.cfg.resume and trim_metrics(self.out, self.state.step):
+                self.runtime.log(f"metrics.jsonl: dropped the lines after step {self.state.step}, logged again now")
             write_json_atomic(self.out / "config.json", self.run_config())
             if not (self.out / "tokenizer.json").exists():
                 self.task.tokenizer.save(self.out)  # the run directory is usable without the data

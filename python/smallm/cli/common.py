@@ -55,7 +55,8 @@ def plain_warnings(prog: str, always: tuple[type[Warning], ...] = ()) -> Iterato
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """CKPT, --prefer, --device and --dtype."""
+    """CKPT, --prefer, --device and --dtype (and the program's name, for :func:`load`'s line)."""
+    p.set_defaults(prog=p.prog)
     p.add_argument("checkpoint", metavar="CKPT", help="a run directory (its latest checkpoint) or a checkpoint")
     p.add_argument("--prefer", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
@@ -85,13 +86,14 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and tokenizer of ``args.checkpoint`` on the chosen device and dtype."""
     import torch
 
-    from smallm.runs import load_model
+    from smallm.distributed import resolve_device
+    from smallm.runs import load_model, resolve_checkpoint
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = resolve_checkpoint(args.checkpoint, prefer=args.prefer)
+    print(f"{args.prog}: opening {checkpoint}", file=sys.stderr)
+    device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     if args.dtype == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
-    model, tokenizer, _ = load_model(args.checkpoint, device=device, dtype=dtype, prefer=args.prefer)
+    model, tokenizer, _ = load_model(checkpoint, device=device, dtype=dtype)
     return model, tokenizer

@@ -36,13 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from smallm.hf import export_hf
+    from smallm.runs import resolve_checkpoint
 
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        prefer = "best" if args.best else "latest"
-        out = export_hf(args.checkpoint, args.out, force=args.force, dtype=args.dtype, prefer=prefer)
-        print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        checkpoint = resolve_checkpoint(args.checkpoint, prefer="best" if args.best else "latest")
+        out = export_hf(checkpoint, args.out, force=args.force, dtype=args.dtype)
+        loader = f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+        print(f"wrote {out} from {checkpoint}: load it with {loader}")
         return 0
 
     return run_command("smallm-export", body)

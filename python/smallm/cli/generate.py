@@ -52,8 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        prompts += [line for line in lines if line.strip()]
+        try:
+            raw = args.prompts_file.read_bytes()
+        except OSError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it: {e.strerror}") from e
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ValueError(f"{args.prompts_file}, line {line}: not valid UTF-8 (byte {e.start})") from e
+        found = [line for line in text.splitlines() if line.strip()]
+        if not found:
+            raise ValueError(f"{args.prompts_file}: holds no prompt (every line is blank)")
+        prompts += found
     return prompts or [""]
 
 
@@ -67,6 +78,9 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError("--max-new-tokens must be >= 0 and --batch-size positive")
     prompts = read_prompts(args)
     model, tokenizer = load(args)
+    wrong = [i for i in args.stop_id or () if not 0 <= i < tokenizer.vocab_size]
+    if wrong:
+        raise ValueError(f"--stop-id {wrong[0]}: not a token id of this tokenizer (0..{tokenizer.vocab_size - 1})")
     options = dict(
         sampling=sampling, stop_ids=stop_ids_of(tokenizer, args.stop_id), seed=args.seed,
         vocab_size=tokenizer.vocab_size, use_cache=not args.no_cache, truncate=not args.no_truncate,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from smallm.cli.common import run_command
 from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
-from smallm.files import copy_file_atomic
+from smallm.files import DirectoryLock, copy_file_atomic, write_text_atomic
 from smallm.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
 from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
@@ -83,10 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         corpus = find_corpus(args)
         check_options(args)
-        resuming = prepare_output(args.out, args)
-        tokenizer = get_tokenizer(args, corpus, resuming)
-        if not args.no_shards:
-            write_shards(args, corpus, tokenizer)
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} exists and is not a directory")
+        with DirectoryLock(args.out, "smallm-tokenize"):  # a second run into --out stops here
+            resuming = prepare_output(args.out, args)
+            tokenizer = get_tokenizer(args, corpus, resuming)
+            if not args.no_shards:
+                write_shards(args, corpus, tokenizer)
         return 0
 
     return run_command(
@@ -113,6 +116,10 @@ def find_corpus(args: argparse.Namespace) -> Corpus:
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuses bad options before any work (training can take long) and before --out is touched."""
+    for flag, value, least in (("--vocab", args.vocab, 1), ("--min-frequency", args.min_frequency, 0),
+                               ("--threads", args.threads, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     if args.no_shards:
         return
     PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
@@ -126,8 +133,6 @@ def check_options(args: argparse.Namespace) -> None:
 
 def prepare_output(out: Path, args: argparse.Namespace) -> bool:
     """Checks --out, clearing it under --force. Returns whether an interrupted run is resumed."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
     shard_files = sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")) if out.is_dir() else []
     if args.force:
         for f in [*shard_files, *(p.with_suffix(".idx") for p in shard_files), out / MANIFEST, out / JOURNAL]:
@@ -158,10 +163,16 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> T
     if resuming or (args.tokenizer is not None and args.tokenizer.resolve() == args.out.resolve()):
         return tokenizer  # already in --out
     if args.tokenizer is not None:
-        # Copy the files as they are: the shards' manifest records the sha256 of tokenizer.json.
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            copy_file_atomic(args.tokenizer / name, args.out / name)
+        # tokenizer.json as it is (the shards' manifest records its sha256); the tiktoken ranks from it.
+        ranks = tokenizer.core.to_tiktoken()
+        given = args.tokenizer / "tokenizer.tiktoken"
+        if given.is_file() and given.read_text(encoding="utf-8", errors="replace") != ranks:
+            raise ValueError(
+                f"{given} does not hold the ranks of {args.tokenizer / 'tokenizer.json'} beside it (a file of "
+                "another tokenizer?); delete it, and it is written anew from tokenizer.json"
+            )
+        copy_file_atomic(args.tokenizer / "tokenizer.json", args.out / "tokenizer.json")
+        write_text_atomic(args.out / "tokenizer.tiktoken", ranks)
     else:
         tokenizer.save(args.out)
     print(f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr)

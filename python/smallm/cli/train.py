@@ -30,6 +30,8 @@ from smallm.options import add_dataclass_arguments, read_config_file
 INTERRUPTED = "interrupted; resume from the last checkpoint with --resume"
 DEFAULT_VOCAB = 8192
 """Vocabulary of the built-in stdlib corpus: small enough for the tiny preset's embedding table."""
+DEMO_PROMPT = "class Stack:\n    def"
+"""The demo's sample prompt (unless ``--sample-prompt`` is given): code rather than a file's header."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.data = str(default_corpus())
             if cfg.out == TrainConfig.out:
                 cfg.out = "runs/stdlib-tiny" if cfg.preset == "tiny" else f"runs/stdlib-{cfg.preset}"
+            if cfg.sample_prompt == TrainConfig.sample_prompt:
+                cfg.sample_prompt = DEMO_PROMPT
         print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
         if cfg.dry_run:
             return dry_run(cfg)

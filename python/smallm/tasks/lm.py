@@ -31,8 +31,8 @@ class Pretraining:
         if data is None or not data.is_dir():
             raise ValueError(f"--data {cfg.data}: not a directory; make one with smallm-tokenize CORPUS --out DIR")
         self.cfg = cfg
-        self.train_set = ShardSet.open(data, "train")
-        val_set = ShardSet.open(data, "val")
+        self.train_set = ShardSet.open(data, "train", verify=cfg.verify_data)
+        val_set = ShardSet.open(data, "val", verify=cfg.verify_data)
         self.val_set = val_set if val_set.num_tokens > 0 else None
         self.tokenizer = Tokenizer.load(data)
 
