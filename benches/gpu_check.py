@@ -117,6 +117,7 @@ def check_qlora(args: argparse.Namespace, data: Path, root: Path) -> Row:
     torch.manual_seed(0)
     base = SmallLM(ModelConfig.preset(args.qlora_preset))
     base_dir = write_run(root / "base", base, tokenizer, {"train": {}, "model": dataclasses.asdict(base.config)})
+    seq_len = min(512, base.config.max_seq_len)  # the tiny preset of --quick has a context of 256
     del base
     chats = root / "chats.jsonl"
     with open(chats, "w", encoding="utf-8") as f:
@@ -130,7 +131,7 @@ def check_qlora(args: argparse.Namespace, data: Path, root: Path) -> Row:
     reset_peak(device)
     cfg = FinetuneConfig(
         init_from=str(base_dir), data=str(chats), out=str(root / "qlora"), lora_r=16, quantize="nf4",
-        precision=args.precision, device=args.device, batch_size=1, seq_len=512, max_steps=4, log_every=2,
+        precision=args.precision, device=args.device, batch_size=1, seq_len=seq_len, max_steps=4, log_every=2,
         activation_checkpointing=True, sample_tokens=4, val_fraction=0.0,
     )  # fmt: skip
     start = time.perf_counter()
