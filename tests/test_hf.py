@@ -201,14 +201,18 @@ def test_every_rope_form_gives_the_installed_transformers_the_same_theta(
 
 def test_tokenizer_gives_smallm_ids(tokenizer: Tokenizer, hf_tokenizer: Any) -> None:
     for text in TEXTS:
-        ids = hf_tokenizer(text)["input_ids"]
+        ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids == tokenizer.encode_ordinary(text), text
         assert hf_tokenizer.decode(ids) == text
+        # By default it adds what every training document (and smallm-generate's prompt) starts with.
+        assert hf_tokenizer(text)["input_ids"] == [tokenizer.eot_token, *ids], text
+        assert hf_tokenizer.decode(hf_tokenizer(text)["input_ids"], skip_special_tokens=True) == text
     eot, im_start, im_end = (tokenizer.special_tokens[s] for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (eot, eot, eot)
     assert hf_tokenizer.unk_token is None and hf_tokenizer.model_max_length == 64
     assert len(hf_tokenizer) == TOKENIZER_VOCAB
-    assert hf_tokenizer("<|im_start|>x<|im_end|>")["input_ids"][::2] == [im_start, im_end]
+    assert hf_tokenizer("<|im_start|>x<|im_end|>", add_special_tokens=False)["input_ids"][::2] == [im_start, im_end]
+    assert hf_tokenizer("a", "b")["input_ids"][0] == eot  # pairs too
 
 
 @pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
@@ -254,6 +258,25 @@ def test_greedy_generation_matches_smallm(run: Path, hf_model: Any, tokenizer: T
     cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
     ours = generate_ids(model, prompt, 10, temperature=0, stop_ids=stops, vocab_size=tokenizer.vocab_size)
     assert theirs[:cut] == ours and max(ours) < TOKENIZER_VOCAB
+
+
+def test_greedy_generation_with_the_tokenizers_defaults_equals_smallm_generate(
+    run: Path, hf_model: Any, hf_tokenizer: Any, tokenizer: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15: transformers' generate from ``tokenizer(prompt)`` (no options) continues the context
+    ``smallm-generate --temperature 0`` continues, so both give the same text."""
+    from smallm.cli.generate import main as generate_main
+    from smallm.generate import encode_prompt
+
+    prompt = "def add(x, y):"
+    assert generate_main([str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    ours = capsys.readouterr().out.rstrip("\n")
+    encoding = hf_tokenizer(prompt, return_tensors="pt")
+    assert encoding["input_ids"][0].tolist() == encode_prompt(tokenizer, prompt)  # the same context
+    with torch.no_grad():
+        out = hf_model.generate(**encoding, do_sample=False, max_new_tokens=10)
+    theirs = hf_tokenizer.decode(out[0], skip_special_tokens=True)
+    assert theirs == ours and ours.startswith(prompt) and len(ours) > len(prompt)
 
 
 def test_bf16_export(run: Path, tmp_path: Path, transformers: Any) -> None:

@@ -279,7 +279,7 @@ def test_a_run_killed_at_random_points_ends_with_the_uninterrupted_weights(shard
     subprocess.run([*command, *flags, "--out", str(whole)], env=env, check=True, capture_output=True)
 
     # Each attempt is killed once the run has logged a step drawn at random ahead of where it resumed
-    # (plus up to 50 ms: mid-step, mid-validation or mid-save), ten times; then it may finish.
+    # (plus up to 50 ms: mid-step, mid-validation or mid-save), up to ten times; then it may finish.
     run, rng, kills = tmp_path / "killed", random.Random(20261201), 0
     while True:
         resumed_at = latest_checkpoint(run)
@@ -287,7 +287,8 @@ def test_a_run_killed_at_random_points_ends_with_the_uninterrupted_weights(shard
         proc = subprocess.Popen([*command, *flags, "--out", str(run), *again], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         done = int(resumed_at.name.split("_")[1]) if resumed_at is not None else 0
-        target = rng.randint(done + 1, steps) if kills < 10 else math.inf
+        # (a kill can land after the last save: the resumed run then only finishes)
+        target = rng.randint(done + 1, steps) if kills < 10 and done < steps else math.inf
         while proc.poll() is None:
             if last_logged_step(run) >= target:
                 time.sleep(rng.uniform(0, 0.05))
@@ -300,7 +301,7 @@ def test_a_run_killed_at_random_points_ends_with_the_uninterrupted_weights(shard
             continue
         assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
         break
-    assert kills == 10
+    assert kills >= 5, f"only {kills} kills landed before the run reached its end"
     final, expected = load_weights(latest_checkpoint(run)), load_weights(latest_checkpoint(whole))
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in final)
     assert debris(run) == []

@@ -17,8 +17,12 @@ and ``AutoTokenizer.from_pretrained`` as a fast tokenizer, without smallm:
   that passes ``max_new_tokens`` when there is one (without it: 20 new tokens unless told otherwise).
 * ``tokenizer.json`` (smallm's own file, already in the ``tokenizers`` format), ``tokenizer_config.json``
   (``PreTrainedTokenizerFast``; ``<|endoftext|>`` as BOS, EOS and padding; the ChatML ``chat_template``),
-  ``special_tokens_map.json`` and a short ``README.md`` model card. The tokenizer adds no BOS: like
-  :meth:`smallm.Tokenizer.encode`, it gives the ids of the text only.
+  ``special_tokens_map.json`` and a short ``README.md`` model card. The tokenizer adds ``<|endoftext|>``
+  in front of a text by default (a ``TemplateProcessing`` post-processor and ``add_bos_token``), as
+  LLaMA tokenizers add their BOS: every training document starts with it and ``smallm-generate``
+  prepends it, so ``model.generate``, pipelines and lm-evaluation-harness continue the context smallm
+  does. ``add_special_tokens=False`` gives the ids of the text alone (:meth:`smallm.Tokenizer.encode`'s),
+  and ``apply_chat_template``, which passes it, gives exactly smallm's ChatML ids.
 
 :mod:`smallm.hf_import` reads such a folder back as a smallm run; :mod:`smallm.hub` uploads it. The
 ChatML renderers of :mod:`smallm.chat` are re-exported here beside the template that matches them.
@@ -111,7 +115,7 @@ def export_hf(
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         for name, content in files.items():
             (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (folder / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        (folder / "tokenizer.json").write_text(tokenizer_json(tokenizer), encoding="utf-8")
         (folder / "README.md").write_text(model_card(model, tokenizer, out.name), encoding="utf-8")
 
     return write_folder_atomic(out, fill)
@@ -178,6 +182,23 @@ def generation_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, An
     return {key: value for key, value in generation.items() if value is not None}
 
 
+def tokenizer_json(tokenizer: Tokenizer) -> str:
+    """smallm's ``tokenizer.json`` with a post-processor that puts ``<|endoftext|>`` before every text
+    (and before each of a pair) when ``add_special_tokens`` is true, the ``tokenizers`` default."""
+    document = json.loads(tokenizer.to_json())
+    eot = tokenizer.eot_token
+    if eot is not None:
+        bos = {"SpecialToken": {"id": EOT, "type_id": 0}}
+        document["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": EOT, "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {EOT: {"id": EOT, "ids": [eot], "tokens": [EOT]}},
+        }  # fmt: skip
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
 def tokenizer_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """``tokenizer_config.json``: the fast tokenizer of ``tokenizer.json``, its special tokens, ChatML."""
     eot = EOT if tokenizer.eot_token is not None else None
@@ -189,6 +210,8 @@ def tokenizer_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any
         "eos_token": eot,
         "pad_token": eot,
         "unk_token": None,
+        "add_bos_token": eot is not None,
+        "add_eos_token": False,
         "model_max_length": config.max_seq_len,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {str(i): {"content": text, **flags} for text, i in specials},
