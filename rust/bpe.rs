@@ -1,7 +1,9 @@
 //! A trained byte-level BPE vocabulary and the encoder/decoder that applies it.
 //!
-//! Ids `0..256` are the raw bytes, merge `i` creates id `256 + i`, and special tokens take the
-//! ids after the last merge. Encoding follows the merge list (the Hugging Face `tokenizers` BPE
+//! In smallm's own layout ids `0..256` are the raw bytes, merge `i` creates id `256 + i`, and
+//! special tokens take the ids after the last merge. A vocabulary trained elsewhere
+//! ([`Tokenizer::foreign`]) keeps its file's ids: each byte, each merge's result and each added
+//! token has the id the file gives it, and the engine below is the same. Encoding follows the merge list (the Hugging Face `tokenizers` BPE
 //! semantics): inside each pre-tokenized piece the adjacent pair with the lowest merge index is
 //! merged first, leftmost first among equals, until no adjacent pair is in the merge list.
 
@@ -11,6 +13,8 @@ use std::collections::BinaryHeap;
 use aho_corasick::{AhoCorasick, MatchKind};
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
+
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 use crate::pretokenize::PreTokenizer;
 use crate::{Error, Result};
@@ -60,21 +64,48 @@ impl SpecialPolicy {
     }
 }
 
+/// An id no token has: a byte that a vocabulary trained elsewhere lacks becomes it, and is dropped
+/// from the output (what the `tokenizers` library does when there is no unknown token).
+pub(crate) const NO_ID: u32 = u32::MAX;
+
 /// A trained tokenizer: the pre-tokenizer, the merge list and the special tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
     pretokenizer: PreTokenizer,
     merges: Vec<(u32, u32)>,
-    /// Pair key -> merge index (the merged id is `256 + index`).
+    /// Pair key -> merge index (the rank: lower merges first).
     merge_index: FxHashMap<u64, u32>,
     /// The same for pairs of two bytes, as a dense table: every piece starts as bytes, so the
     /// first look-ups of each piece skip hashing.
     byte_pair_index: Box<[u32]>,
-    /// Bytes of every non-special id.
+    /// Bytes of every non-special id (smallm's own layout) or of every id below the vocabulary
+    /// size (a foreign one, where specials hold their strings and unused ids are empty).
     token_bytes: Vec<Vec<u8>>,
-    /// Special token strings in id order; the first has id `256 + merges.len()`.
+    /// Special token strings; `special_ids` gives their ids (after the merges in smallm's layout).
     specials: Vec<String>,
+    special_ids: Vec<u32>,
     special_matcher: Option<AhoCorasick>,
+    /// The id of each byte and the id each merge creates: `b` and `256 + i` in smallm's layout.
+    byte_ids: Box<[u32; 256]>,
+    merge_result: Vec<u32>,
+    /// Set for a vocabulary trained elsewhere (a Hugging Face `tokenizer.json`).
+    foreign: Option<Box<Foreign>>,
+}
+
+/// What a byte-level BPE vocabulary trained elsewhere adds to the encoder (see
+/// [`Tokenizer::foreign`]).
+#[derive(Clone)]
+pub struct Foreign {
+    /// `ignore_merges`: a piece that is a whole token of the vocabulary is that token.
+    pub whole: Option<FxHashMap<Vec<u8>, u32>>,
+    /// Text is put in Unicode normal form C before pre-tokenization (Qwen's tokenizers).
+    pub nfc: bool,
+    /// One more than the largest id.
+    pub vocab_size: usize,
+    /// Which ids are special tokens.
+    pub is_special: Vec<bool>,
+    /// The file it was read from, written back as it was.
+    pub source: String,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -145,6 +176,13 @@ impl Tokenizer {
                 byte_pair_index[((left << 8) | right) as usize] = i as u32;
             }
         }
+        let n = token_bytes.len() as u32;
+        let special_ids = (n..n + specials.len() as u32).collect();
+        let mut byte_ids = Box::new([0u32; 256]);
+        for (b, id) in byte_ids.iter_mut().enumerate() {
+            *id = b as u32;
+        }
+        let merge_result = (256..n).collect();
         Ok(Tokenizer {
             pretokenizer,
             merges,
@@ -152,8 +190,126 @@ impl Tokenizer {
             byte_pair_index,
             token_bytes,
             specials,
+            special_ids,
             special_matcher,
+            byte_ids,
+            merge_result,
+            foreign: None,
         })
+    }
+
+    /// A byte-level BPE vocabulary trained elsewhere, with its own ids: `vocab` maps each token's
+    /// bytes to its id, `merges` are pairs of token bytes in priority order (the result is the
+    /// vocabulary's id of the two joined), and `added` the added tokens with their ids. Encoding
+    /// follows the `tokenizers` library: added tokens are cut out first (leftmost, longest), the rest
+    /// is normalised (`nfc`) and pre-tokenized, and each piece is looked up whole first when
+    /// `ignore_merges` is set, else merged; a byte the vocabulary lacks is dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn foreign(
+        pattern: &str,
+        vocab: Vec<(Vec<u8>, u32)>,
+        merges: &[(Vec<u8>, Vec<u8>)],
+        added: Vec<(String, u32)>,
+        ignore_merges: bool,
+        nfc: bool,
+        source: String,
+    ) -> std::result::Result<Self, String> {
+        let pretokenizer = PreTokenizer::new(pattern).map_err(|e| e.to_string())?;
+        let mut id_of: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+        let mut vocab_size = 0usize;
+        for (bytes, id) in &vocab {
+            vocab_size = vocab_size.max(*id as usize + 1);
+            id_of.insert(bytes.clone(), *id);
+        }
+        for (_, id) in &added {
+            vocab_size = vocab_size.max(*id as usize + 1);
+        }
+        let mut token_bytes = vec![Vec::new(); vocab_size];
+        for (bytes, id) in &vocab {
+            token_bytes[*id as usize] = bytes.clone();
+        }
+        let mut byte_ids = Box::new([NO_ID; 256]);
+        for (b, id) in byte_ids.iter_mut().enumerate() {
+            *id = id_of.get(&[b as u8][..]).copied().unwrap_or(NO_ID);
+        }
+        let mut pairs = Vec::with_capacity(merges.len());
+        let mut merge_result = Vec::with_capacity(merges.len());
+        let mut merge_index = FxHashMap::default();
+        for (i, (left, right)) in merges.iter().enumerate() {
+            let find = |t: &[u8]| id_of.get(t).copied();
+            let joined = [left.as_slice(), right.as_slice()].concat();
+            let (Some(l), Some(r), Some(m)) = (find(left), find(right), find(&joined)) else {
+                return Err(format!(
+                    "merges[{i}]: a part or the joined token is not in the vocabulary"
+                ));
+            };
+            // A pair listed twice takes its later place, as in `tokenizers`.
+            merge_index.insert(pair_key(l, r), i as u32);
+            pairs.push((l, r));
+            merge_result.push(m);
+        }
+        let mut byte_pair_index = vec![u32::MAX; 1 << 16].into_boxed_slice();
+        for a in 0..256usize {
+            for b in 0..256usize {
+                if let Some(&rank) = merge_index.get(&pair_key(byte_ids[a], byte_ids[b])) {
+                    byte_pair_index[(a << 8) | b] = rank;
+                }
+            }
+        }
+        let mut is_special = vec![false; vocab_size];
+        let (mut specials, mut special_ids) = (Vec::new(), Vec::new());
+        for (content, id) in added {
+            if content.is_empty() {
+                return Err("an added token is the empty string".into());
+            }
+            is_special[id as usize] = true;
+            token_bytes[id as usize] = content.as_bytes().to_vec();
+            specials.push(content);
+            special_ids.push(id);
+        }
+        let special_matcher = if specials.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&specials)
+                    .map_err(|e| format!("added tokens: {e}"))?,
+            )
+        };
+        let whole = ignore_merges.then(|| id_of.clone());
+        Ok(Tokenizer {
+            pretokenizer,
+            merges: pairs,
+            merge_index,
+            byte_pair_index,
+            token_bytes,
+            specials,
+            special_ids,
+            special_matcher,
+            byte_ids,
+            merge_result,
+            foreign: Some(Box::new(Foreign {
+                whole,
+                nfc,
+                vocab_size,
+                is_special,
+                source,
+            })),
+        })
+    }
+
+    /// The parts a vocabulary trained elsewhere adds; None for smallm's own.
+    pub fn foreign_parts(&self) -> Option<&Foreign> {
+        self.foreign.as_deref()
+    }
+
+    /// Whether `id` is a special (added) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        match &self.foreign {
+            None => id as usize >= self.token_bytes.len() && (id as usize) < self.vocab_size(),
+            Some(f) => f.is_special.get(id as usize).copied().unwrap_or(false),
+        }
     }
 
     /// The pre-tokenization regex.
@@ -166,9 +322,15 @@ impl Tokenizer {
         &self.pretokenizer
     }
 
-    /// The merge list; merge `i` creates id `256 + i`.
+    /// The merge list, as pairs of ids; merge `i` creates id `256 + i` in smallm's layout (see
+    /// [`Tokenizer::merge_results`] for a vocabulary trained elsewhere).
     pub fn merges(&self) -> &[(u32, u32)] {
         &self.merges
+    }
+
+    /// The id each merge creates.
+    pub fn merge_results(&self) -> &[u32] {
+        &self.merge_result
     }
 
     /// Special token strings in id order.
@@ -176,14 +338,21 @@ impl Tokenizer {
         &self.specials
     }
 
-    /// Number of ids that are bytes or merges (the ids before the first special token).
+    /// Number of ids that are bytes or merges: in smallm's layout the ids before the first special
+    /// token; in a foreign one the ids that are not special tokens.
     pub fn n_ordinary(&self) -> usize {
-        self.token_bytes.len()
+        match &self.foreign {
+            None => self.token_bytes.len(),
+            Some(f) => f.vocab_size - self.specials.len(),
+        }
     }
 
-    /// Total number of ids, special tokens included.
+    /// Total number of ids, special tokens included (one more than the largest id).
     pub fn vocab_size(&self) -> usize {
-        self.token_bytes.len() + self.specials.len()
+        match &self.foreign {
+            None => self.token_bytes.len() + self.specials.len(),
+            Some(f) => f.vocab_size,
+        }
     }
 
     /// The id of a special token string.
@@ -191,21 +360,29 @@ impl Tokenizer {
         self.specials
             .iter()
             .position(|s| s == token)
-            .map(|i| (self.token_bytes.len() + i) as u32)
+            .map(|i| self.special_ids[i])
     }
 
     /// The bytes a token decodes to (a special token decodes to its string).
     pub fn token_bytes(&self, id: u32) -> Result<&[u8]> {
         let i = id as usize;
+        let unknown = || Error::UnknownId {
+            id,
+            vocab_size: self.vocab_size(),
+        };
+        if self.foreign.is_some() {
+            return self
+                .token_bytes
+                .get(i)
+                .map(Vec::as_slice)
+                .ok_or_else(unknown);
+        }
         if let Some(bytes) = self.token_bytes.get(i) {
             Ok(bytes)
         } else if let Some(s) = self.specials.get(i - self.token_bytes.len()) {
             Ok(s.as_bytes())
         } else {
-            Err(Error::UnknownId {
-                id,
-                vocab_size: self.vocab_size(),
-            })
+            Err(unknown())
         }
     }
 
@@ -334,7 +511,7 @@ impl Tokenizer {
             }
             if allowed {
                 self.encode_ordinary_into(&text[start..m.start()], cache, out)?;
-                out.push((self.token_bytes.len() + m.pattern().as_usize()) as u32);
+                out.push(self.special_ids[m.pattern().as_usize()]);
                 start = m.end();
             }
         }
@@ -347,6 +524,15 @@ impl Tokenizer {
         cache: &mut PieceCache<'t>,
         out: &mut Vec<u32>,
     ) -> Result<()> {
+        if let Some(f) = &self.foreign {
+            if f.nfc && !matches!(is_nfc_quick(text.chars()), IsNormalized::Yes) {
+                let normal: String = text.nfc().collect();
+                let mut local = PieceCache::default();
+                return self.pretokenizer.split(&normal, |piece| {
+                    self.encode_piece_cached(piece.as_bytes(), &mut local, out)
+                });
+            }
+        }
         self.pretokenizer.split(text, |piece| {
             self.encode_piece_cached(piece.as_bytes(), cache, out)
         })
@@ -361,7 +547,12 @@ impl Tokenizer {
     ) {
         match piece.len() {
             0 => {}
-            1 => out.push(piece[0] as u32),
+            1 => {
+                let id = self.byte_ids[piece[0] as usize];
+                if id != NO_ID {
+                    out.push(id);
+                }
+            }
             n if n <= SHORT_KEY_BYTES => {
                 let key = short_key(piece);
                 if let Some(hit) = cache.short.get(&key) {
@@ -410,6 +601,12 @@ impl Tokenizer {
 
     /// Applies the merges to one pre-tokenized piece and appends its ids to `out`.
     pub fn encode_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
+        if let Some(whole) = self.foreign.as_ref().and_then(|f| f.whole.as_ref()) {
+            if let Some(&id) = whole.get(piece) {
+                out.push(id);
+                return;
+            }
+        }
         if piece.len() > LONG_PIECE {
             self.encode_long_piece(piece, out);
             return;
@@ -420,7 +617,7 @@ impl Tokenizer {
         // ranks[i] is the merge index of (ids[i], ids[i + 1]), u32::MAX when not a merge.
         let mut ranks = [u32::MAX; LONG_PIECE];
         for (id, &b) in ids.iter_mut().zip(piece) {
-            *id = b as u32;
+            *id = self.byte_ids[b as usize];
         }
         for (rank, pair) in ranks.iter_mut().zip(piece.windows(2)) {
             *rank = self.byte_pair_index[(pair[0] as usize) << 8 | pair[1] as usize];
@@ -438,7 +635,7 @@ impl Tokenizer {
             if best == u32::MAX {
                 break;
             }
-            ids[at] = 256 + best;
+            ids[at] = self.merge_result[best as usize];
             ids.copy_within(at + 2..len, at + 1);
             if at + 2 < len {
                 ranks.copy_within(at + 2..len - 1, at + 1);
@@ -451,7 +648,11 @@ impl Tokenizer {
                 ranks[at] = self.rank_or_max(ids[at], ids[at + 1]);
             }
         }
-        out.extend_from_slice(&ids[..len]);
+        if self.foreign.is_some() {
+            out.extend(ids[..len].iter().filter(|&&id| id != NO_ID));
+        } else {
+            out.extend_from_slice(&ids[..len]);
+        }
     }
 
     /// The same merges as [`Tokenizer::encode_piece`] with a heap of candidate pairs over a
@@ -459,7 +660,7 @@ impl Tokenizer {
     fn encode_long_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
         const NONE: u32 = u32::MAX;
         let n = piece.len();
-        let mut ids: Vec<u32> = piece.iter().map(|&b| b as u32).collect();
+        let mut ids: Vec<u32> = piece.iter().map(|&b| self.byte_ids[b as usize]).collect();
         let mut prev: Vec<u32> = (0..n as u32).map(|i| i.wrapping_sub(1)).collect();
         let mut next: Vec<u32> = (1..=n as u32)
             .map(|i| if i as usize == n { NONE } else { i })
@@ -480,7 +681,7 @@ impl Tokenizer {
                 continue;
             }
             let q = q as usize;
-            ids[p] = 256 + r;
+            ids[p] = self.merge_result[r as usize];
             ids[q] = NONE;
             next[p] = next[q];
             if next[q] != NONE {
@@ -658,5 +859,48 @@ mod tests {
         assert!(Tokenizer::new(GPT4_PATTERN, vec![(300, 1)], vec![]).is_err());
         assert!(Tokenizer::new(GPT4_PATTERN, vec![(1, 2), (1, 2)], vec![]).is_err());
         assert!(Tokenizer::new(GPT4_PATTERN, vec![], vec!["x".into(), "x".into()]).is_err());
+    }
+
+    /// A vocabulary trained elsewhere: "a", "b", "c" at ids 10-12 (no other byte), "ab" = 3,
+    /// "abc" = 7 (a token no merge makes), one special at id 0.
+    fn foreign(ignore_merges: bool) -> Tokenizer {
+        let vocab = vec![
+            (b"a".to_vec(), 10),
+            (b"b".to_vec(), 11),
+            (b"c".to_vec(), 12),
+            (b"ab".to_vec(), 3),
+            (b"abc".to_vec(), 7),
+        ];
+        let merges = vec![(b"a".to_vec(), b"b".to_vec())];
+        let added = vec![("<s>".to_string(), 0)];
+        Tokenizer::foreign(
+            r"\S+|\s+",
+            vocab,
+            &merges,
+            added,
+            ignore_merges,
+            false,
+            String::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_foreign_vocabulary_keeps_its_ids_and_drops_bytes_it_lacks() {
+        let t = foreign(false);
+        assert_eq!(t.vocab_size(), 13);
+        assert_eq!(t.encode_ordinary("abc").unwrap(), vec![3, 12]);
+        assert_eq!(t.encode_ordinary("abxab").unwrap(), vec![3, 3]); // no "x" (or space) id
+        assert_eq!(
+            t.encode("<s>ab", &SpecialPolicy::allow_all()).unwrap(),
+            vec![0, 3]
+        );
+        assert_eq!(t.decode_bytes(&[0, 3, 12]).unwrap(), b"<s>abc");
+        assert!(t.is_special(0) && !t.is_special(3));
+        assert!(t.decode_bytes(&[13]).is_err());
+        // ignore_merges: a piece that is a whole token is that token.
+        assert_eq!(foreign(true).encode_ordinary("abc ab").unwrap(), vec![7, 3]);
+        let long = "ab".repeat(100);
+        assert_eq!(t.encode_ordinary(&long).unwrap(), vec![3; 100]);
     }
 }

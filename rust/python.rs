@@ -198,6 +198,17 @@ impl PyTokenizer {
         self.inner.merges().to_vec()
     }
 
+    #[getter]
+    fn merge_results(&self) -> Vec<u32> {
+        self.inner.merge_results().to_vec()
+    }
+
+    /// Whether the vocabulary was trained elsewhere (its file's ids are kept).
+    #[getter]
+    fn foreign(&self) -> bool {
+        self.inner.foreign_parts().is_some()
+    }
+
     fn special_id(&self, token: &str) -> Option<u32> {
         self.inner.special_id(token)
     }
@@ -266,13 +277,12 @@ impl PyTokenizer {
 
     /// Byte length of every id (special tokens count as 0 bytes of text), for bits per byte.
     fn token_byte_lengths<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
-        let n = self.inner.n_ordinary();
         let lengths: Vec<i64> = (0..self.inner.vocab_size() as u32)
             .map(|id| {
-                if (id as usize) < n {
-                    self.inner.token_bytes(id).map_or(0, |b| b.len() as i64)
-                } else {
+                if self.inner.is_special(id) {
                     0
+                } else {
+                    self.inner.token_bytes(id).map_or(0, |b| b.len() as i64)
                 }
             })
             .collect();

@@ -13,6 +13,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use crate::bpe::Tokenizer;
+use crate::pretokenize::GPT2_PATTERN;
 use crate::{Error, Result};
 
 /// The GPT-2 byte-to-unicode table: printable bytes map to themselves, the others to code
@@ -37,8 +38,11 @@ fn bytes_to_key(bytes: &[u8], table: &[char; 256]) -> String {
     bytes.iter().map(|&b| table[b as usize]).collect()
 }
 
-/// The `tokenizer.json` text for `tok`.
+/// The `tokenizer.json` text for `tok` (a tokenizer read from another's file: that file's text).
 pub fn to_hf_json(tok: &Tokenizer) -> String {
+    if let Some(foreign) = tok.foreign_parts() {
+        return foreign.source.clone();
+    }
     let table = byte_to_char();
     let mut vocab = serde_json::Map::with_capacity(tok.n_ordinary());
     for id in 0..tok.n_ordinary() as u32 {
@@ -100,8 +104,14 @@ pub fn to_hf_json(tok: &Tokenizer) -> String {
 pub fn to_tiktoken(tok: &Tokenizer) -> String {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut out = String::with_capacity(tok.n_ordinary() * 16);
-    for id in 0..tok.n_ordinary() as u32 {
-        out.push_str(&b64.encode(tok.token_bytes(id).expect("ordinary ids exist")));
+    for id in 0..tok.vocab_size() as u32 {
+        let bytes = tok
+            .token_bytes(id)
+            .expect("ids below the vocabulary size exist");
+        if tok.is_special(id) || bytes.is_empty() {
+            continue; // special tokens are not ranks; a foreign vocabulary may leave ids unused
+        }
+        out.push_str(&b64.encode(bytes));
         out.push(' ');
         out.push_str(&id.to_string());
         out.push('\n');
@@ -109,8 +119,10 @@ pub fn to_tiktoken(tok: &Tokenizer) -> String {
     out
 }
 
-/// Reads a `tokenizer.json` written by smallm. A file from another tokenizer (or a corrupt one)
-/// is an error saying which field is wrong.
+/// Reads a byte-level BPE `tokenizer.json`: smallm's own, or one trained elsewhere (GPT-2, Llama 3,
+/// Qwen2/3 and the like), which keeps its ids and encodes as the `tokenizers` library does. Another
+/// kind of tokenizer (WordPiece, Unigram, SentencePiece-style BPE), an option smallm does not
+/// implement, or a corrupt file is an error saying which field is wrong.
 pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     let bad = |reason: String| Error::Format {
         path: path.to_path_buf(),
@@ -126,65 +138,61 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     let model = doc
         .get("model")
         .ok_or_else(|| bad("no \"model\" field".into()))?;
-    if model.get("type").and_then(Value::as_str) != Some("BPE") {
-        return Err(bad(
-            "model.type is not \"BPE\": only byte-level BPE tokenizers can be loaded".into(),
-        ));
+    match model.get("type").and_then(Value::as_str) {
+        Some("BPE") => {}
+        None if model.get("merges").is_some() => {} // files older than the field
+        _ => {
+            return Err(bad(
+                "model.type is not \"BPE\": only byte-level BPE tokenizers can be loaded".into(),
+            ))
+        }
     }
-    if model.get("ignore_merges").and_then(Value::as_bool) == Some(true) {
-        return Err(bad(
-            "model.ignore_merges is true, which smallm does not support".into(),
-        ));
-    }
+    refuse_sentencepiece(&doc, model).map_err(bad)?;
+    refuse_options(model).map_err(bad)?;
+    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool) == Some(true);
+    let nfc = normalizer_is_nfc(doc.get("normalizer")).map_err(bad)?;
     let pattern = split_pattern(&doc).map_err(bad)?;
 
     let table = byte_to_char();
-    let mut char_to_byte = std::collections::HashMap::new();
-    for (b, &c) in table.iter().enumerate() {
-        char_to_byte.insert(c, b as u8);
-    }
-    let vocab = model
+    let char_to_byte: std::collections::HashMap<char, u8> = table
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
+    let to_bytes = |key: &str| -> Option<Vec<u8>> {
+        key.chars().map(|c| char_to_byte.get(&c).copied()).collect()
+    };
+    let vocab_json = model
         .get("vocab")
         .and_then(Value::as_object)
         .ok_or_else(|| bad("model.vocab is missing or not an object".into()))?;
-    let mut by_id: Vec<Option<Vec<u8>>> = vec![None; vocab.len()];
-    let mut id_of = std::collections::HashMap::with_capacity(vocab.len());
-    for (key, id) in vocab {
+    let mut vocab: Vec<(Vec<u8>, u32)> = Vec::with_capacity(vocab_json.len());
+    let mut id_of_key = std::collections::HashMap::with_capacity(vocab_json.len());
+    let mut seen_ids = std::collections::HashSet::with_capacity(vocab_json.len());
+    for (key, id) in vocab_json {
         let id = id
             .as_u64()
-            .filter(|&i| (i as usize) < vocab.len())
-            .ok_or_else(|| {
-                bad(format!(
-                    "model.vocab[{key:?}] = {id} is not an id in 0..{}",
-                    vocab.len()
-                ))
-            })?;
-        let bytes: Vec<u8> = key
-            .chars()
-            .map(|c| char_to_byte.get(&c).copied())
-            .collect::<Option<_>>()
+            .filter(|&i| i < u32::MAX as u64)
+            .ok_or_else(|| bad(format!("model.vocab[{key:?}] = {id} is not an id")))?
+            as u32;
+        let bytes = to_bytes(key)
             .ok_or_else(|| bad(format!("model.vocab key {key:?} is not byte-level encoded")))?;
-        if by_id[id as usize].replace(bytes).is_some() {
+        if !seen_ids.insert(id) {
             return Err(bad(format!("model.vocab: id {id} is given twice")));
         }
-        id_of.insert(key.as_str(), id as u32);
-    }
-    for (b, entry) in by_id.iter().take(256).enumerate() {
-        if entry.as_deref() != Some(&[b as u8][..]) {
-            return Err(bad(format!(
-                "model.vocab: id {b} is not the single byte {b}; smallm tokenizers keep ids 0..256 for the raw bytes (this file comes from another tokenizer)"
-            )));
-        }
+        id_of_key.insert(key.as_str(), id);
+        vocab.push((bytes, id));
     }
     let merges_json = model
         .get("merges")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("model.merges is missing or not a list".into()))?;
-    let mut merges = Vec::with_capacity(merges_json.len());
+    let mut merges: Vec<(String, String)> = Vec::with_capacity(merges_json.len());
     for (i, m) in merges_json.iter().enumerate() {
         let (l, r) = match m {
             Value::String(s) => s
                 .split_once(' ')
+                .filter(|(_, r)| !r.contains(' '))
                 .ok_or_else(|| bad(format!("model.merges[{i}] = {s:?} is not two tokens")))?,
             Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => (
                 a[0].as_str().unwrap_or_default(),
@@ -196,32 +204,20 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
                 )))
             }
         };
-        let id = |t: &str| {
-            id_of
-                .get(t)
-                .copied()
-                .ok_or_else(|| bad(format!("model.merges[{i}]: {t:?} is not in the vocab")))
-        };
-        let (left, right) = (id(l)?, id(r)?);
-        let merged = format!("{l}{r}");
-        if id_of.get(merged.as_str()) != Some(&(256 + i as u32)) {
+        for t in [l, r] {
+            if !id_of_key.contains_key(t) {
+                return Err(bad(format!("model.merges[{i}]: {t:?} is not in the vocab")));
+            }
+        }
+        if !id_of_key.contains_key(format!("{l}{r}").as_str()) {
             return Err(bad(format!(
-                "model.merges[{i}] ({l:?}, {r:?}) does not create id {}; smallm tokenizers give merge i the id 256 + i",
-                256 + i
+                "model.merges[{i}]: {:?} (the two joined) is not in the vocab",
+                format!("{l}{r}")
             )));
         }
-        merges.push((left, right));
+        merges.push((l.to_owned(), r.to_owned()));
     }
-    if vocab.len() != 256 + merges.len() {
-        return Err(bad(format!(
-            "model.vocab has {} entries but 256 bytes + {} merges make {}",
-            vocab.len(),
-            merges.len(),
-            256 + merges.len()
-        )));
-    }
-    let mut specials = Vec::new();
-    let mut added: Vec<(u64, String)> = Vec::new();
+    let mut added: Vec<(String, u32)> = Vec::new();
     for (i, t) in doc
         .get("added_tokens")
         .and_then(Value::as_array)
@@ -229,30 +225,147 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
         .flatten()
         .enumerate()
     {
-        let id = t
-            .get("id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad(format!("added_tokens[{i}].id is missing")))?;
+        let id =
+            t.get("id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad(format!("added_tokens[{i}].id is missing")))? as u32;
         let content = t
             .get("content")
             .and_then(Value::as_str)
             .ok_or_else(|| bad(format!("added_tokens[{i}].content is missing")))?;
-        added.push((id, content.to_owned()));
-    }
-    added.sort();
-    for (i, (id, content)) in added.into_iter().enumerate() {
-        let expected = (256 + merges.len() + i) as u64;
-        if id != expected {
-            return Err(bad(format!(
-                "added token {content:?} has id {id}, expected {expected}: special tokens take the ids right after the merges"
-            )));
+        for flag in ["single_word", "lstrip", "rstrip"] {
+            if t.get(flag).and_then(Value::as_bool) == Some(true) {
+                return Err(bad(format!(
+                    "added_tokens[{i}] ({content:?}) sets {flag}, which smallm does not implement"
+                )));
+            }
         }
-        specials.push(content);
+        // `tokenizers` gives an added token that is also a vocab entry the vocab's id.
+        let id = id_of_key.get(content).copied().unwrap_or(id);
+        added.push((content.to_owned(), id));
     }
-    Tokenizer::new(&pattern, merges, specials).map_err(|e| bad(e.to_string()))
+
+    if let Some(native) = native_layout(&vocab, &merges, &added, &id_of_key) {
+        if !ignore_merges && !nfc {
+            let (merge_ids, specials) = native;
+            return Tokenizer::new(&pattern, merge_ids, specials).map_err(|e| bad(e.to_string()));
+        }
+    }
+    let key_bytes = |k: &str| to_bytes(k).expect("checked with the vocab");
+    let merges: Vec<(Vec<u8>, Vec<u8>)> = merges
+        .iter()
+        .map(|(l, r)| (key_bytes(l), key_bytes(r)))
+        .collect();
+    Tokenizer::foreign(
+        &pattern,
+        vocab,
+        &merges,
+        added,
+        ignore_merges,
+        nfc,
+        text.to_owned(),
+    )
+    .map_err(bad)
 }
 
-/// The regex of the `Split` step of the pre-tokenizer, checking a `ByteLevel` step follows it.
+/// A smallm-layout file's merges (as id pairs) and special tokens.
+type NativeParts = (Vec<(u32, u32)>, Vec<String>);
+
+/// The merge ids and special tokens of a file in smallm's own layout (bytes are ids 0..256, merge
+/// `i` creates `256 + i`, the added tokens follow in order), or None.
+fn native_layout(
+    vocab: &[(Vec<u8>, u32)],
+    merges: &[(String, String)],
+    added: &[(String, u32)],
+    id_of_key: &std::collections::HashMap<&str, u32>,
+) -> Option<NativeParts> {
+    if vocab.len() != 256 + merges.len() {
+        return None;
+    }
+    let by_id: std::collections::HashMap<u32, &[u8]> =
+        vocab.iter().map(|(b, id)| (*id, b.as_slice())).collect();
+    if (0..256u32).any(|b| by_id.get(&b) != Some(&&[b as u8][..])) {
+        return None;
+    }
+    let mut ids = Vec::with_capacity(merges.len());
+    for (i, (l, r)) in merges.iter().enumerate() {
+        if id_of_key.get(format!("{l}{r}").as_str()) != Some(&(256 + i as u32)) {
+            return None;
+        }
+        ids.push((id_of_key[l.as_str()], id_of_key[r.as_str()]));
+    }
+    let mut sorted = added.to_vec();
+    sorted.sort_by_key(|(_, id)| *id);
+    let first = (256 + merges.len()) as u32;
+    if sorted
+        .iter()
+        .enumerate()
+        .any(|(i, (_, id))| *id != first + i as u32)
+    {
+        return None;
+    }
+    Some((ids, sorted.into_iter().map(|(c, _)| c).collect()))
+}
+
+/// SentencePiece-style BPE (byte fallback, `▁` for spaces) is another algorithm: refuse it by name.
+fn refuse_sentencepiece(doc: &Value, model: &Value) -> std::result::Result<(), String> {
+    let text = |v: Option<&Value>| v.map(Value::to_string).unwrap_or_default();
+    let metaspace = ["normalizer", "pre_tokenizer", "decoder"]
+        .iter()
+        .any(|f| text(doc.get(*f)).contains('\u{2581}') || text(doc.get(*f)).contains("Metaspace"));
+    let byte_fallback = model.get("byte_fallback").and_then(Value::as_bool) == Some(true)
+        || model.get("vocab").and_then(|v| v.get("<0x00>")).is_some();
+    if metaspace || byte_fallback {
+        return Err("a SentencePiece-style BPE tokenizer (byte fallback and \u{2581} for spaces, as in Llama 2, TinyLlama and Mistral), which smallm does not read; smallm reads byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/3, SmolLM)".into());
+    }
+    Ok(())
+}
+
+/// BPE options that change the ids and that smallm does not implement.
+fn refuse_options(model: &Value) -> std::result::Result<(), String> {
+    if model
+        .get("dropout")
+        .and_then(Value::as_f64)
+        .is_some_and(|d| d > 0.0)
+    {
+        return Err(
+            "model.dropout is set: BPE dropout is for training, not for a fixed encoding".into(),
+        );
+    }
+    for field in ["continuing_subword_prefix", "end_of_word_suffix"] {
+        if model
+            .get(field)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+        {
+            return Err(format!("model.{field} is set, which byte-level BPE does not use and smallm does not implement"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the normalizer is Unicode NFC (Qwen's); none at all is fine, anything else is refused.
+fn normalizer_is_nfc(normalizer: Option<&Value>) -> std::result::Result<bool, String> {
+    match normalizer {
+        None | Some(Value::Null) => Ok(false),
+        Some(n) => match n.get("type").and_then(Value::as_str) {
+            Some("NFC") => Ok(true),
+            Some("Sequence")
+                if n.get("normalizers")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty) =>
+            {
+                Ok(false)
+            }
+            other => Err(format!(
+                "normalizer {other:?} is not one smallm implements (none, or NFC)"
+            )),
+        },
+    }
+}
+
+/// The pre-tokenization regex: the `Split` step before a `ByteLevel` one, or GPT-2's regex for a
+/// `ByteLevel` step that splits by itself (`use_regex`, as in GPT-2's file).
 fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
     let pre = doc
         .get("pre_tokenizer")
@@ -270,20 +383,29 @@ fn split_pattern(doc: &Value) -> std::result::Result<String, String> {
         .iter()
         .map(|s| s.get("type").and_then(Value::as_str).unwrap_or("?"))
         .collect();
-    if kinds != ["Split", "ByteLevel"] {
-        return Err(format!(
-            "pre_tokenizer is {kinds:?}; smallm tokenizers use [\"Split\", \"ByteLevel\"] (a regex split, then byte-level mapping)"
-        ));
+    let byte_level = *steps.last().ok_or("pre_tokenizer is an empty sequence")?;
+    if byte_level.get("add_prefix_space").and_then(Value::as_bool) == Some(true) {
+        return Err("pre_tokenizer ByteLevel step has add_prefix_space = true, which smallm does not implement".into());
     }
-    if steps[1].get("use_regex").and_then(Value::as_bool) != Some(false) {
-        return Err("pre_tokenizer ByteLevel step must have use_regex = false".into());
+    let splits_itself = byte_level.get("use_regex").and_then(Value::as_bool) != Some(false);
+    match kinds.as_slice() {
+        ["ByteLevel"] if splits_itself => Ok(GPT2_PATTERN.to_owned()),
+        ["Split", "ByteLevel"] if !splits_itself => {
+            let split = steps[0];
+            if split.get("behavior").and_then(Value::as_str) != Some("Isolated") {
+                return Err("pre_tokenizer Split step must have behavior \"Isolated\"".into());
+            }
+            split
+                .get("pattern")
+                .and_then(|p| p.get("Regex"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| "pre_tokenizer Split step has no pattern.Regex".into())
+        }
+        _ => Err(format!(
+            "pre_tokenizer is {kinds:?}; smallm reads [\"Split\", \"ByteLevel\"] (a regex split, then byte-level mapping with use_regex = false) or [\"ByteLevel\"] splitting by itself (GPT-2)"
+        )),
     }
-    steps[0]
-        .get("pattern")
-        .and_then(|p| p.get("Regex"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| "pre_tokenizer Split step has no pattern.Regex".into())
 }
 
 /// Loads `path/tokenizer.json`, or `path` itself when it is a file.

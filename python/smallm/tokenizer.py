@@ -1,11 +1,16 @@
 """Byte-level BPE tokenizer: training, encoding with special tokens, and the files the ecosystem reads.
 
-The work happens in the Rust core (``smallm._core``); this module owns the user-facing API. Ids 0..255
-are the raw bytes, merge ``i`` gets id ``256 + i`` and the special tokens take the ids after the
-merges. Special tokens follow tiktoken's policy: :meth:`Tokenizer.encode` refuses text that contains a
-special token string it was not told to allow, and :meth:`Tokenizer.encode_ordinary` treats such
+The work happens in the Rust core (``smallm._core``); this module owns the user-facing API. In a
+tokenizer smallm trains, ids 0..255 are the raw bytes, merge ``i`` gets id ``256 + i`` and the special
+tokens take the ids after the merges. :meth:`Tokenizer.load` also opens byte-level BPE files trained
+elsewhere (GPT-2, Llama 3, Qwen2/3, SmolLM layouts), which keep their own ids, added tokens,
+``ignore_merges`` and NFC normalizer, and encode to the ids the ``tokenizers`` library gives
+(:attr:`Tokenizer.foreign`); SentencePiece-style BPE (Llama 2, TinyLlama, Mistral) is refused by name.
+Special tokens follow tiktoken's policy: :meth:`Tokenizer.encode` refuses text that contains a special
+token string it was not told to allow, and :meth:`Tokenizer.encode_ordinary` treats such
 strings as plain text. ``save`` writes ``tokenizer.json`` (Hugging Face ``tokenizers``) and
-``tokenizer.tiktoken`` (tiktoken ranks); both give the same ids as smallm.
+``tokenizer.tiktoken`` (tiktoken ranks); both give the same ids as smallm (the ranks file for smallm's
+own layout, where an id's rank is its merge's place; a foreign file is written back as it was).
 """
 
 from __future__ import annotations
@@ -223,8 +228,20 @@ class Tokenizer:
 
     @property
     def merges(self) -> list[tuple[int, int]]:
-        """The merge list: merge ``i`` joins the pair into id ``256 + i``."""
+        """The merge list, as pairs of ids: merge ``i`` joins the pair into id ``256 + i`` in smallm's
+        layout, into ``merge_results[i]`` in a vocabulary trained elsewhere."""
         return self._core.merges
+
+    @property
+    def merge_results(self) -> list[int]:
+        """The id each merge creates."""
+        return self._core.merge_results
+
+    @property
+    def foreign(self) -> bool:
+        """Whether the vocabulary was trained elsewhere (a Hugging Face ``tokenizer.json`` of GPT-2,
+        Llama 3, Qwen...): its ids are the file's, and saving writes that file back as it was."""
+        return self._core.foreign
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes token ``id`` stands for (a special token: its string)."""
