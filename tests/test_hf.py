@@ -131,6 +131,8 @@ def test_export_loads_as_llama_with_smallm_logits(run: Path, exported: Path, hf_
         ({"qk_norm": True}, "Qwen3ForCausalLM"),
         ({"qk_norm": True, "hidden_act": "relu2", "tie_embeddings": False}, "Qwen3ForCausalLM"),
         ({"hidden_act": "gelu_pytorch_tanh"}, "LlamaForCausalLM"),
+        ({"qkv_bias": True}, "Qwen2ForCausalLM"),
+        ({"qkv_bias": True, "tie_embeddings": False}, "Qwen2ForCausalLM"),
     ],
 )
 def test_architecture_options_export_to_the_class_that_computes_them(
@@ -143,9 +145,9 @@ def test_architecture_options_export_to_the_class_that_computes_them(
     config = ModelConfig(vocab_size=MODEL_VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64, **options)
     torch.manual_seed(5)
     model = SmallLM(config).eval()
-    with torch.no_grad():  # norm gains away from 1, so that a missing or misplaced norm shows
+    with torch.no_grad():  # norm gains away from 1 and biases away from 0, so that a lost one shows
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(0.3 * torch.randn_like(p))
     exported = export_hf(save_run(model, tokenizer), tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
@@ -156,6 +158,7 @@ def test_architecture_options_export_to_the_class_that_computes_them(
         back = load_model(import_hf(exported, tmp_path / "back"))[0]
         torch.testing.assert_close(back(ids), model(ids), atol=1e-6, rtol=0)
     assert back.config.qk_norm == config.qk_norm and back.config.hidden_act == config.hidden_act
+    assert back.config.qkv_bias == config.qkv_bias
 
 
 def test_tied_embeddings_are_stored_once_and_tied_on_load(run: Path, exported: Path, hf_model: Any) -> None:
@@ -369,6 +372,30 @@ def test_import_of_a_transformers_llama_gives_its_logits(
         run = import_hf(tmp_path / "llama", tmp_path / "run")
     model = smallm_model_of(run)
     assert model.config.rope_theta == 500000.0 and model.config.tie_embeddings is tied
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_import_of_a_transformers_qwen2_gives_its_logits(transformers: Any, tmp_path: Path, tied: bool) -> None:
+    """Qwen2 (Qwen2.5's class): LLaMA's layers with biases on q, k and v."""
+    config = transformers.Qwen2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, use_sliding_window=False,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    reference = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    reference.save_pretrained(tmp_path / "qwen2")
+    with pytest.warns(UserWarning, match="only the weights were imported"):
+        run = import_hf(tmp_path / "qwen2", tmp_path / "run")
+    model = smallm_model_of(run)
+    assert model.config.qkv_bias and not model.config.qk_norm and model.config.rope_theta == 1e6
     ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""Hugging Face export: a checkpoint as a ``transformers`` LLaMA (or, with QK-norm, Qwen3) folder.
+"""Hugging Face export: a checkpoint as a ``transformers`` LLaMA folder (Qwen3 with QK-norm, Qwen2 with
+q/k/v biases).
 
 :func:`export_hf` writes a folder that ``AutoModelForCausalLM.from_pretrained`` loads as ``LlamaForCausalLM``
 and ``AutoTokenizer.from_pretrained`` as a fast tokenizer, without smallm:
@@ -123,9 +124,13 @@ def export_hf(
 
 def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: int | None) -> dict[str, Any]:
     """``config.json`` of ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with QK-norm: LLaMA's layers with a
-    normalised query and key per head) for transformers version ``major`` (None: not installed), with
+    normalised query and key per head; ``Qwen2ForCausalLM`` with biases on the query, key and value)
+    for transformers version ``major`` (None: not installed), with
     ``eot`` (``<|endoftext|>``'s id) as the BOS, EOS and padding id."""
-    architecture, model_type = ("Qwen3ForCausalLM", "qwen3") if config.qk_norm else ("LlamaForCausalLM", "llama")
+    architecture, model_type = (
+        ("Qwen3ForCausalLM", "qwen3") if config.qk_norm else ("Qwen2ForCausalLM", "qwen2") if config.qkv_bias
+        else ("LlamaForCausalLM", "llama")
+    )  # fmt: skip
     hf: dict[str, Any] = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -149,7 +154,7 @@ def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: i
         "pad_token_id": eot,
         "use_cache": True,
     }
-    if config.qk_norm:  # Qwen3 can also slide a window over the keys: not in these models
+    if config.qk_norm or config.qkv_bias:  # Qwen2/3 can also slide a window over the keys: not these models
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
     dtype_name = str(dtype).replace("torch.", "")
     if major is None or major >= 5:

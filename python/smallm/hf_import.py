@@ -1,4 +1,4 @@
-"""Hugging Face import: a local ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM``) folder as a smallm run.
+"""Hugging Face import: a local ``LlamaForCausalLM`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) folder as a run.
 
 :func:`import_hf` reads ``config.json`` and the safetensors weights (one file, or the shards an
 ``model.safetensors.index.json`` lists), refuses what smallm's model does not implement (other model
@@ -54,15 +54,15 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` of a Hugging Face LLaMA or Qwen3 ``config.json``; raises :class:`HFError`
+    """The :class:`ModelConfig` of a Hugging Face LLaMA, Qwen2 or Qwen3 ``config.json``; raises :class:`HFError`
     naming the field for what smallm does not implement (other model types, rotary scaling, biases, other
     activations, sliding windows, a head size other than hidden_size / num_attention_heads)."""
 
     def refuse(field: str, value: Any, why: str) -> HFError:
         return HFError(f"config.json: {field} = {json.dumps(value)} is not supported: {why}")
 
-    if hf.get("model_type") not in ("llama", "qwen3"):
-        raise refuse("model_type", hf.get("model_type"), "smallm imports LLaMA and Qwen3 models only")
+    if hf.get("model_type") not in ("llama", "qwen2", "qwen3"):
+        raise refuse("model_type", hf.get("model_type"), "smallm imports LLaMA, Qwen2 and Qwen3 models only")
     if hf.get("hidden_act", "silu") not in ACTIVATIONS:
         raise refuse("hidden_act", hf["hidden_act"], f"smallm's gated MLP takes {', '.join(ACTIVATIONS)}")
     if hf.get("use_sliding_window"):
@@ -108,6 +108,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=float(hf.get("initializer_range", 0.02)),
             qk_norm=hf["model_type"] == "qwen3",
+            qkv_bias=hf["model_type"] == "qwen2",  # Qwen2's attention always has them
             hidden_act=hf.get("hidden_act", "silu"),
         )
     except (TypeError, ValueError) as e:

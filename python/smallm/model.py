@@ -8,11 +8,13 @@ Architecture (LLaMA, Touvron et al. 2023), pre-norm: token embedding, then ``n_l
   (GQA, Ainslie et al. 2023: ``n_kv_head`` key/value heads shared by ``n_head`` query heads), computed by
   ``torch.nn.functional.scaled_dot_product_attention``.
 * MLP: SwiGLU (Shazeer 2020), ``down(silu(gate(x)) * up(x))``; the activation can be GELU or ReLU^2.
-* RMSNorm (Zhang & Sennrich 2019) in fp32; no biases anywhere. Optionally QK-norm: every query and key
-  head RMS-normalised before rotary, as Qwen3 does (Henry et al. 2020; Wortsman et al. 2023).
+* RMSNorm (Zhang & Sennrich 2019) in fp32; no biases, except on the query, key and value projections
+  with ``qkv_bias`` (as Qwen2 has them). Optionally QK-norm: every query and key head RMS-normalised
+  before rotary, as Qwen3 does (Henry et al. 2020; Wortsman et al. 2023).
 
 Module names are those of Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``, ...;
-``q_norm``/``k_norm`` as in ``Qwen3ForCausalLM``), so the state dict loads into either unchanged (the
+``q_norm``/``k_norm`` as in ``Qwen3ForCausalLM``, the biases as in ``Qwen2ForCausalLM``), so the state
+dict loads into each unchanged (the
 tests check logits match to 1e-5) and peft
 ``target_modules`` names transfer as-is. :class:`KVCache` holds keys and values for incremental decoding.
 """
@@ -83,6 +85,9 @@ class ModelConfig:
     init_std: float = doc(0.02, "standard deviation of the normal init of linear and embedding weights")
     qk_norm: bool = doc(False, "RMSNorm each query and key head before rotary (Qwen3's; exported as Qwen3ForCausalLM)")
     hidden_act: str = doc("silu", "the gated MLP's activation: silu (SwiGLU), gelu_pytorch_tanh (GeGLU) or relu2")
+    qkv_bias: bool = doc(
+        False, "a bias on the query, key and value projections (Qwen2's; exported as Qwen2ForCausalLM)"
+    )
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -106,6 +111,8 @@ class ModelConfig:
             raise ValueError(f"head_dim (n_embd // n_head = {self.head_dim}) must be even for rotary")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.qkv_bias and self.qk_norm:
+            raise ValueError("qkv_bias (Qwen2) and qk_norm (Qwen3) together match no transformers class: choose one")
 
     @property
     def head_dim(self) -> int:
@@ -200,9 +207,9 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx  # which KVCache slot is this layer's
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv_dim, bias=False)
-        self.v_proj = nn.Linear(d, kv_dim, bias=False)
+        self.q_proj = nn.Linear(d, d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(d, d, bias=False)
         # QK-norm (Qwen3): each head's query and key RMS-normalised, with its own gain, before rotary.
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
@@ -371,6 +378,8 @@ class SmallLM(nn.Module):
                 residual = name.endswith(("o_proj", "down_proj"))
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if residual else 1.0
                 nn.init.normal_(module.weight, 0.0, std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding) and not self.config.tie_embeddings:
                 nn.init.normal_(module.weight, 0.0, std)  # tied: lm_head has just drawn it
             elif isinstance(module, RMSNorm):
