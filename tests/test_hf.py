@@ -7,6 +7,7 @@ Everything runs offline on tiny models made here (2 layers, width 64, GQA with 4
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -377,6 +378,38 @@ def test_import_of_a_transformers_llama_gives_its_logits(
         torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_llama3_rope_scaling_imports_and_exports_with_transformers_logits(
+    transformers: Any, tmp_path: Path, tokenizer: Tokenizer, save_run
+) -> None:
+    """Llama 3.1's rotary scaling: low frequencies slowed by ``factor``, a smooth band, high ones kept;
+    positions past the original context are where it shows."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}  # fmt: skip
+    config = transformers.LlamaConfig(
+        vocab_size=MODEL_VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_parameters={**scaling, "rope_theta": 10000.0},
+    )  # fmt: skip
+    torch.manual_seed(6)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path / "llama31")
+    with pytest.warns(UserWarning, match="only the weights were imported"):
+        run = import_hf(tmp_path / "llama31", tmp_path / "run")
+    model = smallm_model_of(run)
+    assert model.config.rope_scaling == scaling
+    ids = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-5, rtol=0)
+        unscaled = SmallLM(dataclasses.replace(model.config, rope_scaling=None))
+        unscaled.load_state_dict(model.state_dict())
+        assert not torch.allclose(unscaled(ids), model(ids), atol=1e-3)  # the scaling matters here
+    tokenizer.save(run)  # the import had none to keep
+    exported = export_hf(run, tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_import_of_a_transformers_qwen2_gives_its_logits(transformers: Any, tmp_path: Path, tied: bool) -> None:
     """Qwen2 (Qwen2.5's class): LLaMA's layers with biases on q, k and v."""
@@ -411,7 +444,10 @@ def test_import_of_a_transformers_qwen2_gives_its_logits(transformers: Any, tmp_
         ({"head_dim": 32}, "head_dim"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters.rope_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters.rope_type"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32}},
+         "rope_parameters.beta_fast"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
          "rope_parameters.partial_rotary_factor"),
     ],

@@ -157,12 +157,13 @@ def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: i
     if config.qk_norm or config.qkv_bias:  # Qwen2/3 can also slide a window over the keys: not these models
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
     dtype_name = str(dtype).replace("torch.", "")
+    scaling = dict(config.rope_scaling) if config.rope_scaling is not None else None
     if major is None or major >= 5:
-        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta}
+        hf["rope_parameters"] = {**(scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta}
         hf["dtype"] = dtype_name
     if major is None or major < 5:
         hf["rope_theta"] = config.rope_theta
-        hf["rope_scaling"] = None
+        hf["rope_scaling"] = scaling
         hf["torch_dtype"] = dtype_name
     if major is not None:
         hf["transformers_version"] = importlib.metadata.version("transformers")

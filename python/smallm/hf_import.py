@@ -23,7 +23,7 @@ import torch
 from smallm.errors import listing
 from smallm.files import check_destination
 from smallm.hf import HFError
-from smallm.model import ACTIVATIONS, ModelConfig, SmallLM
+from smallm.model import ACTIVATIONS, LLAMA3_SCALING, ModelConfig, SmallLM
 from smallm.runs import write_run
 from smallm.tokenizer import Tokenizer
 
@@ -55,7 +55,7 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face LLaMA, Qwen2 or Qwen3 ``config.json``; raises :class:`HFError`
-    naming the field for what smallm does not implement (other model types, rotary scaling, biases, other
+    naming the field for what smallm does not implement (other model types, rotary scaling but llama3's, biases, other
     activations, sliding windows, a head size other than hidden_size / num_attention_heads)."""
 
     def refuse(field: str, value: Any, why: str) -> HFError:
@@ -70,7 +70,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
             raise refuse(field, hf[field], "smallm's linear layers have no biases")
-    theta = hf.get("rope_theta", 10000.0)
+    theta, scaling = hf.get("rope_theta", 10000.0), None
     for field in ("rope_scaling", "rope_parameters"):
         rope = hf.get(field)
         if rope is None:
@@ -78,14 +78,17 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         if not isinstance(rope, Mapping):
             raise refuse(field, rope, "expected null or an object")
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise refuse(f"{field}.rope_type", kind, "smallm implements unscaled (default) rotary embeddings only")
-        unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+        if kind not in ("default", "llama3"):
+            raise refuse(f"{field}.rope_type", kind, "smallm implements default and llama3 rotary embeddings only")
+        numbers = set(LLAMA3_SCALING) if kind == "llama3" else set()
+        unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"} - numbers)
         if unknown:
-            raise refuse(f"{field}.{unknown[0]}", rope[unknown[0]], "smallm implements default rotary embeddings only")
+            raise refuse(f"{field}.{unknown[0]}", rope[unknown[0]], f"smallm implements {kind} rotary embeddings as is")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise refuse(f"{field}.partial_rotary_factor", rope["partial_rotary_factor"], "smallm rotates whole heads")
         theta = rope.get("rope_theta", theta)
+        if kind == "llama3":
+            scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_SCALING if k in rope}}
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
     missing = [key for key in required if key not in hf]
     if missing:
@@ -109,6 +112,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             init_std=float(hf.get("initializer_range", 0.02)),
             qk_norm=hf["model_type"] == "qwen3",
             qkv_bias=hf["model_type"] == "qwen2",  # Qwen2's attention always has them
+            rope_scaling=scaling,
             hidden_act=hf.get("hidden_act", "silu"),
         )
     except (TypeError, ValueError) as e:

@@ -86,7 +86,13 @@ class ModelConfig:
     qk_norm: bool = doc(False, "RMSNorm each query and key head before rotary (Qwen3's; exported as Qwen3ForCausalLM)")
     hidden_act: str = doc("silu", "the gated MLP's activation: silu (SwiGLU), gelu_pytorch_tanh (GeGLU) or relu2")
     qkv_bias: bool = doc(
-        False, "a bias on the query, key and value projections (Qwen2's; exported as Qwen2ForCausalLM)"
+        False, "biases on the query, key and value projections (Qwen2's; exported as Qwen2ForCausalLM)"
+    )
+    rope_scaling: dict[str, Any] | None = doc(  # noqa: RUF009 (a field; its default is None)
+        None,
+        "Llama 3.1's rotary frequency scaling: {rope_type: llama3, factor, low_freq_factor, high_freq_factor, "
+        "original_max_position_embeddings}; None: unscaled",
+        cli=False,
     )
 
     def __post_init__(self) -> None:
@@ -111,6 +117,8 @@ class ModelConfig:
             raise ValueError(f"head_dim (n_embd // n_head = {self.head_dim}) must be even for rotary")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if self.qkv_bias and self.qk_norm:
             raise ValueError("qkv_bias (Qwen2) and qk_norm (Qwen3) together match no transformers class: choose one")
 
@@ -140,12 +148,44 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+"""The numbers of a ``rope_type: llama3`` scaling (Llama 3.1 and later)."""
+
+
+def check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """Raises ``ValueError`` naming what is wrong with a rotary scaling (only ``llama3`` is implemented)."""
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(f"rope_scaling must be null or of rope_type llama3, got {scaling!r}")
+    unknown = sorted(set(scaling) - {"rope_type", *LLAMA3_SCALING})
+    missing = [k for k in LLAMA3_SCALING if k not in scaling]
+    if unknown or missing:
+        raise ValueError(f"rope_scaling (llama3): unknown {unknown}, missing {missing}")
+    if not all(isinstance(scaling[k], (int, float)) and scaling[k] > 0 for k in LLAMA3_SCALING):
+        raise ValueError(f"rope_scaling (llama3): {', '.join(LLAMA3_SCALING)} must be positive numbers")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError("rope_scaling (llama3): high_freq_factor must exceed low_freq_factor")
+
+
+def llama3_frequencies(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
+    """Llama 3.1's scaled rotary frequencies: wavelengths longer than the original context over
+    ``low_freq_factor`` are slowed by ``factor``, those shorter than it over ``high_freq_factor`` kept,
+    and the ones between interpolated smoothly."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(
+        wavelength > context / low, inv_freq / factor, torch.where(wavelength < context / high, inv_freq, blended)
+    )
+
+
 class RotaryEmbedding(nn.Module):
     """cos and sin tables of shape (max_seq_len, head_dim), fp32, indexed by position."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build_tables(self.cos.device)
@@ -153,6 +193,8 @@ class RotaryEmbedding(nn.Module):
     def build_tables(self, device: torch.device) -> None:
         exponents = torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim
         inv_freq = 1.0 / self.theta**exponents
+        if self.scaling is not None:
+            inv_freq = llama3_frequencies(inv_freq, self.scaling)
         angles = torch.arange(self.max_seq_len, device=device).float()[:, None] * inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)  # rotate_half layout: dim i pairs with i + head_dim/2
         self.cos, self.sin = angles.cos(), angles.sin()
@@ -270,7 +312,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.gradient_checkpointing = False
 
     def forward(
