@@ -92,6 +92,17 @@ pub struct Tokenizer {
     foreign: Option<Box<Foreign>>,
 }
 
+/// What [`Tokenizer::assemble`] builds a tokenizer from, in either layout.
+struct Parts {
+    merges: Vec<(u32, u32)>,
+    merge_index: FxHashMap<u64, u32>,
+    merge_result: Vec<u32>,
+    byte_ids: Box<[u32; 256]>,
+    token_bytes: Vec<Vec<u8>>,
+    specials: Vec<String>,
+    special_ids: Vec<u32>,
+}
+
 /// What a byte-level BPE vocabulary trained elsewhere adds to the encoder (see
 /// [`Tokenizer::foreign`]).
 #[derive(Clone)]
@@ -160,41 +171,60 @@ impl Tokenizer {
                 return Err(Error::Config(format!("special token {s:?} is given twice")));
             }
         }
-        let special_matcher = if specials.is_empty() {
+        let n = token_bytes.len() as u32;
+        let special_ids = (n..n + specials.len() as u32).collect();
+        let byte_ids = Box::new(std::array::from_fn(|b| b as u32));
+        let parts = Parts {
+            merges,
+            merge_index,
+            merge_result: (256..n).collect(),
+            byte_ids,
+            token_bytes,
+            specials,
+            special_ids,
+        };
+        Self::assemble(pretokenizer, parts, None).map_err(Error::Config)
+    }
+
+    /// The tokenizer of `parts`, with the tables derived from them: the dense index of the merges of
+    /// two bytes and the matcher of the special tokens.
+    fn assemble(
+        pretokenizer: PreTokenizer,
+        parts: Parts,
+        foreign: Option<Box<Foreign>>,
+    ) -> std::result::Result<Self, String> {
+        let byte_of: FxHashMap<u32, u32> = (0..256u32)
+            .map(|b| (parts.byte_ids[b as usize], b))
+            .filter(|&(id, _)| id != NO_ID)
+            .collect();
+        let mut byte_pair_index = vec![u32::MAX; 1 << 16].into_boxed_slice();
+        for (i, (left, right)) in parts.merges.iter().enumerate() {
+            if let (Some(&a), Some(&b)) = (byte_of.get(left), byte_of.get(right)) {
+                byte_pair_index[((a << 8) | b) as usize] = i as u32; // a later duplicate wins
+            }
+        }
+        let special_matcher = if parts.specials.is_empty() {
             None
         } else {
             Some(
                 AhoCorasick::builder()
                     .match_kind(MatchKind::LeftmostLongest)
-                    .build(&specials)
-                    .map_err(|e| Error::Config(format!("special tokens: {e}")))?,
+                    .build(&parts.specials)
+                    .map_err(|e| format!("special tokens: {e}"))?,
             )
         };
-        let mut byte_pair_index = vec![u32::MAX; 1 << 16].into_boxed_slice();
-        for (i, &(left, right)) in merges.iter().enumerate() {
-            if left < 256 && right < 256 {
-                byte_pair_index[((left << 8) | right) as usize] = i as u32;
-            }
-        }
-        let n = token_bytes.len() as u32;
-        let special_ids = (n..n + specials.len() as u32).collect();
-        let mut byte_ids = Box::new([0u32; 256]);
-        for (b, id) in byte_ids.iter_mut().enumerate() {
-            *id = b as u32;
-        }
-        let merge_result = (256..n).collect();
         Ok(Tokenizer {
             pretokenizer,
-            merges,
-            merge_index,
+            merges: parts.merges,
+            merge_index: parts.merge_index,
             byte_pair_index,
-            token_bytes,
-            specials,
-            special_ids,
+            token_bytes: parts.token_bytes,
+            specials: parts.specials,
+            special_ids: parts.special_ids,
             special_matcher,
-            byte_ids,
-            merge_result,
-            foreign: None,
+            byte_ids: parts.byte_ids,
+            merge_result: parts.merge_result,
+            foreign,
         })
     }
 
@@ -228,10 +258,9 @@ impl Tokenizer {
         for (bytes, id) in &vocab {
             token_bytes[*id as usize] = bytes.clone();
         }
-        let mut byte_ids = Box::new([NO_ID; 256]);
-        for (b, id) in byte_ids.iter_mut().enumerate() {
-            *id = id_of.get(&[b as u8][..]).copied().unwrap_or(NO_ID);
-        }
+        let byte_ids: Box<[u32; 256]> = Box::new(std::array::from_fn(|b| {
+            id_of.get(&[b as u8][..]).copied().unwrap_or(NO_ID)
+        }));
         let mut pairs = Vec::with_capacity(merges.len());
         let mut merge_result = Vec::with_capacity(merges.len());
         let mut merge_index = FxHashMap::default();
@@ -248,14 +277,6 @@ impl Tokenizer {
             pairs.push((l, r));
             merge_result.push(m);
         }
-        let mut byte_pair_index = vec![u32::MAX; 1 << 16].into_boxed_slice();
-        for a in 0..256usize {
-            for b in 0..256usize {
-                if let Some(&rank) = merge_index.get(&pair_key(byte_ids[a], byte_ids[b])) {
-                    byte_pair_index[(a << 8) | b] = rank;
-                }
-            }
-        }
         let mut is_special = vec![false; vocab_size];
         let (mut specials, mut special_ids) = (Vec::new(), Vec::new());
         for (content, id) in added {
@@ -267,36 +288,23 @@ impl Tokenizer {
             specials.push(content);
             special_ids.push(id);
         }
-        let special_matcher = if specials.is_empty() {
-            None
-        } else {
-            Some(
-                AhoCorasick::builder()
-                    .match_kind(MatchKind::LeftmostLongest)
-                    .build(&specials)
-                    .map_err(|e| format!("added tokens: {e}"))?,
-            )
+        let foreign = Foreign {
+            whole: ignore_merges.then_some(id_of),
+            nfc,
+            vocab_size,
+            is_special,
+            source,
         };
-        let whole = ignore_merges.then(|| id_of.clone());
-        Ok(Tokenizer {
-            pretokenizer,
+        let parts = Parts {
             merges: pairs,
             merge_index,
-            byte_pair_index,
+            merge_result,
+            byte_ids,
             token_bytes,
             specials,
             special_ids,
-            special_matcher,
-            byte_ids,
-            merge_result,
-            foreign: Some(Box::new(Foreign {
-                whole,
-                nfc,
-                vocab_size,
-                is_special,
-                source,
-            })),
-        })
+        };
+        Self::assemble(pretokenizer, parts, Some(Box::new(foreign)))
     }
 
     /// The parts a vocabulary trained elsewhere adds; None for smallm's own.

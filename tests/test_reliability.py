@@ -38,8 +38,8 @@ from smallm.runs import load_model, resolve_checkpoint
 from smallm.shardset import ShardError
 from smallm.tokenizer import Tokenizer
 from smallm.trainer import TrainingError
+from test_trainer import TINY_MODEL, config
 
-TINY_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "max_seq_len": 32}
 TRAIN_FLAGS = [
     "--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--batch-tokens", "128", "--lr", "3e-3",
     "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", "--sample-tokens", "4",
@@ -51,16 +51,6 @@ TRAIN_FLAGS = [
 def shard_dir(make_shards) -> Path:
     lines = [f"the quick brown fox {i} jumps over the lazy dog; 빠른 갈색 여우가 {i}번 뛰어요." for i in range(300)]
     return make_shards(lines, 400, val_fraction=0.1)
-
-
-def config(shard_dir: Path, out: Path, **overrides: object) -> TrainConfig:
-    values: dict = dict(
-        data=str(shard_dir), out=str(out), preset="tiny", model=dict(TINY_MODEL), max_steps=8, batch_size=4,
-        seq_len=32, batch_tokens=128, lr=3e-3, warmup_steps=2, log_every=1, eval_every=4, checkpoint_every=4,
-        device="cpu", sample_tokens=4,
-    )  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def metric_steps(run: Path, key: str = "loss") -> list[int]:

@@ -87,11 +87,11 @@ class Checkpointer:
         if settings is not None:
             for change in resume_changes(saved.get("train", {}), settings, str(path)):
                 self.runtime.log(f"changed on resume: {change}")
-        trained_on = saved.get("lora", {}).get("base_sha256")
-        if trained_on is not None and model.run_config().get("lora", {}).get("base_sha256") != trained_on:
+        trained_on, opened = saved.get("lora", {}), model.run_config().get("lora", {})
+        if trained_on.get("base_sha256") not in (None, opened.get("base_sha256")):
             raise CheckpointError(
                 f"{path}: this LoRA run was trained on a base with other weights than the one it opens now "
-                f"({model.run_config()['lora']['base']}): that base was continued or replaced since the run began"
+                f"({opened.get('base')}): that base was continued or replaced since the run began"
             )
         if self.make_replica is not None:
             replica, replica_opt = self.make_replica()
