@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use smallm::pack::{PackOptions, Packer};
+use smallm::pack::{PackOptions, Packer, BOS};
 use smallm::pretokenize::{PreTokenizer, GPT2_PATTERN, GPT4_PATTERN};
 use smallm::train::{TrainOptions, WordCounts};
 
@@ -180,6 +180,7 @@ fn benches(c: &mut Criterion) {
                 shard_tokens: 1 << 24,
                 val_fraction: 0.005,
                 fingerprint: "bench".into(),
+                bos: BOS.into(),
             };
             let mut packer = Packer::new(tokenizer.clone(), options).unwrap();
             packer.add_documents(&docs, 0, 0).unwrap();

@@ -8,7 +8,9 @@
 //! * `{split}_{k:06}.idx`: the document index — 4 little-endian int64 (magic 20240521, version 1,
 //!   document count, token count), then the int64 offset of every document's first token.
 //!
-//! Every document starts with the `<|endoftext|>` id and is encoded as ordinary text, so a special
+//! Every document starts with the id of the tokenizer's document-start token ([`PackOptions::bos`]:
+//! `<|endoftext|>` for smallm's tokenizers, the model's own BOS such as Llama 3's `<|begin_of_text|>`
+//! for an imported one) and is encoded as ordinary text, so a special
 //! token string inside a document stays text. Documents never span shards: a shard is closed when
 //! the next document would not fit (a document longer than a shard gets a shard of its own).
 //! Documents go to the validation split by a hash of their text, so the split does not depend on
@@ -38,7 +40,7 @@ pub const INDEX_MAGIC: i64 = 20240521;
 pub const HEADER_INTS: usize = 256;
 /// Name of the journal of finished shards, removed once the manifest is written.
 pub const JOURNAL: &str = "pack-journal.json";
-/// The special token that starts every document.
+/// The special token that starts every document in smallm's own tokenizers.
 pub const BOS: &str = "<|endoftext|>";
 
 /// Documents are read and encoded in batches of about this many bytes of text.
@@ -104,6 +106,8 @@ pub struct PackOptions {
     pub val_fraction: f64,
     /// Identifies inputs, options and tokenizer; a journal with another fingerprint is not resumed.
     pub fingerprint: String,
+    /// The special token that starts every document ([`BOS`] for smallm's tokenizers).
+    pub bos: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -262,9 +266,10 @@ pub struct Packer {
 impl Packer {
     /// Prepares to pack into `options.dir`, resuming from its journal when the fingerprint matches.
     pub fn new(tokenizer: Tokenizer, options: PackOptions) -> Result<Self> {
-        let bos = tokenizer.special_id(BOS).ok_or_else(|| {
+        let bos = tokenizer.special_id(&options.bos).ok_or_else(|| {
             Error::Config(format!(
-                "the tokenizer has no {BOS} special token; shards need it to mark where each document starts"
+                "the tokenizer has no {} special token; shards need it to mark where each document starts",
+                options.bos
             ))
         })?;
         if options.shard_tokens == 0 || options.shard_tokens > i32::MAX as u64 {
@@ -489,6 +494,7 @@ mod tests {
             shard_tokens: 600,
             val_fraction: 0.1,
             fingerprint: "f1".into(),
+            bos: BOS.into(),
         }
     }
 
@@ -691,6 +697,12 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("<|endoftext|>"));
+        let other = PackOptions {
+            bos: "<|begin_of_text|>".into(),
+            ..options(&dir)
+        };
+        let err = Packer::new(tokenizer(), other).err().unwrap().to_string();
+        assert!(err.contains("<|begin_of_text|>"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -422,12 +422,14 @@ impl PyPacker {
         shard_tokens: u64,
         val_fraction: f64,
         fingerprint: String,
+        bos: String,
     ) -> PyResult<Self> {
         let options = PackOptions {
             dir,
             shard_tokens,
             val_fraction,
             fingerprint,
+            bos,
         };
         Ok(PyPacker {
             inner: Some(Packer::new(tokenizer.inner.clone(), options)?),

@@ -141,10 +141,11 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     match model.get("type").and_then(Value::as_str) {
         Some("BPE") => {}
         None if model.get("merges").is_some() => {} // files older than the field
-        _ => {
-            return Err(bad(
-                "model.type is not \"BPE\": only byte-level BPE tokenizers can be loaded".into(),
-            ))
+        other => {
+            let found = other.map_or("missing".to_string(), |t| format!("\"{t}\""));
+            return Err(bad(format!(
+                "model.type is {found}, not \"BPE\": only byte-level BPE tokenizers can be loaded"
+            )));
         }
     }
     refuse_sentencepiece(&doc, model).map_err(bad)?;

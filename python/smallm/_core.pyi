@@ -87,6 +87,7 @@ class Packer:
         shard_tokens: int,
         val_fraction: float,
         fingerprint: str,
+        bos: str,
     ) -> None: ...
     @property
     def resumed_shards(self) -> tuple[int, int]: ...

@@ -114,9 +114,9 @@ def evaluate_batches(
 
 def text_tokens(tokenizer: Tokenizer, paths: Sequence[PathLike]) -> np.ndarray:
     """The files as one token stream: each file ``<|endoftext|>`` then its UTF-8 text as ordinary text."""
-    bos = tokenizer.eot_token
+    bos = tokenizer.bos_id
     if bos is None:
-        raise ValueError("the tokenizer has no <|endoftext|> token to start documents with")
+        raise ValueError("the tokenizer has no document-start token (<|endoftext|> or its BOS) to start documents with")
     texts = []
     for path in paths:
         try:

@@ -354,15 +354,17 @@ def generate_text(
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """``<|endoftext|>`` (the start of every training document) then ``text`` as ordinary text."""
-    bos = tokenizer.eot_token
-    return ([bos] if bos is not None else []) + tokenizer.encode_ordinary(text)
+    """The tokenizer's BOS when it adds one (:attr:`~smallm.Tokenizer.prompt_prefix`: ``<|endoftext|>``,
+    the start of every training document, in smallm's tokenizers) then ``text`` as ordinary text. An empty
+    text is the document start alone (a fresh document), whatever the tokenizer adds."""
+    ids = tokenizer.prompt_prefix + tokenizer.encode_ordinary(text)
+    return ids or ([tokenizer.bos_id] if tokenizer.bos_id is not None else [])
 
 
 def stop_ids_of(tokenizer: Tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """Ids of the :data:`STOP_TOKENS` the tokenizer has, then ``extra``."""
-    specials = tokenizer.special_tokens
-    return tuple(specials[name] for name in STOP_TOKENS if name in specials) + tuple(extra)
+    """Ids of the tokenizer's stop tokens (:attr:`~smallm.Tokenizer.stop_ids`: the :data:`STOP_TOKENS` it has
+    for smallm's tokenizers, the model's end of text and end of turn for an imported one), then ``extra``."""
+    return tuple(dict.fromkeys([*tokenizer.stop_ids, *extra]))
 
 
 class StreamDecoder:

@@ -28,7 +28,8 @@ from smallm.files import DestinationError, DirectoryLock, write_text_atomic
 __all__ = ["RESUMABLE", "RUN_ENTRIES", "RunDirectory", "held_run", "resume_changes", "trim_metrics"]
 
 RUN_ENTRIES = (
-    "config.json", "metrics.jsonl", "loss_curve.png", "tokenizer.json", "tokenizer.tiktoken", "checkpoints",
+    "config.json", "metrics.jsonl", "loss_curve.png", "tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json",
+    "checkpoints",
     "adapter", "tensorboard",
 )  # fmt: skip
 """What a training run writes in its directory (what ``--force`` deletes)."""

@@ -5,7 +5,8 @@ llm.c / modded-nanogpt layout; see ``rust/pack.rs``); this module drives it over
 shows progress, and writes ``manifest.json``, which :mod:`smallm.data` reads:
 
 * ``format``/``format_version``; ``tokenizer`` (file name and sha256 of ``tokenizer.json`` beside it);
-* ``vocab_size``, ``dtype`` (``uint16`` or ``uint32``), ``bos_id`` and ``special_tokens``;
+* ``vocab_size``, ``dtype`` (``uint16`` or ``uint32``), ``bos_id`` and ``bos_token`` (the document start:
+  ``<|endoftext|>``, or an imported tokenizer's BOS) and ``special_tokens``;
 * ``splits``: per split, the shards in order with their token, document and text-byte counts and the
   sha256 of their token and index files;
 * ``totals`` per split (with bytes per token), the ``sources`` and the ``options`` used.
@@ -71,7 +72,13 @@ def pack_corpus(
     fingerprint = hashlib.sha256(
         json.dumps([tokenizer_sha, settings, corpus.describe()], sort_keys=True).encode()
     ).hexdigest()
-    packer = _core.Packer(tokenizer.core, str(out), options.shard_tokens, options.val_fraction, fingerprint)
+    document = tokenizer.roles.document
+    if document is None:
+        raise ValueError(
+            "the tokenizer has no token to start documents with (no <|endoftext|>, BOS or EOS special token); "
+            "shards mark where each document starts with one"
+        )
+    packer = _core.Packer(tokenizer.core, str(out), options.shard_tokens, options.val_fraction, fingerprint, document)
     dtype, bos_id = packer.dtype, packer.bos_id
     # Parquet and datasets yield text, not file bytes, so their progress total is unknown.
     known_total = corpus.hf_dataset is None and not any(p.suffix == ".parquet" for p in corpus.files)
@@ -108,6 +115,7 @@ def pack_corpus(
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype,
         "bos_id": bos_id,
+        "bos_token": document,
         "special_tokens": tokenizer.special_tokens,
         "shard_tokens": options.shard_tokens,
         "splits": shards,

@@ -3,8 +3,9 @@
 Reads the shard directory that the packer (:mod:`smallm.shards`, ``rust/pack.rs``) writes
 (``smallm-shards`` format version 1):
 
-* ``manifest.json``: the tokenizer file and its sha256, ``vocab_size``, the token ``dtype``, the BOS
-  (``<|endoftext|>``) id and, per split, the shards with their token and document counts.
+* ``manifest.json``: the tokenizer file and its sha256, ``vocab_size``, the token ``dtype``, the BOS id
+  (of the document-start token: ``<|endoftext|>``, or an imported model's BOS) and, per split, the shards
+  with their token and document counts.
 * ``<split>_NNNNNN.bin``: the llm.c / modded-nanogpt token file: a header of 256 little-endian int32
   (magic 20240520; version 1 = uint16 tokens, 2 = uint32 tokens; token count n), then n tokens.
 * ``<split>_NNNNNN.idx``: a header of 4 little-endian int64 (magic 20240521, version 1, documents d,

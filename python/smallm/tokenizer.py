@@ -15,6 +15,7 @@ own layout, where an id's rank is its merge's place; a foreign file is written b
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from itertools import islice
@@ -25,7 +26,8 @@ import numpy as np
 
 from smallm import _core
 from smallm.corpus import Corpus, FileGroup
-from smallm.files import write_text_atomic
+from smallm.files import write_json_atomic, write_text_atomic
+from smallm.roles import TokenRoles, read_roles
 
 GPT4_PATTERN: str = _core.GPT4_PATTERN
 """The GPT-4 (cl100k) split pattern: the default."""
@@ -52,11 +54,25 @@ class Tokenizer:
     Make one with :meth:`train_from_files`, :meth:`train_from_iterator` or :meth:`load`.
     """
 
-    def __init__(self, core: _core.Tokenizer, training_report: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        core: _core.Tokenizer,
+        training_report: dict[str, int] | None = None,
+        roles: TokenRoles | None = None,
+    ) -> None:
         self._core = core
         self.training_report = training_report
         """Counts from training (vocab reached, pieces, documents, bytes); None for a loaded tokenizer."""
         self._special_ids = {s: core.special_id(s) for s in core.special_tokens}
+        if roles is None:
+            roles = (
+                read_roles(None, self._special_ids, json.loads(core.to_json()))
+                if core.foreign
+                else TokenRoles.smallm(self._special_ids)
+            )
+        self.roles: TokenRoles = roles
+        """The special tokens that start documents and end generations, and the chat template
+        (:mod:`smallm.roles`): smallm's own for its tokenizers, the model's for an imported one."""
 
     # ----- training -----------------------------------------------------------------------------
 
@@ -173,20 +189,46 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: PathLike) -> Tokenizer:
-        """Loads ``path/tokenizer.json`` (or ``path`` itself when it is a file)."""
-        return cls(_core.Tokenizer.load(os.fspath(path)))
+        """Loads ``path/tokenizer.json`` (or ``path`` itself when it is a file). A tokenizer trained
+        elsewhere takes its roles (:attr:`roles`) from the files beside it: ``tokenizer_config.json``,
+        ``chat_template.jinja``, ``generation_config.json``."""
+        core = _core.Tokenizer.load(os.fspath(path))
+        if not core.foreign:
+            return cls(core)
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        specials = {s: core.special_id(s) for s in core.special_tokens}
+        return cls(core, roles=read_roles(folder, specials, json.loads(core.to_json())))
 
     @classmethod
-    def from_json(cls, text: str) -> Tokenizer:
-        """The tokenizer of a ``tokenizer.json`` text (what :meth:`to_json` gives)."""
-        return cls(_core.Tokenizer.from_json(text))
+    def from_json(cls, text: str, roles: TokenRoles | None = None) -> Tokenizer:
+        """The tokenizer of a ``tokenizer.json`` text (what :meth:`to_json` gives); ``roles`` as
+        :meth:`load` would find them, default: smallm's, or what a foreign file's post-processor says."""
+        return cls(_core.Tokenizer.from_json(text), roles=roles)
 
     def save(self, dir: PathLike) -> None:
-        """Writes ``dir/tokenizer.json`` and ``dir/tokenizer.tiktoken`` atomically (creates ``dir``)."""
+        """Writes ``dir/tokenizer.json`` and ``dir/tokenizer.tiktoken`` atomically (creates ``dir``),
+        and for a tokenizer trained elsewhere its roles as ``dir/tokenizer_config.json``."""
         directory = Path(dir)
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / "tokenizer.json", self.to_json())
         write_text_atomic(directory / "tokenizer.tiktoken", self._core.to_tiktoken())
+        if self.foreign:
+            write_json_atomic(directory / "tokenizer_config.json", self.roles.to_config())
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """This tokenizer with ``tokens`` added as special tokens (those it lacks), on new ids after
+        its last one; everything else, roles included, is kept. Used to give ChatML's markers to a base
+        model's vocabulary (the model's embedding must then grow to :attr:`vocab_size`)."""
+        document = json.loads(self.to_json())
+        added = document.setdefault("added_tokens", [])
+        next_id = self.vocab_size
+        for token in tokens:
+            if token in self._special_ids or any(entry.get("content") == token for entry in added):
+                continue
+            added.append({"id": next_id, "content": token, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+            next_id += 1
+        return Tokenizer(_core.Tokenizer.from_json(json.dumps(document, ensure_ascii=False)), roles=self.roles)
 
     def to_json(self) -> str:
         """The Hugging Face ``tokenizer.json`` text."""
@@ -197,10 +239,10 @@ class Tokenizer:
         """The Rust tokenizer this class wraps, for the other parts of the core (the shard packer)."""
         return self._core
 
-    def __reduce__(self) -> tuple[object, tuple[str, dict[str, int] | None]]:
+    def __reduce__(self) -> tuple[object, tuple[str, dict[str, int] | None, TokenRoles]]:
         # Pickled by value, as tiktoken's encodings are: spawned DataLoader workers and process pools
         # rebuild it from its tokenizer.json text.
-        return _unpickle, (self.to_json(), self.training_report)
+        return _unpickle, (self.to_json(), self.training_report, self.roles)
 
     # ----- vocabulary ---------------------------------------------------------------------------
 
@@ -223,8 +265,25 @@ class Tokenizer:
 
     @property
     def eot_token(self) -> int | None:
-        """Id of ``<|endoftext|>``, the document boundary, if this tokenizer has it."""
+        """Id of ``<|endoftext|>``, if this tokenizer has it."""
         return self._special_ids.get("<|endoftext|>")
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the token that starts every document (:attr:`roles`): ``<|endoftext|>`` in smallm's
+        tokenizers, the model's own (Llama 3's ``<|begin_of_text|>``) in an imported one."""
+        document = self.roles.document
+        return None if document is None else self._special_ids[document]
+
+    @property
+    def prompt_prefix(self) -> list[int]:
+        """What a prompt starts with: ``[bos_id]`` when the tokenizer adds its BOS, else nothing."""
+        return [self.bos_id] if self.roles.add_bos and self.bos_id is not None else []
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generation (:attr:`TokenRoles.stops`)."""
+        return [self._special_ids[s] for s in self.roles.stops]
 
     @property
     def merges(self) -> list[tuple[int, int]]:
@@ -367,8 +426,8 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={list(self._special_ids)})"
 
 
-def _unpickle(text: str, training_report: dict[str, int] | None) -> Tokenizer:
-    return Tokenizer(_core.Tokenizer.from_json(text), training_report)
+def _unpickle(text: str, training_report: dict[str, int] | None, roles: TokenRoles | None = None) -> Tokenizer:
+    return Tokenizer(_core.Tokenizer.from_json(text), training_report, roles)
 
 
 def _split(ids: np.ndarray, offsets: np.ndarray, return_numpy: bool) -> list[list[int]] | list[np.ndarray]:

@@ -63,7 +63,7 @@ def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: 
     if len(tokens) < 2:
         raise ValueError("the text files hold nothing to evaluate")
     windows = ValidationLoader(
-        tokens, args.batch_size, seq_len, pad_id=tokenizer.eot_token, rank=0, world_size=1, device=device
+        tokens, args.batch_size, seq_len, pad_id=tokenizer.bos_id, rank=0, world_size=1, device=device
     )
     return windows, f"{len(files)} text file(s), {len(tokens):,} tokens"
 

@@ -6,7 +6,8 @@ reuses one), and packs every document into token shards for training.
     smallm-tokenize --hf-dataset json --hf-data-files a.jsonl --out DIR
     smallm-tokenize @stdlib --vocab 8000 --out DIR                 # the Python standard library
 
-DIR receives ``tokenizer.json``, ``tokenizer.tiktoken``, the shards ``train_*.bin``/``val_*.bin`` with
+DIR receives ``tokenizer.json``, ``tokenizer.tiktoken`` (and, for a tokenizer trained elsewhere, the roles
+of its special tokens as ``tokenizer_config.json``: :mod:`smallm.roles`), the shards ``train_*.bin``/``val_*.bin`` with
 their ``.idx`` document indexes, and ``manifest.json``. An interrupted run resumes when run again.
 """
 
@@ -20,11 +21,11 @@ from pathlib import Path
 
 from smallm.cli.common import run_command
 from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
-from smallm.files import DirectoryLock, copy_file_atomic, write_text_atomic
+from smallm.files import DirectoryLock, copy_file_atomic, write_json_atomic, write_text_atomic
 from smallm.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
 from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.tiktoken")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +174,9 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> T
             )
         copy_file_atomic(args.tokenizer / "tokenizer.json", args.out / "tokenizer.json")
         write_text_atomic(args.out / "tokenizer.tiktoken", ranks)
+        if tokenizer.foreign:  # the roles of its special tokens, read from the files beside it
+            write_json_atomic(args.out / "tokenizer_config.json", tokenizer.roles.to_config())
+            print(f"documents start with {tokenizer.roles.document} (from {tokenizer.roles.source})", file=sys.stderr)
     else:
         tokenizer.save(args.out)
     print(f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr)
