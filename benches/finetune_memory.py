@@ -12,6 +12,13 @@ JSON line), since peak memory is a property of the whole process. The model is b
 * **qlora**: :func:`smallm.lora.quantize_nf4` turns the block projections of the CPU-built fp32 model
   into NF4 on the device first, then the rest moves as for LoRA and the same adapters go on.
 
+Besides smallm's presets, ``imported-llama3.2-1b`` is the scenario of starting from someone else's model:
+a ``transformers`` ``LlamaForCausalLM`` of Llama 3.2 1B's published shape (16 layers, width 2048, 32
+heads, 8 KV heads, MLP 8192, vocabulary 128256, tied, rope theta 500000 with llama3 scaling), random
+weights in bf16, saved by ``save_pretrained`` and imported with ``smallm-import``'s
+:func:`smallm.hf_import.import_hf` (once, into ``--import-dir``, in a process of its own); each
+measurement opens that run with :func:`smallm.runs.load_model`, as ``smallm-sft`` does.
+
 The optimizer is :func:`smallm.optim.build_optimizer` under a default
 :class:`~smallm.config.FinetuneConfig` (AdamW, betas 0.9/0.95, fused on CUDA) over the trainable
 parameters. One step is the forward with targets (bf16 autocast on CUDA, fp32 on CPU), the backward,
@@ -65,6 +72,13 @@ LORA_R, LORA_ALPHA = 16, 32.0
 QLORA_TARGET_MIB = 4096  # "QLoRA on 1.1B fits in 4 GB of GPU memory", read as 4 GiB
 LORA_SPEED_TARGET = 2.0  # "a LoRA step is at least 2x faster than a full fine-tuning step on 350m"
 MEMORY_ERRORS = ("out of memory", "can't allocate memory")
+IMPORTED = "imported-llama3.2-1b"
+LLAMA32_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -112,7 +126,35 @@ def volunteer_for_oom_killer() -> None:
 
 
 def model_config(preset: str, seq_len: int) -> ModelConfig:
+    if preset == IMPORTED:
+        from smallm.hf_import import model_config_from_hf
+
+        parameters = LLAMA32_1B["rope_parameters"]
+        return model_config_from_hf({"model_type": "llama", **LLAMA32_1B, "rope_parameters": parameters})
     return ModelConfig.preset(preset, max_seq_len=max(seq_len, ModelConfig.preset(preset).max_seq_len))
+
+
+def prepare_import(directory: Path) -> Path:
+    """The smallm run imported from a random-weight Llama 3.2 1B-shaped transformers folder (made once)."""
+    run = directory / "run"
+    if (run / "config.json").is_file():
+        return run
+    import transformers
+    from smallm.hf_import import import_hf
+
+    folder = directory / "hf"
+    if not (folder / "config.json").is_file():
+        log(f"{IMPORTED}: writing a random-weight LlamaForCausalLM to {folder}")
+        config = transformers.LlamaConfig(**LLAMA32_1B)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+    log(f"{IMPORTED}: importing {folder} into {run}")
+    start = time.perf_counter()
+    import_hf(folder, run, force=True)
+    log(f"{IMPORTED}: imported in {time.perf_counter() - start:.0f}s")
+    return run
 
 
 def build(preset: str, method: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
@@ -121,7 +163,12 @@ def build(preset: str, method: str, args: argparse.Namespace, device: torch.devi
     from smallm.optim import build_optimizer
 
     torch.manual_seed(0)
-    model = SmallLM(model_config(preset, args.seq_len)).train()
+    if preset == IMPORTED:
+        from smallm.runs import load_model
+
+        model = load_model(Path(args.import_dir) / "run")[0].train()
+    else:
+        model = SmallLM(model_config(preset, args.seq_len)).train()
     model.gradient_checkpointing = args.gradient_checkpointing
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if method == "full":
@@ -225,6 +272,7 @@ def run_in_subprocess(preset: str, method: str, args: argparse.Namespace) -> dic
     flags = [
         f"--device={args.device}", f"--warmup={args.warmup}", f"--steps={args.steps}", f"--seq-len={args.seq_len}",
         f"--batch-size={args.batch_size}", f"--threads={args.threads}", f"--lora-dropout={args.lora_dropout}",
+        f"--import-dir={args.import_dir}",
         "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
     ]  # fmt: skip
     command = [sys.executable, str(Path(__file__).resolve()), "--one", preset, method, *flags]
@@ -367,6 +415,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="recompute block activations in the backward pass (default: on)",
     )  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="also write the settings and every result as JSON here")
+    parser.add_argument(
+        "--import-dir", default="/tmp/smallm-bench-llama3.2-1b",
+        help=f"where {IMPORTED} keeps its transformers folder and imported run (made on first use)",
+    )  # fmt: skip
+    parser.add_argument("--prepare-import", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -380,7 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     for preset in args.presets:
-        ModelConfig.preset(preset)  # unknown names fail here, before any subprocess
+        if preset != IMPORTED:
+            ModelConfig.preset(preset)  # unknown names fail here, before any subprocess
     return args
 
 
@@ -389,7 +443,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         one(*args.one, args)
         return
+    if args.prepare_import:
+        prepare_import(Path(args.import_dir))
+        return
     started, start_load = time.time(), load_text()
+    if IMPORTED in args.presets:  # in a process of its own, so that its memory is gone before the measurements
+        command = [sys.executable, str(Path(__file__).resolve()), "--prepare-import", f"--import-dir={args.import_dir}"]
+        subprocess.run(command, check=True)
     results = []
     for preset in args.presets:
         for method in args.methods:

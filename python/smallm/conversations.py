@@ -31,7 +31,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from smallm.chat import IM_END, IM_START
+from smallm.chat import IM_END, IM_START, conversation_ids
 from smallm.errors import SmallmError
 from smallm.model import IGNORE_INDEX
 from smallm.tokenizer import Tokenizer
@@ -162,7 +162,11 @@ def encode_conversation(
 ) -> Example:
     """The ChatML ids of ``messages`` (as :func:`smallm.chat.chatml_ids`) and the supervision mask: the
     content and ``<|im_end|>`` of the assistant turns from message ``supervise_from`` on. A token that
-    straddles the end of the role header and the start of the content counts as content."""
+    straddles the end of the role header and the start of the content counts as content. A tokenizer
+    with its own chat template renders with it instead (:func:`smallm.chat.conversation_ids`)."""
+    templated = conversation_ids(tokenizer, messages, supervise_from)
+    if templated is not None:
+        return Example(np.asarray(templated[0], dtype=np.int64), templated[1])
     specials = tokenizer.special_tokens
     if IM_START not in specials or IM_END not in specials:
         raise ValueError(f"the tokenizer has no {IM_START} / {IM_END} special tokens, which ChatML needs")

@@ -102,7 +102,7 @@ def export_hf(
     weights_dtype = weights_dtype or model.lm_head.weight.dtype
     major = _transformers_major()
     files = {
-        "config.json": hf_config(model.config, tokenizer.eot_token, weights_dtype, major),
+        "config.json": hf_config(model.config, tokenizer.eot_token, weights_dtype, major, tokenizer),
         "generation_config.json": generation_config(model.config, tokenizer),
         "tokenizer_config.json": tokenizer_config(model.config, tokenizer),
         "special_tokens_map.json": special_tokens_map(tokenizer),
@@ -122,13 +122,16 @@ def export_hf(
     return write_folder_atomic(out, fill)
 
 
-def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: int | None) -> dict[str, Any]:
+def hf_config(
+    config: ModelConfig, eot: int | None, dtype: torch.dtype, major: int | None, tokenizer: Tokenizer | None = None
+) -> dict[str, Any]:
     """``config.json`` of ``LlamaForCausalLM`` (``Qwen3ForCausalLM`` with QK-norm: LLaMA's layers with a
-    normalised query and key per head; ``Qwen2ForCausalLM`` with biases on the query, key and value)
-    for transformers version ``major`` (None: not installed), with
-    ``eot`` (``<|endoftext|>``'s id) as the BOS, EOS and padding id."""
+    normalised query and key per head; ``Qwen2ForCausalLM`` with biases on the query, key and value;
+    ``MistralForCausalLM`` with its window) for transformers version ``major`` (None: not installed), with
+    ``eot`` (``<|endoftext|>``'s id) as the BOS, EOS and padding id, or the ids of the ``tokenizer``'s roles."""
     architecture, model_type = (
         ("Qwen3ForCausalLM", "qwen3") if config.qk_norm else ("Qwen2ForCausalLM", "qwen2") if config.qkv_bias
+        else ("MistralForCausalLM", "mistral") if config.sliding_window is not None
         else ("LlamaForCausalLM", "llama")
     )  # fmt: skip
     hf: dict[str, Any] = {
@@ -154,6 +157,11 @@ def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: i
         "pad_token_id": eot,
         "use_cache": True,
     }
+    if tokenizer is not None:
+        hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=_id(tokenizer, tokenizer.roles.eos),
+                  pad_token_id=_pad_id(tokenizer))  # fmt: skip
+    if config.sliding_window is not None:
+        hf["sliding_window"] = config.sliding_window
     if config.qk_norm or config.qkv_bias:  # Qwen2/3 can also slide a window over the keys: not these models
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
     dtype_name = str(dtype).replace("torch.", "")
@@ -171,13 +179,12 @@ def hf_config(config: ModelConfig, eot: int | None, dtype: torch.dtype, major: i
 
 
 def generation_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``generation_config.json``: smallm's sampling defaults, its stop tokens, no padding ids."""
-    eot, im_end = tokenizer.eot_token, tokenizer.special_tokens.get(IM_END)
-    stops = [i for i in (eot, im_end) if i is not None]
+    """``generation_config.json``: smallm's sampling defaults, the tokenizer's stop tokens, no padding ids."""
+    stops = tokenizer.stop_ids
     generation: dict[str, Any] = {
-        "bos_token_id": eot,
+        "bos_token_id": tokenizer.bos_id,
         "eos_token_id": stops if len(stops) > 1 else (stops or [None])[0],
-        "pad_token_id": eot,
+        "pad_token_id": _pad_id(tokenizer),
         "do_sample": True,
         "temperature": 0.8,
         "top_k": 50,
@@ -190,7 +197,10 @@ def generation_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, An
 
 def tokenizer_json(tokenizer: Tokenizer) -> str:
     """smallm's ``tokenizer.json`` with a post-processor that puts ``<|endoftext|>`` before every text
-    (and before each of a pair) when ``add_special_tokens`` is true, the ``tokenizers`` default."""
+    (and before each of a pair) when ``add_special_tokens`` is true, the ``tokenizers`` default. A
+    tokenizer trained elsewhere is its own file, whose post-processor already adds what it adds."""
+    if tokenizer.foreign:
+        return tokenizer.to_json()
     document = json.loads(tokenizer.to_json())
     eot = tokenizer.eot_token
     if eot is not None:
@@ -206,31 +216,47 @@ def tokenizer_json(tokenizer: Tokenizer) -> str:
 
 
 def tokenizer_config(config: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``tokenizer_config.json``: the fast tokenizer of ``tokenizer.json``, its special tokens, ChatML."""
+    """``tokenizer_config.json``: the fast tokenizer of ``tokenizer.json``, its special tokens, and its chat
+    template: the model's own, else ChatML. smallm's tokenizers: ``<|endoftext|>`` as BOS (added), EOS and
+    padding; one trained elsewhere: its roles (:mod:`smallm.roles`)."""
+    roles = tokenizer.roles
     eot = EOT if tokenizer.eot_token is not None else None
     specials = sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    bos, eos = (roles.document if roles.add_bos else None, roles.eos) if tokenizer.foreign else (eot, eot)
     result: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": eot,
-        "eos_token": eot,
-        "pad_token": eot,
-        "unk_token": None,
-        "add_bos_token": eot is not None,
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": roles.extra.get("pad_token", eos),
+        "unk_token": roles.extra.get("unk_token"),
+        "add_bos_token": tokenizer.bos_id is not None and roles.add_bos,
         "add_eos_token": False,
         "model_max_length": config.max_seq_len,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": {str(i): {"content": text, **flags} for text, i in specials},
     }
-    if IM_START in tokenizer.special_tokens and IM_END in tokenizer.special_tokens:
+    if roles.chat_template is not None:
+        result["chat_template"] = roles.chat_template
+    elif IM_START in tokenizer.special_tokens and IM_END in tokenizer.special_tokens:
         result["chat_template"] = CHAT_TEMPLATE
     return result
 
 
+def _id(tokenizer: Tokenizer, token: str | None) -> int | None:
+    return None if token is None else tokenizer.special_tokens.get(token)
+
+
+def _pad_id(tokenizer: Tokenizer) -> int | None:
+    """The padding id: the model's ``pad_token``, else its end of text (smallm's: ``<|endoftext|>``)."""
+    roles = tokenizer.roles
+    return _id(tokenizer, roles.extra.get("pad_token", roles.eos if tokenizer.foreign else EOT))
+
+
 def special_tokens_map(tokenizer: Tokenizer) -> dict[str, Any]:
-    eot = EOT if tokenizer.eot_token is not None else None
-    others = [text for text in tokenizer.special_tokens if text != EOT]
-    named = {"bos_token": eot, "eos_token": eot, "pad_token": eot}
+    config = tokenizer_config(ModelConfig(vocab_size=max(1, tokenizer.vocab_size)), tokenizer)
+    named = {key: config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    others = [text for text in tokenizer.special_tokens if text not in named.values()]
     return {**{key: value for key, value in named.items() if value}, "additional_special_tokens": others}
 
 
@@ -255,8 +281,17 @@ tokenizer = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForCausalLM.from_pretrained("{name}")
 ```
 
-Every training document began with `<|endoftext|>` and the tokenizer does not add it: start prompts with it.
+{_bos_sentence(tokenizer)}
 """
+
+
+def _bos_sentence(tokenizer: Tokenizer) -> str:
+    document = tokenizer.roles.document
+    if document is None:
+        return "The tokenizer adds nothing in front of a text."
+    if tokenizer.roles.add_bos:
+        return f"Every training document began with `{document}`, and the tokenizer adds it in front of every text."
+    return f"Training documents were separated by `{document}`; the tokenizer adds nothing in front of a text."
 
 
 # ----- files ------------------------------------------------------------------------------------------

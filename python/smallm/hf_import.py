@@ -1,10 +1,14 @@
-"""Hugging Face import: a local ``LlamaForCausalLM`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) folder as a run.
+"""Hugging Face import: a local ``LlamaForCausalLM`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+``MistralForCausalLM`` within its window) folder as a run.
 
 :func:`import_hf` reads ``config.json`` and the safetensors weights (one file, or the shards an
 ``model.safetensors.index.json`` lists), refuses what smallm's model does not implement (other model
 types, rotary scaling, biases, other activations, a head size other than hidden_size / num_attention_heads)
 naming the field, and writes a run of one checkpoint (:func:`smallm.runs.write_run`) with the folder's
-``tokenizer.json`` when it is a smallm byte-level BPE tokenizer.
+byte-level BPE ``tokenizer.json`` (smallm's, or one trained elsewhere: :meth:`smallm.Tokenizer.load`) and
+the roles its ``tokenizer_config.json`` gives its special tokens (BOS, EOS, chat template:
+:mod:`smallm.roles`). A Mistral model is LLaMA's within its attention window: its context becomes the
+window, and it is exported back as ``MistralForCausalLM``.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
     """Reads a local ``LlamaForCausalLM`` folder into a new smallm run directory ``out_run_dir``
     (:func:`smallm.runs.write_run`: one checkpoint of the weights in fp32 at step 0, no optimizer state)
     that :func:`smallm.runs.load_model` opens and ``smallm-train --init-from`` starts from, with the
-    folder's ``tokenizer.json`` when it is a smallm byte-level BPE tokenizer (otherwise a warning: only
-    the weights are imported). Configurations smallm does not implement are refused, naming the field.
-    Returns the run directory."""
+    folder's byte-level BPE ``tokenizer.json`` and its roles (a SentencePiece-style one, or none: a
+    warning that only the weights are imported). Configurations smallm does not implement are refused,
+    naming the field. Returns the run directory."""
     source = Path(hf_dir)
     if not source.is_dir():
         raise HFError(f"{source}: no such directory")
@@ -54,15 +58,16 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
 
 
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """The :class:`ModelConfig` of a Hugging Face LLaMA, Qwen2 or Qwen3 ``config.json``; raises :class:`HFError`
-    naming the field for what smallm does not implement (other model types, rotary scaling but llama3's, biases, other
-    activations, sliding windows, a head size other than hidden_size / num_attention_heads)."""
+    """The :class:`ModelConfig` of a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral ``config.json``; raises
+    :class:`HFError` naming the field for what smallm does not implement (other model types, rotary scaling but
+    llama3's, biases, other activations, Qwen's sliding windows, a head size other than hidden_size /
+    num_attention_heads). A Mistral model's context is cut to its ``sliding_window`` (with a warning)."""
 
     def refuse(field: str, value: Any, why: str) -> HFError:
         return HFError(f"config.json: {field} = {json.dumps(value)} is not supported: {why}")
 
-    if hf.get("model_type") not in ("llama", "qwen2", "qwen3"):
-        raise refuse("model_type", hf.get("model_type"), "smallm imports LLaMA, Qwen2 and Qwen3 models only")
+    if hf.get("model_type") not in ("llama", "qwen2", "qwen3", "mistral"):
+        raise refuse("model_type", hf.get("model_type"), "smallm imports LLaMA, Qwen2, Qwen3 and Mistral models only")
     if hf.get("hidden_act", "silu") not in ACTIVATIONS:
         raise refuse("hidden_act", hf["hidden_act"], f"smallm's gated MLP takes {', '.join(ACTIVATIONS)}")
     if hf.get("use_sliding_window"):
@@ -94,6 +99,20 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if missing:
         raise HFError(f"config.json has no {', '.join(missing)}")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    context, window = hf.get("max_position_embeddings", 2048), None
+    if hf["model_type"] == "mistral":
+        window = hf.get("sliding_window")
+        if window is not None and not (isinstance(window, int) and window > 0):
+            raise refuse("sliding_window", window, "expected null or a positive number of positions")
+        if window is not None and isinstance(context, int) and context > window:
+            # Within its window a Mistral model is LLaMA's; beyond it its attention differs, so smallm stops there.
+            warnings.warn(
+                f"config.json: sliding_window = {window} is smaller than max_position_embeddings = {context}: "
+                f"smallm attends within the window, so the imported model's context is {window}",
+                stacklevel=3,
+            )
+            context = window
+        window = window or context  # no window: one as wide as the context (the same attention)
     head_dim = hf.get("head_dim")
     if head_dim is not None and isinstance(heads, int) and heads > 0 and head_dim * heads != hidden:
         raise refuse("head_dim", head_dim, f"smallm's heads are hidden_size / num_attention_heads = {hidden / heads:g}")
@@ -105,7 +124,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             n_head=heads,
             n_kv_head=hf.get("num_key_value_heads") or heads,
             intermediate_size=hf.get("intermediate_size"),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
+            max_seq_len=context,
             rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -114,6 +133,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             qkv_bias=hf["model_type"] == "qwen2",  # Qwen2's attention always has them
             rope_scaling=scaling,
             hidden_act=hf.get("hidden_act", "silu"),
+            sliding_window=window if hf["model_type"] == "mistral" else None,
         )
     except (TypeError, ValueError) as e:
         raise HFError(f"config.json does not describe a model smallm can build: {e}") from e
@@ -187,13 +207,13 @@ def _import_tokenizer(source: Path, config: ModelConfig) -> Tokenizer | None:
         try:
             tokenizer = Tokenizer.load(file)
         except Exception as e:  # the core's reasons vary; any of them means "not ours"
-            why = f"{file} is not a smallm byte-level BPE tokenizer ({e})"
+            why = f"{file} cannot be used ({e})"
         else:
             if tokenizer.vocab_size <= config.vocab_size:
                 return tokenizer
             why = f"{file} has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}"
     warnings.warn(
-        f"{why}: only the weights were imported; put a smallm tokenizer.json in the run directory "
+        f"{why}: only the weights were imported; put a byte-level BPE tokenizer.json in the run directory "
         "to generate or train with it",
         stacklevel=3,
     )

@@ -21,6 +21,7 @@ tests check logits match to 1e-5) and peft
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -94,6 +95,12 @@ class ModelConfig:
         "original_max_position_embeddings}; None: unscaled",
         cli=False,
     )
+    sliding_window: int | None = doc(
+        None,
+        "Mistral's attention window, for a model imported from MistralForCausalLM (and exported back as one): "
+        "smallm attends within it, so max_seq_len may not exceed it; None: not a Mistral model",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -121,6 +128,14 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling)
         if self.qkv_bias and self.qk_norm:
             raise ValueError("qkv_bias (Qwen2) and qk_norm (Qwen3) together match no transformers class: choose one")
+        if self.sliding_window is not None:
+            if self.qkv_bias or self.qk_norm:
+                raise ValueError("sliding_window (Mistral) goes with neither qkv_bias (Qwen2) nor qk_norm (Qwen3)")
+            if not isinstance(self.sliding_window, int) or self.max_seq_len > self.sliding_window:
+                raise ValueError(
+                    f"max_seq_len {self.max_seq_len} exceeds the attention window {self.sliding_window!r}: smallm "
+                    "runs Mistral models within their window"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -426,6 +441,28 @@ class SmallLM(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)  # tied: lm_head has just drawn it
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Grows the embedding table (and an untied lm_head) to ``vocab_size`` rows, each new row the mean
+        of the old ones (as ``transformers``' ``resize_token_embeddings`` starts them: a new token begins as
+        an average one, so the old tokens' logits barely move), and sets ``config.vocab_size``."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"the vocabulary only grows: {vocab_size} < {old}")
+        if vocab_size == old:
+            return
+
+        def grown(weight: Tensor) -> nn.Parameter:
+            rows = weight.mean(0, keepdim=True).expand(vocab_size - old, -1)
+            return nn.Parameter(torch.cat([weight, rows.to(weight.dtype)]), requires_grad=weight.requires_grad)
+
+        embed = self.model.embed_tokens
+        embed.weight = grown(embed.weight)
+        embed.num_embeddings = vocab_size
+        self.lm_head.weight = embed.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def forward(
         self,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -181,6 +182,7 @@ def build_trainable(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime, amp_
         base = resolve_checkpoint(cfg.init_from or "")
         module = load_model(base)[0].train()  # a LoRA run's adapter is merged into its base
         runtime.log(f"fine-tuning {base} ({module.num_parameters() / 1e6:.1f}M parameters)")
+        cfg = _fit_vocabulary(module, tokenizer, cfg, runtime)
         settings = cfg.lora()
         if settings is None:
             model: Trainable = FullModel(module.to(runtime.device))
@@ -193,6 +195,24 @@ def build_trainable(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime, amp_
         raise TypeError(f"no model builder for a {type(cfg).__name__}")
     model.module.gradient_checkpointing = cfg.activation_checkpointing
     return model
+
+
+def _fit_vocabulary(module: SmallLM, tokenizer: Tokenizer, cfg: FinetuneConfig, runtime: Runtime) -> FinetuneConfig:
+    """Grows the base's embedding to the tokenizer when special tokens were added to it (ChatML's markers
+    for a base without a chat template, :func:`smallm.chat.with_chat_format`), saying so; a LoRA run then
+    trains the embeddings too, since the new rows must be learned."""
+    added = tokenizer.roles.added
+    if added:
+        ids = ", ".join(f"{t} = {tokenizer.special_tokens[t]}" for t in added)
+        runtime.log(f"the base has no chat template: ChatML's {ids} added to its vocabulary")
+    if tokenizer.vocab_size > module.config.vocab_size:
+        size = -(-tokenizer.vocab_size // 64) * 64
+        runtime.log(f"embedding grown from {module.config.vocab_size} to {size} rows (new rows: the mean row)")
+        module.grow_vocab(size)
+    if added and cfg.lora() is not None and not cfg.lora_train_embeddings:
+        runtime.log("LoRA trains the embeddings too (--lora-train-embeddings): the added tokens' rows are new")
+        cfg = dataclasses.replace(cfg, lora_train_embeddings=True)
+    return cfg
 
 
 def _pretraining_model(cfg: TrainConfig, tokenizer: Tokenizer, runtime: Runtime) -> SmallLM:

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from smallm.chat import chatml_ids
+from smallm.chat import prompt_ids
 from smallm.cli.common import add_model_arguments, add_sampling_arguments, load, run_command, sampling_from
 from smallm.generate import PromptTruncatedWarning, SamplingConfig, StreamDecoder, stop_ids_of, stream_tokens
 
@@ -43,7 +43,7 @@ class ChatSession:
         seed: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        chatml_ids(tokenizer, [])  # fails early for a tokenizer without the ChatML special tokens
+        prompt_ids(tokenizer, [])  # fails early for a tokenizer without a template or the ChatML tokens
         self.system = system
         self.sampling = sampling or SamplingConfig(**CHAT_SAMPLING)
         context = model.config.max_seq_len
@@ -64,18 +64,18 @@ class ChatSession:
         return system + self.turns
 
     def prompt_ids(self) -> list[int]:
-        """``<|endoftext|>`` + the ChatML of the conversation + the generation prompt, after dropping the
-        oldest turns that leave no room for a reply."""
-        bos = [self.tokenizer.eot_token] if self.tokenizer.eot_token is not None else []
+        """The conversation and the generation prompt (:func:`smallm.chat.prompt_ids`: the model's chat
+        template, or ChatML after ``<|endoftext|>``), after dropping the oldest turns that leave no room
+        for a reply."""
         room = self.model.config.max_seq_len - self.max_new_tokens
-        ids = bos + chatml_ids(self.tokenizer, self.messages(), add_generation_prompt=True)
+        ids = prompt_ids(self.tokenizer, self.messages())
         dropped = 0
         while len(ids) > room and len(self.turns) > 1:
             # Drop the oldest exchange: the first user turn and the replies up to the next user turn.
             end = next((i for i in range(1, len(self.turns)) if self.turns[i]["role"] == "user"), len(self.turns))
             del self.turns[:end]
             dropped += end
-            ids = bos + chatml_ids(self.tokenizer, self.messages(), add_generation_prompt=True)
+            ids = prompt_ids(self.tokenizer, self.messages())
         if dropped:
             message = f"the conversation outgrew the context: dropped its {dropped} oldest message(s)"
             warnings.warn(message, PromptTruncatedWarning, stacklevel=2)

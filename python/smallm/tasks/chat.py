@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from smallm.chat import chatml_ids
+from smallm.chat import prompt_ids, with_chat_format
 from smallm.config import FinetuneConfig
 from smallm.conversations import Messages
 from smallm.distributed import Runtime
@@ -41,7 +41,8 @@ class ChatData:
     def __init__(self, cfg: FinetuneConfig, read: Callable[[Any], list[Any]]) -> None:
         self.cfg = cfg
         self.base = resolve_checkpoint(cfg.init_from or "")
-        self.tokenizer: Tokenizer = find_tokenizer(self.base, read_config(self.base))
+        # A base without a chat template or ChatML's markers gets the markers (the model grows to match).
+        self.tokenizer: Tokenizer = with_chat_format(find_tokenizer(self.base, read_config(self.base)))
         items = read(cfg.data)
         if cfg.val_data:
             self.train, self.val = items, read(cfg.val_data)
@@ -49,8 +50,8 @@ class ChatData:
             self.train, self.val = held_out(items, cfg.val_fraction, cfg.seed)
 
     def pad_id(self) -> int:
-        """The id in padding positions (never a target): ``<|endoftext|>``, else 0."""
-        return self.tokenizer.eot_token if self.tokenizer.eot_token is not None else 0
+        """The id in padding positions (never a target): the document start, else 0."""
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0
 
     def max_steps(self, n_rows: int, rows_per_step: int, runtime: Runtime) -> int:
         """``max_steps``, or the steps that ``epochs`` passes over ``n_rows`` take."""
@@ -69,7 +70,7 @@ class ChatData:
             messages = [{"role": "user", "content": self.cfg.sample_prompt}]
         else:
             messages = first[: next(i for i, m in enumerate(first) if m["role"] == "assistant")]
-        prompt = chatml_ids(self.tokenizer, messages, add_generation_prompt=True)
+        prompt = prompt_ids(self.tokenizer, messages)
         room = max(1, min(self.cfg.sample_tokens, model.config.max_seq_len - len(prompt)))
         stops = stop_ids_of(self.tokenizer)
         ids = generate_ids(model, prompt, room, seed=0, stop_ids=stops, vocab_size=self.tokenizer.vocab_size)
