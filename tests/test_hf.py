@@ -131,6 +131,8 @@ def test_export_loads_as_llama_with_smallm_logits(run: Path, exported: Path, hf_
     [
         ({"qk_norm": True}, "Qwen3ForCausalLM"),
         ({"qk_norm": True, "hidden_act": "relu2", "tie_embeddings": False}, "Qwen3ForCausalLM"),
+        ({"qk_norm": True, "head_dim": 32}, "Qwen3ForCausalLM"),  # wider heads than 64 / 4, as Qwen3 0.6B's
+        ({"head_dim": 8}, "LlamaForCausalLM"),
         ({"hidden_act": "gelu_pytorch_tanh"}, "LlamaForCausalLM"),
         ({"qkv_bias": True}, "Qwen2ForCausalLM"),
         ({"qkv_bias": True, "tie_embeddings": False}, "Qwen2ForCausalLM"),
@@ -159,7 +161,7 @@ def test_architecture_options_export_to_the_class_that_computes_them(
         back = load_model(import_hf(exported, tmp_path / "back"))[0]
         torch.testing.assert_close(back(ids), model(ids), atol=1e-6, rtol=0)
     assert back.config.qk_norm == config.qk_norm and back.config.hidden_act == config.hidden_act
-    assert back.config.qkv_bias == config.qkv_bias
+    assert back.config.qkv_bias == config.qkv_bias and back.config.head_dim == config.head_dim
 
 
 def test_tied_embeddings_are_stored_once_and_tied_on_load(run: Path, exported: Path, hf_model: Any) -> None:
@@ -442,7 +444,6 @@ def test_import_of_a_transformers_qwen2_gives_its_logits(transformers: Any, tmp_
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"head_dim": 32}, "head_dim"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters.rope_type"),

@@ -3,12 +3,13 @@
 
 :func:`import_hf` reads ``config.json`` and the safetensors weights (one file, or the shards an
 ``model.safetensors.index.json`` lists), refuses what smallm's model does not implement (other model
-types, rotary scaling, biases, other activations, a head size other than hidden_size / num_attention_heads)
-naming the field, and writes a run of one checkpoint (:func:`smallm.runs.write_run`) with the folder's
-byte-level BPE ``tokenizer.json`` (smallm's, or one trained elsewhere: :meth:`smallm.Tokenizer.load`) and
-the roles its ``tokenizer_config.json`` gives its special tokens (BOS, EOS, chat template:
-:mod:`smallm.roles`). A Mistral model is LLaMA's within its attention window: its context becomes the
-window, and it is exported back as ``MistralForCausalLM``.
+types, rotary scaling but llama3's, biases on other layers than Qwen2's, other activations) naming the
+field, and writes a run of one checkpoint (:func:`smallm.runs.write_run`) with the folder's byte-level
+BPE ``tokenizer.json`` (smallm's, or one trained elsewhere: :meth:`smallm.Tokenizer.load`) and the
+roles its ``tokenizer_config.json`` gives its special tokens (BOS, EOS, chat template: :mod:`smallm.roles`).
+A Mistral model is LLaMA's within its attention window: its context becomes the window, and it is
+exported back as ``MistralForCausalLM``. Heads wider than ``hidden_size / num_attention_heads`` (Qwen3
+0.6B's ``head_dim``) are kept.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral ``config.json``; raises
     :class:`HFError` naming the field for what smallm does not implement (other model types, rotary scaling but
-    llama3's, biases, other activations, Qwen's sliding windows, a head size other than hidden_size /
-    num_attention_heads). A Mistral model's context is cut to its ``sliding_window`` (with a warning)."""
+    llama3's, biases, other activations, Qwen's sliding windows). A Mistral model's context is cut to its
+    ``sliding_window`` (with a warning)."""
 
     def refuse(field: str, value: Any, why: str) -> HFError:
         return HFError(f"config.json: {field} = {json.dumps(value)} is not supported: {why}")
@@ -113,9 +114,6 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             )
             context = window
         window = window or context  # no window: one as wide as the context (the same attention)
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and isinstance(heads, int) and heads > 0 and head_dim * heads != hidden:
-        raise refuse("head_dim", head_dim, f"smallm's heads are hidden_size / num_attention_heads = {hidden / heads:g}")
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"],
@@ -134,6 +132,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             rope_scaling=scaling,
             hidden_act=hf.get("hidden_act", "silu"),
             sliding_window=window if hf["model_type"] == "mistral" else None,
+            head_dim=hf.get("head_dim"),  # Qwen3 0.6B's is wider than hidden_size / num_attention_heads
         )
     except (TypeError, ValueError) as e:
         raise HFError(f"config.json does not describe a model smallm can build: {e}") from e

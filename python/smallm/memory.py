@@ -140,7 +140,7 @@ def matmul_weight_count(config: ModelConfig) -> int:
     """Elements of every linear layer's weight: each block's seven projections and lm_head (counted
     even when tied to the embedding, since the matmul still happens)."""
     d, kv, inner = config.n_embd, config.n_kv_head * config.head_dim, config.intermediate_size
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * inner  # q, o; k, v; gate, up, down
+    per_layer = 2 * d * config.n_head * config.head_dim + 2 * d * kv + 3 * d * inner  # q, o; k, v; gate, up, down
     return config.n_layer * per_layer + config.vocab_size * d
 
 
@@ -206,7 +206,8 @@ def layer_activation_bytes(
       q, k, v, gate and up casts its own bf16 copy of its input (autocast caches casts of weights only),
       5 x eNd;
     * attention, ``"flash"`` (the flash or memory-efficient SDPA kernels, CPU included): q, k, v and the
-      output, e(2Nd + 2N kv), and the fp32 log-sum-exp, 4 x B x n_head x T; no T x T matrix.
+      output, e(2Nq + 2N kv) with q = n_head x head_dim (d unless the heads are set wider), and the fp32
+      log-sum-exp, 4 x B x n_head x T; no T x T matrix.
       ``"math"`` (SDPA's fallback, e.g. with an attention mask or without a fused kernel for GQA):
       the softmax probabilities, 4 x B x n_head x T^2, and q, k, v (k, v repeated to n_head heads) in
       fp32 (the math kernel upcasts bf16), 3 x 4Nd, plus the output, eNd;
@@ -223,7 +224,7 @@ def layer_activation_bytes(
     norms = 2 * (4 * N * d + 4 * N)
     projection_inputs = 2 * 4 * N * d if e == 4 else 5 * e * N * d
     if attention == "flash":
-        attn = e * N * (2 * d + 2 * kv) + 4 * B * config.n_head * T
+        attn = e * N * (2 * config.n_head * config.head_dim + 2 * kv) + 4 * B * config.n_head * T
     else:
         attn = 4 * B * config.n_head * T * T + 3 * 4 * N * d + e * N * d
     mlp = 4 * e * N * inner

@@ -95,6 +95,11 @@ class ModelConfig:
         "original_max_position_embeddings}; None: unscaled",
         cli=False,
     )
+    head_dim: int | None = doc(
+        None,
+        "width of each attention head; None: n_embd // n_head (Qwen3 0.6B, for one, sets its own, wider)",
+        cli=False,
+    )
     sliding_window: int | None = doc(
         None,
         "Mistral's attention window, for a model imported from MistralForCausalLM (and exported back as one): "
@@ -116,12 +121,16 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive integer or None, got {self.head_dim!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim (n_embd // n_head = {self.head_dim}) must be even for rotary")
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.rope_scaling is not None:
@@ -136,10 +145,6 @@ class ModelConfig:
                     f"max_seq_len {self.max_seq_len} exceeds the attention window {self.sliding_window!r}: smallm "
                     "runs Mistral models within their window"
                 )
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -263,11 +268,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which KVCache slot is this layer's
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        d, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(d, d, bias=config.qkv_bias)
+        d, q_dim, kv_dim = config.n_embd, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.q_proj = nn.Linear(d, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(q_dim, d, bias=False)
         # QK-norm (Qwen3): each head's query and key RMS-normalised, with its own gain, before rotary.
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
