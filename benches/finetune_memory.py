@@ -16,8 +16,9 @@ Besides smallm's presets, ``imported-llama3.2-1b`` is the scenario of starting f
 a ``transformers`` ``LlamaForCausalLM`` of Llama 3.2 1B's published shape (16 layers, width 2048, 32
 heads, 8 KV heads, MLP 8192, vocabulary 128256, tied, rope theta 500000 with llama3 scaling), random
 weights in bf16, saved by ``save_pretrained`` and imported with ``smallm-import``'s
-:func:`smallm.hf_import.import_hf` (once, into ``--import-dir``, in a process of its own); each
-measurement opens that run with :func:`smallm.runs.load_model`, as ``smallm-sft`` does.
+:func:`smallm.hf_import.import_hf` (once, into ``--import-dir``, in a process of its own, with a small
+stand-in tokenizer since the folder has none); each measurement opens that run with
+:func:`smallm.runs.load_model`, as ``smallm-sft`` does.
 
 The optimizer is :func:`smallm.optim.build_optimizer` under a default
 :class:`~smallm.config.FinetuneConfig` (AdamW, betas 0.9/0.95, fused on CUDA) over the trainable
@@ -154,6 +155,11 @@ def prepare_import(directory: Path) -> Path:
     start = time.perf_counter()
     import_hf(folder, run, force=True)
     log(f"{IMPORTED}: imported in {time.perf_counter() - start:.0f}s")
+    # The folder has no tokenizer (Llama 3's is not ours to ship); opening a run needs one, and its size
+    # changes nothing here: the batch is random ids over the model's 128256 rows.
+    from smallm.tokenizer import Tokenizer
+
+    Tokenizer.train_from_iterator(["a stand-in tokenizer for the benchmark"] * 4, 300).save(run)
     return run
 
 

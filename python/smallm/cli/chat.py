@@ -7,7 +7,9 @@
 Every turn the whole conversation is rendered as ChatML (:mod:`smallm.chat`) after ``<|endoftext|>``,
 the start of every training document, and ends with the generation prompt ``<|im_start|>assistant\\n``;
 the reply stops at ``<|im_end|>`` (or ``<|endoftext|>``). What the user types is encoded as ordinary
-text, so it cannot open or close a turn. When the conversation no longer fits the context with room for
+text, so it cannot open or close a turn. A model imported with its own chat template is rendered with
+that template, as transformers renders it (special-token strings in the text are recognized, as there),
+and stops at its own end-of-turn and end-of-text tokens. When the conversation no longer fits the context with room for
 a reply, its oldest turns are dropped (with a warning); the system message stays. With stdin not a
 terminal, replies are printed one after the other with no prompt or banner.
 """
