@@ -41,6 +41,7 @@ __all__ = [
     "fsync_dir",
     "sha256_file",
     "write_bytes_atomic",
+    "write_file_atomic",
     "write_folder_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -87,18 +88,24 @@ def sha256_file(path: PathLike) -> str:
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` through a synced temporary file and a rename."""
+    write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_file_atomic(path: PathLike, fill: Callable[[Path], object]) -> Path:
+    """Has ``fill`` write the file at a temporary path beside ``path``, syncs it and renames it to
+    ``path``: a reader sees the old file or the whole new one, never part of it. The temporary file is
+    removed if ``fill`` fails. Returns ``path``."""
     path = Path(path)
     tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        fill(tmp)
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return path
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
