@@ -23,7 +23,9 @@ and ``AutoTokenizer.from_pretrained`` as a fast tokenizer, without smallm:
   LLaMA tokenizers add their BOS: every training document starts with it and ``smallm-generate``
   prepends it, so ``model.generate``, pipelines and lm-evaluation-harness continue the context smallm
   does. ``add_special_tokens=False`` gives the ids of the text alone (:meth:`smallm.Tokenizer.encode`'s),
-  and ``apply_chat_template``, which passes it, gives exactly smallm's ChatML ids.
+  and ``apply_chat_template``, which passes it, gives exactly smallm's ChatML ids. A tokenizer trained
+  elsewhere (an imported model's) is written as it was, with its own post-processor, and its roles
+  (:mod:`smallm.roles`: BOS, EOS, padding, stop ids, chat template) fill these files instead.
 
 :mod:`smallm.hf_import` reads such a folder back as a smallm run; :mod:`smallm.hub` uploads it. The
 ChatML renderers of :mod:`smallm.chat` are re-exported here beside the template that matches them.

@@ -55,9 +55,14 @@ def plain_warnings(prog: str, always: tuple[type[Warning], ...] = ()) -> Iterato
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """CKPT, --prefer, --device and --dtype (and the program's name, for :func:`load`'s line)."""
+    """CKPT (or a Hub id), --revision, --prefer, --device and --dtype (and the program's name, for
+    :func:`load`'s line)."""
     p.set_defaults(prog=p.prog)
-    p.add_argument("checkpoint", metavar="CKPT", help="a run directory (its latest checkpoint) or a checkpoint")
+    p.add_argument(
+        "checkpoint", metavar="CKPT",
+        help="a run directory (its latest checkpoint), a checkpoint, or a Hugging Face Hub model id NAMESPACE/NAME",
+    )  # fmt: skip
+    p.add_argument("--revision", help="with a Hub id: the branch, tag or commit (default: main)")
     p.add_argument("--prefer", choices=("latest", "best"), default="latest", help="which checkpoint of a run")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype; auto: bf16 on CUDA, else fp32")
@@ -87,9 +92,10 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     from smallm.distributed import resolve_device
+    from smallm.hub import resolve_model
     from smallm.runs import load_model, resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(args.checkpoint, prefer=args.prefer)
+    checkpoint = resolve_checkpoint(resolve_model(args.checkpoint, args.revision), prefer=args.prefer)
     print(f"{args.prog}: opening {checkpoint}", file=sys.stderr)
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)

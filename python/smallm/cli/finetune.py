@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,11 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         f"smallm checkpoint on {what}, in full or with LoRA/QLoRA adapters.",
     )
     p.add_argument(
-        "checkpoint", help="the model to start from: a run directory (its latest checkpoint) or a checkpoint"
+        "checkpoint",
+        help="the model to start from: a run directory (its latest checkpoint), a checkpoint, or a Hugging Face "
+        "Hub model id NAMESPACE/NAME (imported once into smallm's cache)",
     )
+    p.add_argument("--revision", help="with a Hub id: the branch, tag or commit (default: main)")
     p.add_argument("--config", type=Path, help="a TOML or JSON file of settings (flags override it)")
     add_dataclass_arguments(p, CONFIGS[method])
     return p
@@ -53,8 +56,13 @@ def parse_config(method: str, argv: Sequence[str] | None) -> Any:
     config_file = args.pop("config", None)
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update(args)
+    from smallm.hub import resolve_model
+
+    revision = values.pop("revision", None)
     values["init_from"] = values.pop("checkpoint")
-    return build_config(CONFIGS[method], values, str(config_file) if config_file else "command line")
+    cfg = build_config(CONFIGS[method], values, str(config_file) if config_file else "command line")
+    # The settings are checked first; then a Hub id becomes the local run it names (fetched or cached).
+    return replace(cfg, init_from=str(resolve_model(cfg.init_from, revision)))
 
 
 def run(method: str, argv: Sequence[str] | None) -> int:
