@@ -260,3 +260,27 @@ def test_transformers_reads_the_gguf_back_to_the_same_model_and_smallm_imports_i
     tok.save(back)
     with torch.no_grad():
         torch.testing.assert_close(load_model(back)[0](ids), expected, atol=1e-4, rtol=0)
+
+
+def test_a_lora_run_is_merged_into_its_base_first(tok: Tokenizer, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    import json
+
+    from smallm.jobs import build_trainer
+    from smallm.runs import load_model
+    from test_lora_dpo import config as finetune_config
+    from test_lora_dpo import make_base
+
+    base = make_base(tmp_path / "base", tok, n_layer=1)
+    chats = tmp_path / "chats.jsonl"
+    turns = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    chats.write_text("\n".join(json.dumps({"messages": turns}) for _ in range(8)) + "\n", encoding="utf-8")
+    build_trainer(finetune_config(base, chats, tmp_path / "lora", max_steps=2, lora_r=4, val_fraction=0)).fit()
+    merged = load_model(tmp_path / "lora")[0]
+    path = export_gguf(tmp_path / "lora", tmp_path / "lora.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    weight = merged.model.layers[0].self_attn.v_proj.weight.detach()
+    stored = torch.from_numpy(np.array(tensors["blk.0.attn_v.weight"].data)).reshape(weight.shape)
+    torch.testing.assert_close(stored, weight, atol=0, rtol=0)
+    base_weight = load_model(base)[0].model.layers[0].self_attn.v_proj.weight.detach()
+    assert not torch.equal(stored, base_weight)  # the adapter is in it

@@ -585,3 +585,24 @@ def test_push_network_failure_is_a_clear_error(hub: Any, folder: Path, monkeypat
     monkeypatch.setattr(hub.HfApi, "create_repo", unreachable)
     with pytest.raises(HFError, match=r"could not upload to the Hugging Face Hub.*ConnectionError"):
         push_to_hub(folder, "me/model", token="hf_x")
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0},
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}],
+    ids=["linear", "dynamic", "yarn"],
+)  # fmt: skip
+def test_rope_scalings_transformers_writes_and_smallm_lacks_are_refused_naming_the_field(
+    transformers: Any, tmp_path: Path, scaling: dict, capsys
+) -> None:
+    """The folder as transformers' own save_pretrained writes it (rope_scaling in 4.x, rope_parameters in 5.x)."""
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_scaling=scaling,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    assert import_cli.main([str(tmp_path / "llama"), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "rope_type" in err and json.dumps(scaling["rope_type"]) in err and "is not supported" in err
+    assert not (tmp_path / "run").exists()
