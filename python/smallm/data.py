@@ -43,6 +43,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
@@ -51,7 +52,7 @@ import torch
 from smallm.model import IGNORE_INDEX
 from smallm.shardset import Shard, ShardError, ShardSet
 
-__all__ = ["Shard", "ShardError", "ShardSet", "TokenDataset", "TokenLoader", "ValidationLoader"]
+__all__ = ["DataExhausted", "Shard", "ShardError", "ShardSet", "TokenDataset", "TokenLoader", "ValidationLoader"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 Mode = Literal["random", "documents"]
@@ -196,6 +197,62 @@ class _PackedDocuments:
         self.tokens_cropped = int(state["tokens_cropped"])
 
 
+class DataExhausted(Exception):
+    """A source of a mixture that must not repeat (``repeat=False``) has given all its data."""
+
+
+_MIXTURE_TAG = 0x6D6978  # keeps the mixture's draws apart from the random windows' (same seed, rank, batch)
+
+
+class _Mixture:
+    """Rows from several sources: each row's source is drawn by weight from ``default_rng([seed, rank,
+    batch, tag])``, then every source's own sampler fills its rows in order, so the position is the batch
+    counter and each source's position. A source's epoch: in ``"documents"`` mode its sampler's, in
+    ``"random"`` mode the tokens drawn from it over its tokens."""
+
+    def __init__(self, samplers: list[Any], weights: Sequence[float], names: Sequence[str], tokens: Sequence[int],
+                 row_len: int, seed: int, rank: int, repeat: bool) -> None:  # fmt: skip
+        total = float(sum(weights))
+        self.samplers, self.names, self.tokens = samplers, list(names), list(tokens)
+        self.p = np.array([w / total for w in weights], dtype=np.float64)
+        self.row_len, self.seed, self.rank, self.repeat = row_len, seed, rank, repeat
+        self.batches, self.rows = 0, [0] * len(samplers)
+
+    def fill(self, rows: np.ndarray) -> None:
+        rng = np.random.default_rng([self.seed, self.rank, self.batches, _MIXTURE_TAG])
+        which = rng.choice(len(self.samplers), size=len(rows), p=self.p)
+        for s, sampler in enumerate(self.samplers):
+            picked = np.flatnonzero(which == s)
+            if len(picked):
+                part = np.empty((len(picked), rows.shape[1]), dtype=rows.dtype)
+                sampler.fill(part)
+                rows[picked] = part
+                self.rows[s] += len(picked)
+        self.batches += 1
+        if not self.repeat:
+            done = [name for name, epoch in zip(self.names, self.epochs()) if epoch >= 1]
+            if done:
+                raise DataExhausted(f"the source {done[0]} has given all its data and --no-repeat is set")
+
+    def epochs(self) -> list[float]:
+        """Per source: the epoch now drawn from (``"documents"``), or passes over its tokens so far (``"random"``)."""
+        out = []
+        for s, sampler in enumerate(self.samplers):
+            if isinstance(sampler, _PackedDocuments):
+                out.append(float(sampler.epoch))
+            else:
+                out.append(self.rows[s] * self.row_len / max(self.tokens[s], 1))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "rows": list(self.rows), "sources": [s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches, self.rows = int(state["batches"]), [int(r) for r in state["rows"]]
+        for sampler, position in zip(self.samplers, state["sources"]):
+            sampler.load_state_dict(position)
+
+
 # ----- loaders -----------------------------------------------------------------------------------
 
 
@@ -220,7 +277,7 @@ class TokenLoader:
     """Endless training batches ``(x, y)``: ``(batch_size, seq_len)`` int64, ``y`` is ``x`` shifted by one.
 
     Args:
-        shards: the split to train on (:meth:`ShardSet.open`).
+        shards: the split to train on (:meth:`ShardSet.open`), or the splits of a mixture's sources.
         batch_size: rows per batch (B).
         seq_len: tokens per row (T); each row reads T+1 tokens.
         mode: ``"random"`` windows or ``"documents"`` rows packed by best fit (see the module docstring).
@@ -230,6 +287,11 @@ class TokenLoader:
         buffer_size: documents the best-fit packing chooses from (``"documents"`` mode).
         prefetch: prepare the next batch in a background thread while the current step runs; by
             default on CUDA only.
+        weights: with several sources, the share of rows each gives (any positive scale): every row's
+            source is drawn by weight, deterministically from the seed, rank and batch.
+        names: the sources' names (for :attr:`epochs` and messages); default: their directories' names.
+        repeat: whether a source that has given all its data starts again (its epochs are counted); without,
+            the batch that would repeat one raises :class:`DataExhausted`.
     """
 
     def __init__(
@@ -245,20 +307,30 @@ class TokenLoader:
         device: str | torch.device = "cpu",
         buffer_size: int = 1024,
         prefetch: bool | None = None,
+        weights: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
+        repeat: bool = True,
     ) -> None:
         if batch_size < 1 or seq_len < 1 or buffer_size < 1 or seed < 0:
             raise ValueError("batch_size, seq_len and buffer_size must be positive and seed non-negative")
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
-        self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
-        self.mode, self.seed = mode, seed
-        self.device = torch.device(device)
-        if mode == "random":
-            self._sampler: Any = _RandomWindows(shards, seq_len + 1, seed, self.rank, self.world_size)
-        elif mode == "documents":
-            args = (seq_len + 1, seed, self.rank, self.world_size, buffer_size)
-            self._sampler = _PackedDocuments(shards, *args)
-        else:
+        if mode not in ("random", "documents"):
             raise ValueError(f"mode must be 'random' or 'documents', not {mode!r}")
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        sources = list(shards) if isinstance(shards, (list, tuple)) else [shards]
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(sources) or not all(w > 0 for w in weights):
+            raise ValueError(f"weights must be one positive number per source ({len(sources)}), got {weights}")
+        self.sources, self.weights = sources, weights
+        self.names = list(names) if names is not None else [Path(s.directory).name for s in sources]
+        self.shards, self.batch_size, self.seq_len = sources[0], batch_size, seq_len
+        self.mode, self.seed, self.repeat = mode, seed, repeat
+        self.device = torch.device(device)
+        samplers = [self._source_sampler(s, mode, seed, buffer_size) for s in sources]
+        if len(sources) == 1 and repeat:
+            self._sampler: Any = samplers[0]  # one source: the batches and state of a plain loader
+        else:
+            tokens = [s.num_tokens // self.world_size for s in sources]
+            self._sampler = _Mixture(samplers, weights, self.names, tokens, seq_len + 1, seed, self.rank, repeat)
         # With prefetch the sampler runs a batch ahead in a worker thread, so the position of the last
         # batch handed out is kept beside it in _state.
         if prefetch is None:
@@ -268,6 +340,11 @@ class TokenLoader:
         self._next: Future[tuple[torch.Tensor, dict[str, Any]]] | None = None
         self._state = self._sampler.state_dict()
         self._split_for_workers = False
+
+    def _source_sampler(self, shards: ShardSet, mode: Mode, seed: int, buffer_size: int) -> Any:
+        if mode == "random":
+            return _RandomWindows(shards, self.seq_len + 1, seed, self.rank, self.world_size)
+        return _PackedDocuments(shards, self.seq_len + 1, seed, self.rank, self.world_size, buffer_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -284,8 +361,10 @@ class TokenLoader:
         options = {
             "mode": self.mode, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "device": self.device, "buffer_size": self.buffer_size, "prefetch": self.prefetch,
+            "weights": self.weights, "names": self.names, "repeat": self.repeat,
         }  # fmt: skip
-        return _rebuild_loader, (self.shards, self.batch_size, self.seq_len, options, self.state_dict())
+        shards = self.sources if len(self.sources) > 1 else self.shards
+        return _rebuild_loader, (shards, self.batch_size, self.seq_len, options, self.state_dict())
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._worker is None:
@@ -308,7 +387,7 @@ class TokenLoader:
         return self._sampler.state_dict() if self._worker is None else self._state
 
     def _config(self) -> dict[str, Any]:
-        return {
+        config = {
             "mode": self.mode,
             "seed": self.seed,
             "rank": self.rank,
@@ -317,6 +396,9 @@ class TokenLoader:
             "seq_len": self.seq_len,
             "tokens": self.shards.num_tokens,
         }
+        if isinstance(self._sampler, _Mixture):
+            config.update(tokens=[s.num_tokens for s in self.sources], weights=self.weights, repeat=self.repeat)
+        return config
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch returned (plain ints and lists: JSON- and torch.save-able)."""
@@ -343,6 +425,17 @@ class TokenLoader:
     def epoch(self) -> int:
         """The epoch the documents now drawn belong to (``"documents"`` mode; 0 in ``"random"`` mode)."""
         return self._position().get("epoch", 0)
+
+    def epochs(self) -> dict[str, float]:
+        """Per source of a mixture (or the one source): the epoch now drawn from in ``"documents"`` mode,
+        the passes over its tokens so far in ``"random"`` mode (reflects the batches made, prefetched ones
+        included)."""
+        if isinstance(self._sampler, _Mixture):
+            return dict(zip(self.names, self._sampler.epochs()))
+        if self.mode == "random":
+            drawn = int(self._position()["batches"]) * self.batch_size * (self.seq_len + 1)
+            return {self.names[0]: drawn / max(self.shards.num_tokens // self.world_size, 1)}
+        return {self.names[0]: float(self.epoch)}
 
     def close(self) -> None:
         """Stops the prefetch thread, if any."""

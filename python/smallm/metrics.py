@@ -2,7 +2,7 @@
 
 Each line of ``metrics.jsonl`` is one JSON object with at least ``step``; training lines carry
 ``loss``, ``lr`` and ``tokens_per_s`` (and ``mfu`` where the device's peak is known), validation lines
-``val_loss``, ``val_ppl`` and ``val_bpb``.
+``val_loss``, ``val_ppl`` and ``val_bpb`` (and a mixture's ``val/NAME_loss`` per source, each its own curve).
 """
 
 from __future__ import annotations
@@ -99,16 +99,22 @@ def plot_losses(metrics: Path, target: Path) -> Path:
 
     train: dict[int, float] = {}
     val: dict[int, float] = {}
+    sources: dict[str, dict[int, float]] = {}  # a mixture's val/NAME_loss
     for line in metrics.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if "loss" in record:
             train[record["step"]] = record["loss"]
         if "val_loss" in record:
             val[record["step"]] = record["val_loss"]
+        for key, value in record.items():
+            if key.startswith("val/") and key.endswith("_loss"):
+                sources.setdefault(key[4:-5], {})[record["step"]] = value
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train")
     if val:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="validation")
+    for name, points in sorted(sources.items()):
+        ax.plot(sorted(points), [points[s] for s in sorted(points)], ".--", label=f"validation: {name}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
@@ -122,6 +128,8 @@ def plot_losses(metrics: Path, target: Path) -> Path:
 
 
 def _short(name: str, value: float) -> str:
+    if name == "stage" or name.startswith("epoch/"):
+        return f"{value:g}" if name == "stage" else f"{value:.2f}"
     if name == "tokens_per_s":
         return f"{value / 1e3:.1f}k"
     if name == "lr":

@@ -37,10 +37,13 @@ def doc(
     maximum: float | None = None,
     below: float | None = None,
     cli: bool = True,
+    repeatable: bool = False,
 ) -> Any:
     """A dataclass field with its default (``dict`` or ``list``: a new empty one per instance), help text
-    and allowed values; ``cli=False`` keeps it off the command line (set by the program or a file)."""
-    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "below": below, "cli": cli}
+    and allowed values; ``cli=False`` keeps it off the command line (set by the program or a file);
+    ``repeatable``: its flag may be given several times, collecting a list."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "below": below, "cli": cli,
+                "repeatable": repeatable}  # fmt: skip
     if default in (dict, list):  # a mutable default: each instance gets its own empty one
         return dataclasses.field(default_factory=default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -91,6 +94,9 @@ def add_dataclass_arguments(parser: Any, cls: type, prefix: str = "") -> None:
             parser.add_argument(flag, dest=dest, action=action, default=argparse.SUPPRESS, help=helptext)
             continue
         choices = f.metadata.get("choices")
+        if f.metadata.get("repeatable"):
+            parser.add_argument(flag, dest=dest, action="append", default=argparse.SUPPRESS, help=helptext)
+            continue
         parser.add_argument(
             flag, dest=dest, type=kind if kind in _SIMPLE_TYPES.values() else str, default=argparse.SUPPRESS,
             choices=choices, metavar=None if choices else getattr(kind, "__name__", "VALUE").upper(), help=helptext,

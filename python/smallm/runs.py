@@ -89,7 +89,13 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
 
 def find_tokenizer(checkpoint: Path, config: dict[str, Any]) -> Tokenizer:
     """The tokenizer beside the checkpoint, in its run directory, or in the run's data directory."""
-    data = (config.get("train") or {}).get("data")
+    from smallm.config import data_sources
+
+    try:
+        sources = data_sources((config.get("train") or {}).get("data"))
+    except ValueError:
+        sources = []
+    data = sources[0][0] if sources else None  # a mixture's sources share one tokenizer
     for place in (checkpoint, run_dir_of(checkpoint), Path(data) if data else None):
         if place is not None and (place / "tokenizer.json").is_file():
             return Tokenizer.load(place)

@@ -1,12 +1,15 @@
 """``smallm-eval``: loss, perplexity and bits per byte of a trained model on shards or raw text.
 
     smallm-eval runs/tiny --data data/                    # the shard directory's val split
+    smallm-eval runs/mix --data ko/ en/ code/             # per source, and over all
     smallm-eval runs/tiny --data data/ --split train --max-batches 50
     smallm-eval runs/tiny --data notes.txt book.md --json # raw text, tokenized with the model's tokenizer
     smallm-eval runs/tiny --data texts/ --seq-len 256     # every .txt .text .md .rst .py file below texts/
 
-``--data`` is either one shard directory from ``smallm-tokenize`` (it has a ``manifest.json``; its shards
-must come from the model's tokenizer) or text files and directories of them. How the tokens are cut into
+``--data`` is either shard directories from ``smallm-tokenize`` (each has a ``manifest.json``; their shards
+must come from the model's tokenizer) or text files and directories of them. Several shard directories
+(a mixture's sources) are evaluated one by one and reported as a table, one row per source and one over
+all of them. How the tokens are cut into
 windows and what bits per byte means: :mod:`smallm.evaluate`.
 """
 
@@ -82,6 +85,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if not 0 < seq_len <= context:
         raise ValueError(f"--seq-len must be in 1..{context}, the model's context")
     device = model.lm_head.weight.device
+    shard_dirs = [Path(d) for d in args.data if (Path(d) / "manifest.json").is_file()]
+    if len(args.data) > 1 and len(shard_dirs) == len(args.data):
+        return evaluate_sources(args, model, tokenizer, seq_len, shard_dirs)
     batches, described = batches_for(args, tokenizer, seq_len, device)
     total = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
     byte_lengths = byte_length_table(tokenizer, model.config.vocab_size, device)
@@ -98,6 +104,40 @@ def evaluate(args: argparse.Namespace) -> int:
     print(f"loss           {result['loss']:.4f} nats/token")
     print(f"perplexity     {result['perplexity']:.3f}")
     print(f"bits per byte  {result['bits_per_byte']:.4f}")
+    return 0
+
+
+def evaluate_sources(args: argparse.Namespace, model: Any, tokenizer: Any, seq_len: int, dirs: list[Path]) -> int:
+    """Each shard directory's split on its own, then the sums over all of them: a row each."""
+    from itertools import islice
+
+    from smallm.distributed import autocast_dtype
+    from smallm.evaluate import byte_length_table, loss_sums, metrics_from_sums
+    from smallm.tasks.lm import check_one_tokenizer, source_names
+
+    check_one_tokenizer([str(d) for d in dirs])
+    device = model.lm_head.weight.device
+    byte_lengths = byte_length_table(tokenizer, model.config.vocab_size, device)
+    amp = autocast_dtype(args.precision, device)
+    rows, total = {}, None
+    for name, directory in zip(source_names([str(d) for d in dirs]), dirs):
+        batches, _ = batches_for(argparse.Namespace(**{**vars(args), "data": [str(directory)]}), tokenizer, seq_len,
+                                 device)  # fmt: skip
+        n = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
+        sums = loss_sums(model, islice(batches, n), byte_lengths, amp, progress=not args.no_progress, total=n)
+        rows[name] = metrics_from_sums(sums)
+        total = sums if total is None else total + sums
+    rows["all"] = metrics_from_sums(total)
+    if args.json:
+        print(
+            json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "seq_len": seq_len, "sources": rows})
+        )
+        return 0
+    print(f"checkpoint {args.checkpoint}, {args.split} split, windows of {seq_len}\n")
+    print("| source | tokens | loss | perplexity | bits per byte |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['tokens']:,} | {r['loss']:.4f} | {r['perplexity']:.3f} | {r['bits_per_byte']:.4f} |")
     return 0
 
 
