@@ -93,7 +93,13 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Pretraining (``smallm-train``): shards, a model preset (or the weights to start from)."""
 
-    data: str | None = doc(None, "shard directory from smallm-tokenize (default: built-in stdlib corpus)")
+    data: Any = doc(  # noqa: RUF009 (a field)
+        None,
+        "shard directory from smallm-tokenize (default: built-in stdlib corpus); repeat as DIR:WEIGHT for a mixture "
+        "(--data ko/:0.6 --data en/:0.4), in a config file a [[data]] list of {path, weight}",
+        repeatable=True,
+    )
+    repeat: bool = doc(True, "a mixture's source that runs out starts again (--no-repeat: stop the run there)")
     preset: str = doc("tiny", "model preset", choices=tuple(PRESETS))
     batch_tokens: int | None = doc(
         None,
@@ -121,6 +127,16 @@ class TrainConfig(RunConfig):
         True, "read every shard once when the run opens the data: its sha256, token ids and document starts"
     )
     model: dict[str, Any] = doc(dict, "overrides of the preset's ModelConfig fields", cli=False)  # noqa: RUF009 (a field)
+    stage: list[dict[str, Any]] = doc(  # noqa: RUF009 (a field)
+        list,
+        "training stages, in a config file's [[stage]] tables: each with steps (or tokens), and optionally a name, "
+        "its data mixture, its batch_tokens and lr = stable or decay; max_steps is then their sum",
+        cli=False,
+    )
+
+    def sources(self) -> list[tuple[str, float]]:
+        """The (shard directory, weight) of every source: one of weight 1 for a plain ``--data DIR``."""
+        return data_sources(self.data)
 
     def step_tokens(self) -> int:
         """Tokens per optimizer step: ``batch_tokens``, else the preset's."""
@@ -201,11 +217,98 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resume and cfg.force:
         raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
     if isinstance(cfg, TrainConfig):
+        cfg.data = normalise_data(cfg.data)
+        cfg.stage = [normalise_stage(s, i, cfg) for i, s in enumerate(cfg.stage)]
+        decays = [s["lr"] == "decay" for s in cfg.stage]
+        if any(decays) and decays != sorted(decays):
+            raise ValueError("stage: the stages with lr = decay must come last (the schedule decays once, to the end)")
+        if cfg.stage:
+            cfg.max_steps = sum(s["steps"] for s in cfg.stage)
         if cfg.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {cfg.max_steps}")
         _validate_model_section(cfg.preset, cfg.model)
     if isinstance(cfg, FinetuneConfig):
         _validate_finetuning(cfg)
+
+
+STAGE_KEYS = ("name", "steps", "tokens", "data", "batch_tokens", "lr")
+
+
+def normalise_stage(stage: Any, index: int, cfg: TrainConfig) -> dict[str, Any]:
+    """A ``[[stage]]`` table with every key filled: ``name`` (default ``stageN``), ``steps`` (given, or the
+    ``tokens`` over the stage's ``batch_tokens``, rounded up), ``data`` (default: the run's), ``batch_tokens``
+    (default: the run's) and ``lr`` (``stable``, or ``decay``: the schedule's decay spans the decay stages).
+    Raises ``ValueError`` naming the stage and the key."""
+    where = f"stage[{index}]"
+    if not isinstance(stage, dict):
+        raise ValueError(f"{where}: expected a table of {', '.join(STAGE_KEYS)}, got {stage!r}")
+    unknown = sorted(set(stage) - set(STAGE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {list(STAGE_KEYS)}")
+    name = stage.get("name", f"stage{index}")
+    batch_tokens = stage.get("batch_tokens", cfg.step_tokens())
+    for key, value in (("batch_tokens", batch_tokens), ("steps", stage.get("steps")), ("tokens", stage.get("tokens"))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{where} ({name}): {key} must be a positive integer, got {value!r}")
+    if ("steps" in stage) == ("tokens" in stage):
+        raise ValueError(f"{where} ({name}): give its length as steps or as tokens (one of them)")
+    steps = stage["steps"] if "steps" in stage else -(-stage["tokens"] // batch_tokens)
+    lr = stage.get("lr", "stable")
+    if lr not in ("stable", "decay"):
+        raise ValueError(f"{where} ({name}): lr must be stable or decay, got {lr!r}")
+    data = normalise_data(stage.get("data", cfg.data))
+    if data is None:
+        raise ValueError(f"{where} ({name}): no data: give the stage's data or the run's --data")
+    return {"name": name, "steps": steps, "data": data, "batch_tokens": batch_tokens, "lr": lr}
+
+
+def normalise_data(data: Any) -> Any:
+    """``--data`` as given (a directory, a list of ``DIR`` or ``DIR:WEIGHT`` strings, or ``{path, weight}``
+    tables) in its stored form: the directory string for one source without a weight, else a list of
+    ``{"path", "weight"}``. Raises ``ValueError`` naming the entry that is malformed or has a weight that is
+    not a positive number."""
+    if data is None or isinstance(data, str):
+        return data
+    if not isinstance(data, (list, tuple)) or not data:
+        raise ValueError(f"data must be a directory or a non-empty list of sources, got {data!r}")
+    sources = []
+    for i, entry in enumerate(data):
+        if isinstance(entry, str):
+            path, _, weight = entry.rpartition(":") if _has_weight(entry) else (entry, "", "")
+            value: Any = float(weight) if weight else None
+        elif isinstance(entry, dict) and set(entry) <= {"path", "weight"} and isinstance(entry.get("path"), str):
+            path, value = entry["path"], entry.get("weight")
+        else:
+            raise ValueError(f"data[{i}]: expected DIR, DIR:WEIGHT or a table with path and weight, got {entry!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"data[{i}] ({path}): the weight must be a positive number, got {value!r}")
+        sources.append({"path": path, "weight": 1.0 if value is None else float(value)})
+    if len(sources) == 1 and not (isinstance(data[0], dict) and "weight" in data[0]) and not _has_weight(str(data[0])):
+        return sources[0]["path"]
+    paths = [s["path"] for s in sources]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ValueError(f"data: {twice[0]} is listed twice; give each source once with its weight")
+    return sources
+
+
+def _has_weight(entry: str) -> bool:
+    head, sep, tail = entry.rpartition(":")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep and head)
+
+
+def data_sources(data: Any) -> list[tuple[str, float]]:
+    """(directory, weight) per source of a normalised ``data`` (:func:`normalise_data`)."""
+    data = normalise_data(data)
+    if data is None:
+        return []
+    if isinstance(data, str):
+        return [(data, 1.0)]
+    return [(s["path"], s["weight"]) for s in data]
 
 
 def _validate_model_section(preset: str, overrides: dict[str, Any]) -> None:

@@ -127,7 +127,9 @@ def resume_changes(saved: Mapping[str, Any], now: Mapping[str, Any], where: str)
     ``where``), as ``name: old -> new`` lines. Raises ``ValueError`` naming every changed setting a
     resumed run cannot apply (only :data:`RESUMABLE` ones may change)."""
     changed = {k: (saved[k], v) for k, v in now.items() if k in saved and k not in IGNORED and saved[k] != v}
-    refused = sorted(k for k in changed if k not in RESUMABLE)
+    # Stages may be appended (continual pretraining carries the optimizer on), never rewritten.
+    appended = "stage" in changed and changed["stage"][1][: len(changed["stage"][0])] == changed["stage"][0]
+    refused = sorted(k for k in changed if k not in RESUMABLE and not (k == "stage" and appended))
     if refused:
         details = [f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused]
         raise ValueError(

@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +35,7 @@ from torch import nn
 from smallm.checkpoint import CheckpointError, TrainingState, latest_checkpoint
 from smallm.checkpointer import Checkpointer
 from smallm.config import RunConfig, validate
+from smallm.data import DataExhausted
 from smallm.distributed import Runtime, all_finite, autocast_dtype, shard_model, wrap_model
 from smallm.errors import SmallmError
 from smallm.files import write_json_atomic
@@ -80,14 +81,21 @@ class Trainer:
         if self.sharded:
             shard_model(model.module)  # before the optimizer: sharding replaces the parameters
         self.loader = task.train_batches()
-        self.micro_batches = cfg.micro_batches(self.seq_len, runtime.world_size)
+        # A staged task may change the step's micro-batches (its batch size) and where the decay starts.
+        self.micro_batches_at = getattr(task, "micro_batches_at", lambda step: None)
+        self.stage_ends_at = getattr(task, "stage_ends_at", lambda step: False)
+        staged = self.micro_batches_at(0) is not None
+        self.micro_batches = self.micro_batches_at(0) or cfg.micro_batches(self.seq_len, runtime.world_size)
         rows = cfg.batch_size * self.micro_batches * runtime.world_size
         self.max_steps = task.max_steps(rows)
         self.optimizer = build_optimizer(
             model.module, cfg, runtime.device, quantized=model.quantized, total_steps=self.max_steps
         )
-        self.scheduler = build_schedule(self.optimizer, cfg, self.max_steps)
-        runtime.log(f"{self.max_steps} steps of {rows * self.seq_len:,} tokens; {describe(self.optimizer)}")
+        decay = getattr(task, "decay_fraction", lambda: None)()
+        schedule_cfg = cfg if decay is None else replace(cfg, decay_fraction=decay)
+        self.scheduler = build_schedule(self.optimizer, schedule_cfg, self.max_steps)
+        size = "stages of their own batch sizes" if staged else f"{rows * self.seq_len:,} tokens"
+        runtime.log(f"{self.max_steps} steps of {size}; {describe(self.optimizer)}")
         fp16 = self.amp_dtype == torch.float16 and runtime.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
 
@@ -121,7 +129,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the step's micro-batches; returns the objective's metrics."""
-        batches = [next(self.loader) for _ in range(self.micro_batches)]
+        micro_batches = self.micro_batches_at(self.state.step) or self.micro_batches
+        batches = [next(self.loader) for _ in range(micro_batches)]
         counts = torch.stack([self.objective.count(b) for b in batches]).to(torch.float64).sum()
         inputs = torch.tensor(float(sum(b[0].numel() for b in batches)), dtype=torch.float64, device=counts.device)
         count, tokens = self.runtime.all_reduce(torch.stack([counts, inputs]))
@@ -265,14 +274,22 @@ class Trainer:
         start_step, self.since_log = self.state.step, (0.0, self.state.tokens_seen)
         while self.state.step < self.max_steps:
             started = time.perf_counter()
-            stats = self.train_step() if self.state.step > start_step else self.first_step()
+            try:
+                stats = self.train_step() if self.state.step > start_step else self.first_step()
+            except DataExhausted as e:  # --no-repeat: the run ends cleanly at the last whole step
+                self.runtime.log(f"{e}: stopping after step {self.state.step}")
+                self.max_steps = self.state.step
+                if self.state.step > start_step:
+                    last.update(self.evaluate())
+                    self.save()
+                break
             self.since_log = (self.since_log[0] + time.perf_counter() - started, self.since_log[1])
             self.state.step += 1
             if not math.isfinite(stats["loss"]):
                 self.diverged(f"the loss became {stats['loss']}")
             if self.due(self.cfg.log_every):
                 last = self.log_step(logger, stats)
-            metrics = self.evaluate() if self.due(self.cfg.eval_every) else {}
+            metrics = self.evaluate() if self.due(self.cfg.eval_every) or self.stage_ends_at(self.state.step) else {}
             is_best = self.record_validation(logger, metrics)
             last.update(metrics)
             if self.due(self.cfg.checkpoint_every) or is_best:

@@ -6,9 +6,12 @@
     smallm-train --data DIR --out RUN --resume    # continue from RUN's latest checkpoint
     smallm-train --data DIR --preset 350m --dry-run
     torchrun --nproc_per_node 8 -m smallm.cli.train --data DIR --out RUN --preset 350m
+    smallm-train --data ko/:0.6 --data en/:0.3 --data code/:0.1 --out RUN   # a mixture (all one tokenizer)
+    smallm-train --config examples/tinyllama_stages.toml                     # [[stage]]s: TinyLlama v1.1's recipe
 
 With no ``--data``, the Python standard library sources of this interpreter (about 12 MB of code, on
 every machine) are tokenized and packed once into a user cache directory and used as the corpus.
+Mixtures, stages and what they log: :mod:`smallm.tasks.lm`.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ def dry_run(cfg: TrainConfig) -> int:
     from smallm.tokenizer import Tokenizer
     from smallm.trainable import model_config_for
 
-    tokenizer = Tokenizer.load(cfg.data or ".")
+    tokenizer = Tokenizer.load(cfg.sources()[0][0] if cfg.sources() else ".")
     mc = model_config_for(cfg, tokenizer)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
     device = device if cfg.device == "auto" else torch.device(cfg.device)
