@@ -319,3 +319,26 @@ def test_mistral_imports_and_exports_within_its_window_with_transformers_logits(
     assert type(again).__name__ == "MistralForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_an_imported_model_exports_back_with_its_own_tokenizer_and_roles(llama3_folder: Path, tmp_path: Path) -> None:
+    """The export of an imported Llama 3-style run: its tokenizer.json as it was (transformers adds its BOS),
+    its template, its stop ids in generation_config.json."""
+    from smallm.hf import export_hf
+    from smallm.hf_import import import_hf
+
+    folder = tmp_path / "hf"
+    doc = json.loads((llama3_folder / "tokenizer.json").read_text())
+    random_model(folder, -(-(len(doc["model"]["vocab"]) + len(doc["added_tokens"])) // 64) * 64)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (folder / name).write_bytes((llama3_folder / name).read_bytes())
+    exported = export_hf(import_hf(folder, tmp_path / "run"), tmp_path / "export")
+    original, again = hf_tokenizer(llama3_folder), hf_tokenizer(exported)
+    for text in ("ROMEO:", "안녕하세요 🙂", "def f(x):\n    return x"):
+        assert again(text)["input_ids"] == original(text)["input_ids"]
+    assert list(chat_ids(again, CONVERSATION, add_generation_prompt=True)["input_ids"]) == list(
+        chat_ids(original, CONVERSATION, add_generation_prompt=True)["input_ids"]
+    )
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert set(generation["eos_token_id"]) == {ids_of(doc, "<|eot_id|>"), ids_of(doc, "<|end_of_text|>")}
+    assert generation["bos_token_id"] == ids_of(doc, "<|begin_of_text|>")
