@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
-from sample_text import mixed_documents
+from sample_text import CODE, ENGLISH, KOREAN, mixed_documents
 from smallm import Tokenizer
 from smallm.corpus import Corpus
 from smallm.shards import PackOptions, pack_corpus
@@ -108,3 +108,16 @@ def save_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return write_run(directory, model, tokenizer, config, force=True)  # type: ignore[arg-type]
 
     return save
+
+
+@pytest.fixture(scope="module")
+def shared_tokenizer(corpus_docs: list[str]) -> Tokenizer:
+    return Tokenizer.train_from_iterator(corpus_docs, 500)
+
+
+@pytest.fixture(scope="module")
+def sources(make_shards: MakeShards, shared_tokenizer: Tokenizer) -> dict[str, Path]:
+    """Three sources (a mixture's tests) packed with one tokenizer: English, Korean, code (each line a document)."""
+    texts = {"en": ENGLISH * 40, "ko": KOREAN * 40, "code": [c.replace("\n", " ") for c in CODE] * 40}
+    numbered = {name: [f"{line} {i}" for i, line in enumerate(lines)] for name, lines in texts.items()}  # all distinct
+    return {name: make_shards(lines, tokenizer=shared_tokenizer, val_fraction=0.2) for name, lines in numbered.items()}

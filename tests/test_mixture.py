@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sample_text import CODE, ENGLISH, KOREAN
-from smallm import Tokenizer
+from sample_text import ENGLISH
 from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.config import TrainConfig, build_config, normalise_data
 from smallm.data import DataExhausted, ShardSet, TokenLoader
@@ -20,19 +19,6 @@ from smallm.trainer import Trainer
 from test_trainer import config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def shared_tokenizer(corpus_docs: list[str]) -> Tokenizer:
-    return Tokenizer.train_from_iterator(corpus_docs, 500)
-
-
-@pytest.fixture(scope="module")
-def sources(make_shards, shared_tokenizer: Tokenizer) -> dict[str, Path]:
-    """Three sources packed with one tokenizer: English, Korean, code (each line a document)."""
-    texts = {"en": ENGLISH * 40, "ko": KOREAN * 40, "code": [c.replace("\n", " ") for c in CODE] * 40}
-    numbered = {name: [f"{line} {i}" for i, line in enumerate(lines)] for name, lines in texts.items()}  # all distinct
-    return {name: make_shards(lines, tokenizer=shared_tokenizer, val_fraction=0.2) for name, lines in numbered.items()}
 
 
 def open_all(sources: dict[str, Path], names: list[str]) -> list[ShardSet]:
@@ -80,7 +66,7 @@ def test_a_source_that_runs_out_repeats_unless_told_not_to(sources: dict[str, Pa
         next(repeating)
     assert repeating.epochs()["code"] >= 1  # passed over its data and started again
     once = TokenLoader(sets, 8, 16, mode="documents", seed=0, weights=[1, 1], names=["en", "code"], repeat=False)
-    with pytest.raises(DataExhausted, match="the source (en|code) has given all its data"):
+    with pytest.raises(DataExhausted, match=r"the source (en|code) has given all its data"):
         for _ in range(200):
             next(once)
 

@@ -14,7 +14,6 @@ from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.config import TrainConfig, build_config
 from smallm.jobs import build_trainer
 from smallm.trainer import Trainer
-from test_mixture import shared_tokenizer, sources  # noqa: F401 (fixtures)
 from test_trainer import config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
