@@ -164,7 +164,7 @@ def test_eval_reports_each_source_and_all_of_them(sources: dict[str, Path], tmp_
     from smallm.cli.eval import main as evaluate
 
     build_trainer(mixture_config(sources, tmp_path, max_steps=2)).fit()
-    dirs = [str(sources[n]) for n in ("en", "ko", "code")]
+    dirs = [str(sources["en"]), f"{sources['ko']}:0.3", str(sources["code"])]  # a weight is allowed, and unused
     assert evaluate([str(tmp_path), "--data", *dirs, "--json", "--no-progress", "--device", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out.splitlines()[-1])["sources"]
     assert len(rows) == 4 and rows["all"]["tokens"] == sum(r["tokens"] for n, r in rows.items() if n != "all")

@@ -274,7 +274,7 @@ def normalise_data(data: Any) -> Any:
     sources = []
     for i, entry in enumerate(data):
         if isinstance(entry, str):
-            path, _, weight = entry.rpartition(":") if _has_weight(entry) else (entry, "", "")
+            path, _, weight = entry.rpartition(":") if has_weight(entry) else (entry, "", "")
             value: Any = float(weight) if weight else None
         elif isinstance(entry, dict) and set(entry) <= {"path", "weight"} and isinstance(entry.get("path"), str):
             path, value = entry["path"], entry.get("weight")
@@ -283,7 +283,7 @@ def normalise_data(data: Any) -> Any:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
             raise ValueError(f"data[{i}] ({path}): the weight must be a positive number, got {value!r}")
         sources.append({"path": path, "weight": 1.0 if value is None else float(value)})
-    if len(sources) == 1 and not (isinstance(data[0], dict) and "weight" in data[0]) and not _has_weight(str(data[0])):
+    if len(sources) == 1 and not (isinstance(data[0], dict) and "weight" in data[0]) and not has_weight(str(data[0])):
         return sources[0]["path"]
     paths = [s["path"] for s in sources]
     twice = sorted({p for p in paths if paths.count(p) > 1})
@@ -292,7 +292,8 @@ def normalise_data(data: Any) -> Any:
     return sources
 
 
-def _has_weight(entry: str) -> bool:
+def has_weight(entry: str) -> bool:
+    """Whether ``entry`` is ``DIR:WEIGHT`` (the part after the last colon a number)."""
     head, sep, tail = entry.rpartition(":")
     try:
         float(tail)

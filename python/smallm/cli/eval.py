@@ -85,9 +85,14 @@ def evaluate(args: argparse.Namespace) -> int:
     if not 0 < seq_len <= context:
         raise ValueError(f"--seq-len must be in 1..{context}, the model's context")
     device = model.lm_head.weight.device
-    shard_dirs = [Path(d) for d in args.data if (Path(d) / "manifest.json").is_file()]
+    from smallm.config import has_weight
+
+    # A mixture's sources as smallm-train takes them (DIR:WEIGHT) are its directories here.
+    plain = [d.rpartition(":")[0] if has_weight(d) and not Path(d).exists() else d for d in args.data]
+    shard_dirs = [Path(d) for d in plain if (Path(d) / "manifest.json").is_file()]
     if len(args.data) > 1 and len(shard_dirs) == len(args.data):
         return evaluate_sources(args, model, tokenizer, seq_len, shard_dirs)
+    args.data = plain
     batches, described = batches_for(args, tokenizer, seq_len, device)
     total = len(batches) if args.max_batches is None else min(len(batches), args.max_batches)
     byte_lengths = byte_length_table(tokenizer, model.config.vocab_size, device)
