@@ -207,6 +207,13 @@ class DPOConfig(FinetuneConfig):
     beta: float = doc(0.1, "strength of the pull towards the reference model (the starting weights)")
 
 
+@dataclass
+class RewardConfig(FinetuneConfig):
+    """A reward model (``smallm-rm``) trained on preference pairs from a checkpoint, in full or with LoRA."""
+
+    method: ClassVar[str] = "rm"
+
+
 def validate(cfg: RunConfig) -> None:
     """Raises ``ValueError`` naming the first setting of ``cfg`` that is out of range or that contradicts
     another. Every kind of run's configuration goes through here."""

@@ -49,6 +49,7 @@ __all__ = [
     "pack_examples",
     "read_conversations",
     "read_pairs",
+    "read_replies",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -122,6 +123,33 @@ def read_conversations(path: PathLike) -> list[Messages]:
         conversations.append(messages)
     if not conversations:
         raise DataError(f"{path}: holds no conversation")
+    return conversations
+
+
+def read_replies(path: PathLike) -> list[Messages]:
+    """The conversations to score of a file: ``{"messages": [...]}`` per line, or ``{"prompt": ..., "reply":
+    ...}`` (a string prompt is one user turn, a string reply one assistant turn). Each must end with an
+    assistant turn. Raises :class:`DataError` naming the line."""
+    conversations = []
+    for number, record in _json_lines(path):
+        where = f"{path}:{number}"
+        if isinstance(record, Mapping) and "messages" in record:
+            messages = _messages(record["messages"], where, "messages")
+        elif isinstance(record, Mapping) and "prompt" in record and "reply" in record:
+            parts = []
+            for field, role in (("prompt", "user"), ("reply", "assistant")):
+                value = record[field]
+                parts += (
+                    [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, where, field)
+                )
+            messages = parts
+        else:
+            raise DataError(f"{where}: expected an object with 'messages', or with 'prompt' and 'reply'")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the conversation must end with the assistant turn to score")
+        conversations.append(messages)
+    if not conversations:
+        raise DataError(f"{path}: holds no conversation to score")
     return conversations
 
 

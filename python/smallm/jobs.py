@@ -12,19 +12,22 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from smallm.config import DPOConfig, FinetuneConfig, RunConfig, TrainConfig, validate
+from smallm.config import DPOConfig, FinetuneConfig, RewardConfig, RunConfig, TrainConfig, validate
 from smallm.distributed import autocast_dtype, setup_runtime
 from smallm.optim import build_optimizer
 from smallm.tasks import Task
 from smallm.tasks.dpo import DPO
 from smallm.tasks.lm import Pretraining
+from smallm.tasks.reward import RewardModeling
 from smallm.tasks.sft import SFT
 from smallm.trainable import build_trainable
 from smallm.trainer import Trainer, seed_everything
 
 __all__ = ["TASKS", "build_trainer", "run"]
 
-TASKS: dict[type[RunConfig], Callable[[Any], Task]] = {TrainConfig: Pretraining, FinetuneConfig: SFT, DPOConfig: DPO}
+TASKS: dict[type[RunConfig], Callable[[Any], Task]] = {
+    TrainConfig: Pretraining, FinetuneConfig: SFT, DPOConfig: DPO, RewardConfig: RewardModeling,
+}  # fmt: skip
 """The task of each kind of run, by its configuration class."""
 
 

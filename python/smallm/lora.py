@@ -296,7 +296,7 @@ def merge_adapter(
 
 def _replace_base_weights(base: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Copies weights trained beside the adapter (``--lora-train-embeddings``) into the base."""
-    embedding = tensors.get("model.embed_tokens.weight")
+    embedding = tensors.get("model.embed_tokens.weight")  # grown for added tokens, or the same
     if embedding is not None and embedding.shape[0] > base.config.vocab_size:
         base.grow_vocab(embedding.shape[0])  # tokens were added to the base's vocabulary (ChatML's)
     own = dict(base.named_parameters(remove_duplicate=False))

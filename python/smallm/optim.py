@@ -228,7 +228,7 @@ def _muon_with_adamw(
             matrices.append(p)
         elif name.endswith("embed_tokens.weight"):
             (head if getattr(model.config, "tie_embeddings", False) else embedding).append(p)
-        elif name.endswith("lm_head.weight"):
+        elif name.endswith(("lm_head.weight", "score.weight")):  # a reward model's head is an output layer too
             head.append(p)
         else:
             norms.append(p)

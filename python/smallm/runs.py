@@ -124,7 +124,7 @@ def _plain_model(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
         model_config = ModelConfig(**config["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{checkpoint / CONFIG_FILE}: the model section is not valid here: {e}") from e
-    model = SmallLM(model_config)
+    model = _model_class(config)(model_config)
     result = model.load_state_dict(load_weights(checkpoint), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
@@ -132,6 +132,15 @@ def _plain_model(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
             f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
     return model
+
+
+def _model_class(config: dict[str, Any]) -> type[SmallLM]:
+    """The class a run's weights belong to: a reward model's (``finetune.method`` rm) or the language model."""
+    if (config.get("finetune") or {}).get("method") == "rm":
+        from smallm.reward import RewardModel
+
+        return RewardModel
+    return SmallLM
 
 
 def _lora_merged(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
@@ -146,6 +155,8 @@ def _lora_merged(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
     base_checkpoint = resolve_checkpoint(base_path)
     check_base(lora, base_checkpoint, checkpoint)
     base, _, _ = load_model(base_checkpoint)
+    if _model_class(config) is not SmallLM and not isinstance(base, _model_class(config)):
+        base = _model_class(config).from_lm(base)  # type: ignore[attr-defined]  # the head comes from the adapter
     try:
         return merge_adapter(base, LoraSettings.from_run_config(lora), load_weights(checkpoint), str(checkpoint))
     except AdapterError as e:

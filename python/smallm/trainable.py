@@ -39,6 +39,7 @@ from smallm.lora import (
     save_adapter,
 )
 from smallm.model import ModelConfig, SmallLM
+from smallm.reward import RewardModel
 from smallm.runs import load_model, read_config, resolve_checkpoint
 from smallm.tokenizer import Tokenizer
 
@@ -95,12 +96,13 @@ class AdapterModel:
         runtime.log(f"LoRA r={settings.r} on {','.join(settings.targets)}: {trainable / 1e6:.2f}M trainable")
 
     def embedding_weights(self) -> dict[str, nn.Parameter]:
-        """With ``--lora-train-embeddings``: the embedding table and (untied) lm_head, by their checkpoint
-        names; otherwise nothing."""
-        if not self.train_embeddings:
-            return {}
+        """The weights trained in full beside the adapters, by their checkpoint names: a reward model's
+        head, and with ``--lora-train-embeddings`` the embedding table and (untied) lm_head."""
         base = self.peft.get_base_model()
-        weights = {"model.embed_tokens.weight": base.model.embed_tokens.weight}
+        head = {"score.weight": base.score.weight} if isinstance(base, RewardModel) else {}
+        if not self.train_embeddings:
+            return head
+        weights = {**head, "model.embed_tokens.weight": base.model.embed_tokens.weight}
         if not self.config.tie_embeddings:
             weights["lm_head.weight"] = base.lm_head.weight
         return weights
@@ -136,9 +138,11 @@ class AdapterModel:
         }  # fmt: skip
 
     def finish(self, out: Path, runtime: Runtime) -> None:
-        """Writes ``out/adapter/`` in peft's layout (not with trained embeddings: it would be incomplete)."""
-        if self.train_embeddings:
-            runtime.log(f"the embeddings were trained too: make the full model with smallm-merge {out} --out DIR")
+        """Writes ``out/adapter/`` in peft's layout (not with weights trained in full beside it: it would be
+        incomplete)."""
+        if self.embedding_weights():
+            trained = ", ".join(self.embedding_weights())
+            runtime.log(f"{trained} trained in full too: make the full model with smallm-merge {out} --out DIR")
             return
         folder = save_adapter(self.peft, out / "adapter", base=str(self.base))
         runtime.log(f"adapter (peft format) in {folder}")
@@ -183,6 +187,9 @@ def build_trainable(cfg: RunConfig, tokenizer: Tokenizer, runtime: Runtime, amp_
         module = load_model(base)[0].train()  # a LoRA run's adapter is merged into its base
         runtime.log(f"fine-tuning {base} ({module.num_parameters() / 1e6:.1f}M parameters)")
         cfg = _fit_vocabulary(module, tokenizer, cfg, runtime)
+        if cfg.method == "rm" and not isinstance(module, RewardModel):
+            module = RewardModel.from_lm(module)  # a scalar head on the base's last hidden state
+            runtime.log("reward model: a score head on the last token's hidden state")
         settings = cfg.lora()
         if settings is None:
             model: Trainable = FullModel(module.to(runtime.device))

@@ -23,10 +23,12 @@ from typing import Any
 
 from smallm.cli.common import run_command
 from smallm.cli.train import INTERRUPTED, report
-from smallm.config import DPOConfig, FinetuneConfig, build_config
+from smallm.config import DPOConfig, FinetuneConfig, RewardConfig, build_config
 from smallm.options import add_dataclass_arguments, read_config_file
 
-CONFIGS = {"sft": FinetuneConfig, "dpo": DPOConfig}
+CONFIGS = {"sft": FinetuneConfig, "dpo": DPOConfig, "rm": RewardConfig}
+DESCRIPTIONS = {"sft": "Supervised fine-tuning of", "dpo": "Direct preference optimization of",
+                "rm": "A reward model (Bradley-Terry) trained from"}  # fmt: skip
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
@@ -34,11 +36,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
         'conversations ({"messages": [...]} per line)'
         if method == "sft"
         else ('preference pairs ({"prompt", "chosen", "rejected"} per line)')
-    )
+    )  # a reward model learns from pairs like DPO
     p = argparse.ArgumentParser(
         prog=f"smallm-{method}",
-        description=f"{'Supervised fine-tuning' if method == 'sft' else 'Direct preference optimization'} of a "
-        f"smallm checkpoint on {what}, in full or with LoRA/QLoRA adapters.",
+        description=f"{DESCRIPTIONS[method]} a smallm checkpoint on {what}, in full or with LoRA/QLoRA adapters.",
     )
     p.add_argument(
         "checkpoint",
@@ -83,6 +84,10 @@ def sft_main(argv: Sequence[str] | None = None) -> int:
 
 def dpo_main(argv: Sequence[str] | None = None) -> int:
     return run("dpo", argv)
+
+
+def rm_main(argv: Sequence[str] | None = None) -> int:
+    return run("rm", argv)
 
 
 if __name__ == "__main__":

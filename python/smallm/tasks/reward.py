@@ -1,0 +1,142 @@
+"""A reward model (``smallm-rm``): a scalar score of a conversation, trained on preference pairs.
+
+The pairs are DPO's (``prompt``, ``chosen``, ``rejected``; strings or message lists), each side encoded as
+a whole conversation (:func:`smallm.conversations.encode_conversation`). The score head of
+:class:`smallm.reward.RewardModel` reads the hidden state at the last token of prompt + reply; the loss is
+Bradley-Terry's, ``-log sigmoid(r_chosen - r_rejected)``, summed and normalised by the pairs of the whole
+step (all micro-batches and ranks). Logged, in training and validation: the loss, the preference accuracy
+(how often the chosen reply scores higher) and the mean margin.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smallm.config import RewardConfig
+from smallm.conversations import EncodedPair, PairBatches, encode_pairs, read_pairs
+from smallm.reward import reward_tensors
+from smallm.tasks import Batch, RunContext
+from smallm.tasks.chat import ChatData
+
+__all__ = ["BradleyTerryLoss", "RewardModeling"]
+
+
+def pair_rows(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(ids, last)`` of 2B rows: the B chosen conversations, then the B rejected ones."""
+    sequences: list[np.ndarray] = [p.chosen.ids for p in pairs] + [p.rejected.ids for p in pairs]
+    return reward_tensors(sequences, pad_id, device)
+
+
+class RewardBatches(PairBatches):
+    """Endless batches of pairs as whole conversations, reshuffled every epoch."""
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return pair_rows([self.pairs[i] for i in self._indices()], self.pad_id, self.device)
+
+
+class BradleyTerryLoss:
+    """The :class:`~smallm.tasks.Objective`: batches are ``(ids, last)`` of 2B rows; the stats are the sums of
+    [loss, margin, pairs the chosen reply wins, pairs]."""
+
+    def count(self, batch: Batch) -> Tensor:
+        return torch.tensor(batch[0].shape[0] // 2, device=batch[0].device)
+
+    def pair_stats(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        ids, last = batch[0], batch[1]
+        rewards = net(ids, reward_index=last)
+        B = ids.shape[0] // 2
+        margin = rewards[:B] - rewards[B:]
+        loss = -F.logsigmoid(margin).sum()
+        m = margin.detach()
+        stats = torch.stack([loss.detach(), m.sum(), (m > 0).sum().float(), torch.tensor(float(B), device=m.device)])
+        return loss, stats.double()
+
+    def loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.pair_stats(net, batch)
+
+    def train_metrics(self, stats: Tensor, count: Tensor) -> dict[str, float]:
+        loss, margin, correct, pairs = stats.tolist()
+        n = max(pairs, 1.0)
+        return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> Tensor:
+        sums = torch.zeros(4, dtype=torch.float64, device=next(model.parameters()).device)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                if batch[0].shape[0] >= 2:  # a sharded run's padding batch has one row and no pair
+                    sums += self.pair_stats(model, batch)[1].to(sums.device)
+        finally:
+            model.train(was_training)
+        return sums
+
+    def validation_metrics(self, sums: Tensor) -> dict[str, float]:
+        if sums[3] == 0:
+            return {}
+        return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[3]).items()}
+
+
+class RewardModeling:
+    """The :class:`~smallm.tasks.Task` of ``smallm-rm``."""
+
+    def __init__(self, cfg: RewardConfig) -> None:
+        self.cfg = cfg
+        self.data = ChatData(cfg, read_pairs)
+        self.tokenizer = self.data.tokenizer
+
+    def attach(self, context: RunContext) -> BradleyTerryLoss:
+        self.context = context
+        # A whole conversation is scored, its last id included: it must fit the context itself.
+        self.pairs = self._encode(self.data.train, "training")
+        if not self.pairs:
+            raise ValueError(f"{self.cfg.data}: no pair fits in {context.seq_len} tokens; raise --seq-len")
+        self.val_pairs = self._encode(self.data.val, "validation")
+        context.runtime.log(f"{len(self.pairs)} preference pairs")
+        return BradleyTerryLoss()
+
+    def _encode(self, pairs: list[Any], what: str) -> list[EncodedPair]:
+        encoded, dropped = encode_pairs(self.tokenizer, pairs, self.context.seq_len - 1)
+        if dropped:
+            warnings.warn(
+                f"{dropped} of {len(pairs)} {what} pairs are longer than the context of {self.context.seq_len} "
+                "tokens and were left out",
+                stacklevel=3,
+            )
+        return encoded
+
+    def train_batches(self) -> RewardBatches:
+        c = self.context
+        return RewardBatches(
+            self.pairs, c.batch_size, self.data.pad_id(), seed=c.seed, rank=c.runtime.rank,
+            world_size=c.runtime.world_size, device=c.runtime.device,
+        )  # fmt: skip
+
+    def max_steps(self, rows_per_step: int) -> int:
+        return self.data.max_steps(len(self.pairs), rows_per_step, self.context.runtime)
+
+    def validation_batches(self) -> list[Batch] | None:
+        if not self.val_pairs:
+            return None
+        runtime, B = self.context.runtime, self.context.batch_size
+        mine = self.val_pairs[runtime.rank :: runtime.world_size]
+        return [pair_rows(mine[s : s + B], self.data.pad_id(), runtime.device) for s in range(0, len(mine), B)]
+
+    def sample(self, model: nn.Module) -> str:
+        """The scores of the first training pair's two replies."""
+        pair = self.pairs[0]
+        ids, last = pair_rows([pair], self.data.pad_id(), self.context.runtime.device)
+        with torch.no_grad():
+            chosen, rejected = model(ids, reward_index=last).tolist()
+        return f"first pair: chosen {chosen:.3f}, rejected {rejected:.3f}"
+
+    def run_config(self) -> dict[str, Any]:
+        return self.data.run_config()

@@ -1,0 +1,133 @@
+"""smallm-rm and smallm-score: a reward model trained with the Bradley-Terry loss on preference pairs, in full
+or with LoRA; its scores read at the last token; the export as transformers' LlamaForSequenceClassification
+gives the same scores."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from smallm import Tokenizer
+from smallm.config import RewardConfig
+from smallm.conversations import encode_conversation
+from smallm.jobs import build_trainer
+from smallm.reward import RewardModel, export_reward_hf, reward_tensors, score_conversations
+from smallm.runs import load_model
+from test_lora_dpo import make_base
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:.*is an Enum subclass:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def base(tok: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_base(tmp_path_factory.mktemp("base"), tok, n_layer=1)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sums: the chosen reply is right, the rejected one off by a few."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(60):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            wrong = a + b + rng.choice([-2, -1, 1, 2])
+            f.write(json.dumps({"prompt": f"{a}+{b}=?", "chosen": f"{a + b}", "rejected": f"{wrong} or so"}) + "\n")
+    return path
+
+
+def rm_config(base: Path, data: Path, out: Path, **overrides: Any) -> RewardConfig:
+    values: dict[str, Any] = dict(
+        init_from=str(base), data=str(data), out=str(out), max_steps=30, batch_size=8, lr=3e-3, warmup_steps=2,
+        log_every=5, eval_every=15, checkpoint_every=15, device="cpu", val_fraction=0.2,
+    )  # fmt: skip
+    values.update(overrides)
+    return RewardConfig(**values)
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_head_reads_the_last_token_and_padding_changes_nothing(tok: Tokenizer) -> None:
+    from smallm.model import ModelConfig
+
+    torch.manual_seed(0)
+    model = RewardModel(ModelConfig(vocab_size=1216, n_layer=1, n_embd=64, n_head=4, max_seq_len=64)).eval()
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ids = encode_conversation(tok, conversation).ids
+    alone, _ = reward_tensors([ids], tok.eot_token, torch.device("cpu"))
+    padded, last = reward_tensors([ids, ids[:5]], tok.eot_token, torch.device("cpu"))
+    with torch.no_grad():
+        hidden = model.model(alone, None, 0, None)[0, -1]
+        expected = model.score(hidden).item()
+        assert model(padded, reward_index=last)[0].item() == pytest.approx(expected, abs=1e-6)
+    assert score_conversations(model, tok, [conversation])[0] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_reward_model_learns_to_prefer_the_chosen_replies(
+    base: Path, pairs: Path, tmp_path: Path, lora: bool
+) -> None:
+    options = {"lora_r": 8} if lora else {}
+    result = build_trainer(rm_config(base, pairs, tmp_path, **options)).fit()
+    lines = [m for m in metrics(tmp_path) if "accuracy" in m]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert result["val_accuracy"] >= 0.75 and result["val_margin"] > 0
+    model, tok, config = load_model(tmp_path)
+    assert isinstance(model, RewardModel) and config["finetune"]["method"] == "rm"
+    right = [{"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "7"}]
+    wrong = [{"role": "user", "content": "3+4=?"}, {"role": "assistant", "content": "9 or so"}]
+    good, bad = score_conversations(model, tok, [right, wrong])
+    assert good > bad
+
+
+def test_the_export_is_a_sequence_classifier_with_the_same_scores(
+    base: Path, pairs: Path, tmp_path: Path, tok: Tokenizer
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    build_trainer(rm_config(base, pairs, tmp_path / "rm", max_steps=4)).fit()
+    model, tok, _ = load_model(tmp_path / "rm")
+    folder = export_reward_hf(tmp_path / "rm", tmp_path / "hf")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert type(theirs).__name__ == "LlamaForSequenceClassification" and theirs.config.pad_token_id == tok.eot_token
+    conversations = [[{"role": "user", "content": f"{a}+1=?"}, {"role": "assistant", "content": "x" * a}]
+                     for a in (1, 5, 9)]  # fmt: skip
+    ours = score_conversations(model, tok, conversations)
+    ids, _ = reward_tensors(
+        [encode_conversation(tok, c).ids for c in conversations], tok.eot_token, torch.device("cpu")
+    )
+    with torch.no_grad():
+        logits = theirs(input_ids=ids).logits[:, 0]
+    torch.testing.assert_close(logits, torch.tensor(ours), atol=1e-4, rtol=0)
+
+
+def test_smallm_score_writes_each_line_with_its_score(
+    base: Path, pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from smallm.cli.score import main as score
+
+    build_trainer(rm_config(base, pairs, tmp_path / "rm", max_steps=2)).fit()
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text(
+        json.dumps({"prompt": "1+1=?", "reply": "2"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "4"}]})
+        + "\n", encoding="utf-8",
+    )  # fmt: skip
+    assert score([str(tmp_path / "rm"), "--data", str(replies), "--device", "cpu"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(r) for r in out] == [{"prompt", "reply", "score"}, {"messages", "score"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    assert score([str(tmp_path / "rm"), "--data", str(bad), "--device", "cpu"]) == 1
+    assert "bad.jsonl:1: the conversation must end with the assistant turn to score" in capsys.readouterr().err
+    assert score([str(base), "--data", str(replies), "--device", "cpu"]) == 1
+    assert "is a language model, not a reward model" in capsys.readouterr().err
