@@ -131,3 +131,67 @@ def test_smallm_score_writes_each_line_with_its_score(
     assert "bad.jsonl:1: the conversation must end with the assistant turn to score" in capsys.readouterr().err
     assert score([str(base), "--data", str(replies), "--device", "cpu"]) == 1
     assert "is a language model, not a reward model" in capsys.readouterr().err
+
+
+# ----- best-of-N ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{a}=?", "answer": str(2 * a)}) + "\n" for a in range(1, 6)))
+    return path
+
+
+def scorer_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A verifier module on the path: 1 for a reply that contains the answer, else minus its length / 100."""
+    (tmp_path / "verifier.py").write_text(
+        "def exact(record, reply):\n    return 1.0 if record['answer'] in reply else -len(reply) / 100\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "verifier:exact"
+
+
+def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
+    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smallm.generate import SamplingConfig
+    from smallm.rejection import load_score_function, run_best_of_n
+
+    policy, tok, _ = load_model(base)
+    verifier = load_score_function(scorer_module(tmp_path, monkeypatch))
+    options = dict(score_function=verifier, sampling=SamplingConfig(temperature=1.0), max_new_tokens=6, seed=3)
+    result = run_best_of_n(policy, tok, prompts, tmp_path / "best.jsonl", 4, pairs_out=tmp_path / "pairs.jsonl",
+                           **options)  # fmt: skip
+    best = [json.loads(line) for line in (tmp_path / "best.jsonl").read_text().splitlines()]
+    assert [b["index"] for b in best] == [0, 1, 2, 3, 4] and result["prompts"] == 5
+    assert all(b["score"] >= b["mean_score"] for b in best)
+    assert result["mean_best"] >= result["mean_score"]
+    assert best[0]["messages"][-1]["role"] == "assistant" and best[0]["messages"][0]["content"] == "1+1=?"
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+
+    # Interrupted after three prompts, the fourth torn mid-line: the rerun does exactly the rest.
+    lines = (tmp_path / "best.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "again.jsonl").write_text("".join(lines[:3]) + lines[3][:10])
+    again = run_best_of_n(policy, tok, prompts, tmp_path / "again.jsonl", 4, **options)
+    assert again["prompts"] == 2
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "best.jsonl").read_text()
+
+
+def test_best_of_n_with_a_reward_model_from_the_command_line(
+    base: Path, pairs: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from smallm.cli.best_of_n import main as best_of_n
+
+    build_trainer(rm_config(base, pairs, tmp_path / "rm", max_steps=2)).fit()
+    args = [str(base), "--reward", str(tmp_path / "rm"), "--prompts", str(prompts), "--n", "3", "--out",
+            str(tmp_path / "best.jsonl"), "--max-new-tokens", "4", "--seed", "1", "--device", "cpu"]  # fmt: skip
+    assert best_of_n(args) == 0
+    assert "5 prompts, best of 3: mean best score" in capsys.readouterr().err
+    model, tok, _ = load_model(tmp_path / "rm")
+    line = json.loads((tmp_path / "best.jsonl").read_text().splitlines()[0])
+    assert score_conversations(model, tok, [line["messages"]])[0] == pytest.approx(line["score"], abs=1e-5)
+    assert best_of_n(args) == 0 and "resuming: 5 of 5 prompts" in capsys.readouterr().err
+    assert best_of_n([str(base), "--reward", str(base), *args[3:], "--force"]) == 1
+    assert "is a language model, not a reward model" in capsys.readouterr().err

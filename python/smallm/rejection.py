@@ -1,0 +1,215 @@
+"""Rejection sampling (best-of-N): several replies per prompt from a policy, each scored, the best kept.
+
+For each prompt, :func:`best_of_n` samples N replies in one batch (the KV cache, ``smallm-generate``'s
+sampling settings, seeded by ``seed`` and the prompt's index, so a prompt's replies do not depend on
+which prompts were done before), scores each with a reward model (:class:`smallm.reward.RewardModel`) or
+a Python function ``score(record, reply) -> float`` (a verifier: an exact answer, a test that must pass),
+and returns the best as an SFT conversation and best-vs-worst as a DPO pair (none when all scores tie).
+:func:`run_best_of_n` writes them as JSON Lines, appending, and skips the prompts a previous run
+already wrote, so a long prompt file can be resumed.
+
+Prompt file: one ``{"prompt": str | messages, ...}`` per line; the other fields are kept and handed to a
+scoring function (``{"prompt": "12+30=", "answer": "42"}``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from smallm.chat import prompt_ids
+from smallm.conversations import DataError, Messages, _json_lines, _messages
+from smallm.files import write_text_atomic
+from smallm.generate import SamplingConfig, generate_batch, stop_ids_of
+
+__all__ = ["Choice", "best_of_n", "load_score_function", "read_prompts", "run_best_of_n"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+ScoreFunction = Callable[[Mapping[str, Any], str], float]
+
+
+@dataclass
+class Choice:
+    """One prompt's outcome: its replies, their scores, and the best and worst of them."""
+
+    index: int
+    messages: Messages
+    replies: list[str]
+    scores: list[float]
+
+    @property
+    def best(self) -> int:
+        return max(range(len(self.scores)), key=lambda i: (self.scores[i], -i))
+
+    @property
+    def worst(self) -> int:
+        return min(range(len(self.scores)), key=lambda i: (self.scores[i], i))
+
+    def conversation(self) -> dict[str, Any]:
+        """The SFT line: the prompt and its best reply, with the scores."""
+        reply = {"role": "assistant", "content": self.replies[self.best]}
+        return {"messages": [*self.messages, reply], "score": self.scores[self.best],
+                "mean_score": sum(self.scores) / len(self.scores), "index": self.index}  # fmt: skip
+
+    def pair(self) -> dict[str, Any] | None:
+        """The DPO line (best against worst), or None when every reply scored the same."""
+        if self.scores[self.best] == self.scores[self.worst]:
+            return None
+        return {"prompt": self.messages, "chosen": self.replies[self.best], "rejected": self.replies[self.worst],
+                "index": self.index}  # fmt: skip
+
+
+def read_prompts(path: PathLike) -> list[tuple[dict[str, Any], Messages]]:
+    """(record, prompt messages) per line of a prompt file; a string prompt is one user turn."""
+    prompts = []
+    for number, record in _json_lines(path):
+        where = f"{path}:{number}"
+        if not isinstance(record, Mapping) or "prompt" not in record:
+            raise DataError(f"{where}: expected an object with a 'prompt' (a string or a message list)")
+        value = record["prompt"]
+        messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where, "prompt")
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{where}: the prompt ends with an assistant turn; it should end where the reply starts")
+        prompts.append((dict(record), messages))
+    if not prompts:
+        raise DataError(f"{path}: holds no prompt")
+    return prompts
+
+
+def load_score_function(spec: str) -> ScoreFunction:
+    """``module:function`` (the module importable, e.g. a file on ``PYTHONPATH``) as a scoring function."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"--reward-fn {spec!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--reward-fn {spec}: cannot import {module_name} ({e})") from e
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"--reward-fn {spec}: {module_name} has no function {name}")
+    return function
+
+
+def best_of_n(
+    policy: Any,
+    tokenizer: Any,
+    prompts: Sequence[tuple[dict[str, Any], Messages]],
+    n: int,
+    *,
+    score: Callable[[dict[str, Any], Messages, list[str]], list[float]],
+    sampling: SamplingConfig,
+    max_new_tokens: int,
+    seed: int,
+    first_index: int = 0,
+) -> list[Choice]:
+    """The :class:`Choice` of each prompt (indices from ``first_index``); ``score(record, messages, replies)``
+    gives the replies' scores."""
+    choices = []
+    stops = stop_ids_of(tokenizer)
+    for offset, (record, messages) in enumerate(prompts):
+        index = first_index + offset
+        ids = prompt_ids(tokenizer, messages)
+        new = generate_batch(policy, [ids] * n, max_new_tokens, sampling=sampling, stop_ids=stops,
+                             seed=seed * 1_000_003 + index, vocab_size=tokenizer.vocab_size)  # fmt: skip
+        replies = [tokenizer.decode(r) for r in new]
+        choices.append(Choice(index, messages, replies, [float(s) for s in score(record, messages, replies)]))
+    return choices
+
+
+def run_best_of_n(
+    policy: Any,
+    tokenizer: Any,
+    prompts_file: PathLike,
+    out: PathLike,
+    n: int,
+    *,
+    reward_model: Any = None,
+    score_function: ScoreFunction | None = None,
+    pairs_out: PathLike | None = None,
+    sampling: SamplingConfig | None = None,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    force: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, float]:
+    """Best-of-``n`` over every prompt of ``prompts_file``: the best replies appended to ``out`` (SFT
+    conversations) and best-vs-worst to ``pairs_out`` (DPO pairs), one prompt at a time, skipping the
+    prompts ``out`` already holds (``force``: start both files over). Returns the mean best score and the
+    mean of all scores over the prompts done now."""
+    from smallm.reward import score_conversations
+
+    if n < 2:
+        raise ValueError(f"--n must be at least 2 (best of one is the sample itself), got {n}")
+    if (reward_model is None) == (score_function is None):
+        raise ValueError("give a reward model (--reward RM) or a scoring function (--reward-fn module:function)")
+    prompts = read_prompts(prompts_file)
+    out, pairs_path = Path(out), Path(pairs_out) if pairs_out is not None else None
+    for path in (out, pairs_path):
+        if force and path is not None:
+            path.unlink(missing_ok=True)
+    done = {int(r["index"]) for r in _complete_lines(out)}
+    if pairs_path is not None and pairs_path.is_file():  # a pair written just before an interruption: redone
+        kept = [r for r in _complete_lines(pairs_path) if int(r["index"]) in done]
+        write_text_atomic(pairs_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    if done:
+        log(f"resuming: {len(done)} of {len(prompts)} prompts are in {out} already")
+
+    def score(record: dict[str, Any], messages: Messages, replies: list[str]) -> list[float]:
+        if score_function is not None:
+            return [score_function(record, reply) for reply in replies]
+        conversations = [[*messages, {"role": "assistant", "content": r}] for r in replies]
+        return score_conversations(reward_model, tokenizer, conversations)
+
+    best, mean, count = 0.0, 0.0, 0
+    sampling = sampling or SamplingConfig()
+    for index, prompt in enumerate(prompts):
+        if index in done:
+            continue
+        choice = best_of_n(policy, tokenizer, [prompt], n, score=score, sampling=sampling,
+                           max_new_tokens=max_new_tokens, seed=seed, first_index=index)[0]  # fmt: skip
+        pair = choice.pair()
+        if pairs_path is not None and pair is not None:
+            _append(pairs_path, pair)
+        _append(out, choice.conversation())  # last: a prompt counts as done once both are written
+        best += choice.scores[choice.best]
+        mean += sum(choice.scores) / n
+        count += 1
+    return {"prompts": count, "mean_best": best / max(count, 1), "mean_score": mean / max(count, 1)}
+
+
+def _complete_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a file this module appends to; a last line cut short by an interruption is removed."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):  # torn by an interruption: drop it
+                write_text_atomic(path, "".join(f"{kept}\n" for kept in lines[:-1]))
+                break
+            raise DataError(
+                f"{path}:{number}: not a line this command wrote; move the file away or pass --force"
+            ) from None
+        if not isinstance(record, dict) or "index" not in record:
+            raise DataError(
+                f"{path}:{number}: has no 'index'; not a file this command wrote (pass --force to replace it)"
+            )
+        records.append(record)
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
