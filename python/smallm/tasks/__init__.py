@@ -11,6 +11,9 @@ ranks, clipping, mixed precision, DDP/FSDP, checkpoints, logging). The task supp
 * the validation batches, the sample generated at the end, and its section of the run's config.
 
 Adding a kind of run means writing a task (and a config for it): nothing of the trainer is overridden.
+A task whose steps differ (pretraining's stages) may also give ``micro_batches_at(step)`` (the step's
+micro-batches, None for the run's), ``stage_ends_at(step)`` (validate there too) and ``decay_fraction()``
+(where the learning rate's decay starts, None for the run's setting).
 """
 
 from __future__ import annotations
