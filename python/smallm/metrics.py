@@ -2,7 +2,8 @@
 
 Each line of ``metrics.jsonl`` is one JSON object with at least ``step``; training lines carry
 ``loss``, ``lr`` and ``tokens_per_s`` (and ``mfu`` where the device's peak is known), validation lines
-``val_loss``, ``val_ppl`` and ``val_bpb`` (and a mixture's ``val/NAME_loss`` per source, each its own curve).
+``val_loss``, ``val_ppl`` and ``val_bpb`` (and a mixture's ``val/NAME_loss`` per source, each its own curve;
+a staged run's stage boundaries are dotted lines).
 """
 
 from __future__ import annotations
@@ -100,10 +101,13 @@ def plot_losses(metrics: Path, target: Path) -> Path:
     train: dict[int, float] = {}
     val: dict[int, float] = {}
     sources: dict[str, dict[int, float]] = {}  # a mixture's val/NAME_loss
+    stages: dict[int, int] = {}  # step -> stage, for a staged run's boundaries
     for line in metrics.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if "loss" in record:
             train[record["step"]] = record["loss"]
+            if "stage" in record:
+                stages[record["step"]] = int(record["stage"])
         if "val_loss" in record:
             val[record["step"]] = record["val_loss"]
         for key, value in record.items():
@@ -115,6 +119,10 @@ def plot_losses(metrics: Path, target: Path) -> Path:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="validation")
     for name, points in sorted(sources.items()):
         ax.plot(sorted(points), [points[s] for s in sorted(points)], ".--", label=f"validation: {name}")
+    steps = sorted(stages)
+    for before, after in zip(steps, steps[1:]):
+        if stages[after] != stages[before]:  # a stage starts: a line at the last step of the one before
+            ax.axvline(before, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)

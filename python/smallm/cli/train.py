@@ -95,7 +95,7 @@ def default_corpus() -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         cfg = parse_config(argv)
-        if cfg.data is None:
+        if cfg.data is None and not cfg.stage:  # stages name their own data
             cfg.data = str(default_corpus())
             if cfg.out == TrainConfig.out:
                 cfg.out = "runs/stdlib-tiny" if cfg.preset == "tiny" else f"runs/stdlib-{cfg.preset}"
