@@ -73,11 +73,13 @@ def test_the_head_reads_the_last_token_and_padding_changes_nothing(tok: Tokenize
     assert score_conversations(model, tok, [conversation])[0] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_a_reward_model_learns_to_prefer_the_chosen_replies(
-    base: Path, pairs: Path, tmp_path: Path, lora: bool
+    base: Path, pairs: Path, tmp_path: Path, method: str
 ) -> None:
-    options = {"lora_r": 8} if lora else {}
+    if method == "qlora":
+        pytest.importorskip("torchao")
+    options = {"full": {}, "lora": {"lora_r": 8}, "qlora": {"lora_r": 8, "quantize": "nf4"}}[method]
     result = build_trainer(rm_config(base, pairs, tmp_path, **options)).fit()
     lines = [m for m in metrics(tmp_path) if "accuracy" in m]
     assert lines[-1]["loss"] < lines[0]["loss"]
