@@ -1,18 +1,19 @@
 """Rejection sampling measured: SFT, a reward model, best-of-N + SFT and best-of-N + DPO on a task whose
-answers can be checked (a two-digit number plus a one-digit one), on CPU.
+answers can be checked (the sum of two digits), on CPU.
 
 From a pretrained base (default: the README demo's ``runs/stdlib-tiny``), with the conversations
-"What is 47 plus 8?" -> "47 plus 8 is 55.":
+"What is 7 plus 8?" -> "7 plus 8 is 15.", 70 of the 100 sums to train on and 30 held out:
 
-1. **SFT** on ``--train`` conversations for ``--sft-steps`` steps (few, so that plain SFT is far from perfect);
+1. **SFT** on the ``--train`` conversations for ``--sft-steps`` steps;
 2. **reward model** (``smallm-rm``'s task) from the SFT model, on pairs labelled by correctness: N replies
-   sampled from the SFT model for each training prompt, a correct one against an incorrect one;
+   sampled from the SFT model for each training prompt, up to 4 distinct correct ones against incorrect
+   ones; its accuracy is measured on such pairs of the held-out prompts;
 3. **best-of-N + SFT**: N replies per training prompt from the SFT model, the reward model's best kept
    (``smallm-best-of-n``), and SFT continued on them; then a second round from that model;
 4. **best-of-N + DPO**: the reward model's best against its worst, as DPO pairs from the SFT model.
 
-Each model is scored by greedy exact match on ``--test`` held-out prompts (the number after "is" equals
-the sum). Reported: exact match per step, the reward model's held-out accuracy, and the cost (replies
+Each model is scored by greedy exact match on the held-out prompts (the number after "is" equals the
+sum). Reported: exact match per step, the reward model's held-out accuracy, and the cost (replies
 sampled, minutes). ``--verifier`` also runs best-of-N with the exact checker as the score.
 
     python benches/rejection_loop.py --base runs/stdlib-tiny
@@ -37,15 +38,18 @@ from smallm.config import DPOConfig, FinetuneConfig, RewardConfig
 from smallm.generate import SamplingConfig, generate_batch, stop_ids_of
 from smallm.jobs import build_trainer
 from smallm.rejection import run_best_of_n
+from smallm.reward import score_conversations
 from smallm.runs import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWER = re.compile(r"is (-?\d+)")
 
 
-def problems(count: int, seed: int) -> list[tuple[int, int]]:
-    rng = random.Random(seed)
-    return [(rng.randint(10, 99), rng.randint(1, 9)) for _ in range(count)]
+def split_problems(train: int, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The 100 sums of two digits, shuffled: the first ``train`` to train on, the rest held out."""
+    every = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(every)
+    return every[:train], every[train:]
 
 
 def question(a: int, b: int) -> str:
@@ -92,18 +96,28 @@ def labelled_pairs(run: Path, train: list[tuple[int, int]], n: int, seed: int) -
                                  seed=seed * 7919 + i, vocab_size=tok.vocab_size)  # fmt: skip
         replies = [tok.decode(r) for r in sampled]
         samples += n
-        good = [r for r in replies if correct({"a": a, "b": b}, r)]
-        bad = [r for r in replies if not correct({"a": a, "b": b}, r)]
-        if good and bad:
-            pairs.append({"prompt": question(a, b), "chosen": good[0], "rejected": bad[0]})
+        good = list(dict.fromkeys(r for r in replies if correct({"a": a, "b": b}, r)))
+        bad = list(dict.fromkeys(r for r in replies if not correct({"a": a, "b": b}, r)))
+        for chosen, rejected in list(zip(good, bad))[:4]:  # up to 4 distinct pairs per prompt
+            pairs.append({"prompt": question(a, b), "chosen": chosen, "rejected": rejected})
     return pairs, samples
+
+
+def pair_accuracy(rm: Path, pairs: list[dict[str, Any]]) -> float | None:
+    """How often the reward model scores the correct reply of a pair above the incorrect one."""
+    if not pairs:
+        return None
+    model, tok, _ = load_model(rm)
+    conversations = [[{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[side]}]
+                     for p in pairs for side in ("chosen", "rejected")]  # fmt: skip
+    scores = score_conversations(model, tok, conversations)
+    return sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(pairs))) / len(pairs)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, default=REPO / "runs" / "stdlib-tiny")
-    p.add_argument("--train", type=int, default=400, help="training prompts (default: 400)")
-    p.add_argument("--test", type=int, default=200, help="held-out prompts (default: 200)")
+    p.add_argument("--train", type=int, default=70, help="sums to train on, of the 100 (default: 70)")
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--n", type=int, default=8, help="replies per prompt (default: 8)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of best-of-N + SFT (default: 2)")
@@ -112,9 +126,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(usable_cores())
-    train, tests = problems(args.train, args.seed), problems(args.test, args.seed + 1)
-    seen = set(train)
-    tests = [t for t in tests if t not in seen]
+    train, tests = split_problems(args.train, args.seed)
     rows: list[dict[str, Any]] = []
 
     def report(step: str, run: Path, started: float, samples: int = 0, **extra: Any) -> None:
@@ -141,10 +153,12 @@ def main() -> None:
         pairs, samples = labelled_pairs(sft, train, args.n, args.seed)
         write_jsonl(work / "labelled.jsonl", pairs)
         rm = work / "rm"
-        result = build_trainer(RewardConfig(**common(args, sft, work / "labelled.jsonl", rm, 150, 1e-3))).fit()
+        build_trainer(RewardConfig(**common(args, sft, work / "labelled.jsonl", rm, 150, 1e-3))).fit()
+        held_out_pairs, _ = labelled_pairs(sft, tests, args.n, args.seed + 1)  # measures the RM only
         minutes = (time.perf_counter() - started) / 60
         rows.append({"step": f"reward model ({len(pairs)} labelled pairs)", "exact_match": None, "samples": samples,
-                     "minutes": minutes, "val_accuracy": result.get("val_accuracy")})  # fmt: skip
+                     "minutes": minutes, "val_accuracy": pair_accuracy(rm, held_out_pairs),
+                     "held_out_pairs": len(held_out_pairs)})  # fmt: skip
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         reward, _, _ = load_model(rm)
 
@@ -188,7 +202,7 @@ def main() -> None:
         em = "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}"
         notes = []
         if r.get("val_accuracy") is not None:
-            notes.append(f"held-out pair accuracy {r['val_accuracy']:.1%}")
+            notes.append(f"accuracy {r['val_accuracy']:.1%} on {r['held_out_pairs']} pairs of held-out prompts")
         if "chosen_correct" in r:
             notes.append(f"kept replies correct {r['chosen_correct']:.1%}")
         print(f"| {r['step']} | {em} | {r['samples']:,} | {r['minutes']:.1f} | {'; '.join(notes)} |")
