@@ -2,14 +2,16 @@
 answers can be checked (the sum of two digits), on CPU.
 
 From a pretrained base (default: the README demo's ``runs/stdlib-tiny``), with the conversations
-"What is 7 plus 8?" -> "7 plus 8 is 15.", 70 of the 100 sums to train on and 30 held out:
+"What is 7 plus 8?" -> "7 plus 8 is 15.", the 100 sums split into 40 answered ones for SFT, a pool of 30
+prompts whose answers only the checker knows (rejection sampling's new prompts), and 30 held out:
 
 1. **SFT** on the ``--train`` conversations for ``--sft-steps`` steps;
 2. **reward model** (``smallm-rm``'s task) from the SFT model, on pairs labelled by correctness: N replies
-   sampled from the SFT model for each training prompt, up to 4 distinct correct ones against incorrect
-   ones; its accuracy is measured on such pairs of the held-out prompts;
-3. **best-of-N + SFT**: N replies per training prompt from the SFT model, the reward model's best kept
-   (``smallm-best-of-n``), and SFT continued on them; then a second round from that model;
+   sampled from the SFT model for each pool prompt, up to 4 distinct correct ones against incorrect ones;
+   its accuracy is measured on such pairs of the held-out prompts;
+3. **best-of-N + SFT**: N replies per pool prompt from the SFT model, the reward model's best kept
+   (``smallm-best-of-n``), and SFT continued on them together with the 40 answered conversations; then a
+   second round from that model;
 4. **best-of-N + DPO**: the reward model's best against its worst, as DPO pairs from the SFT model.
 
 Each model is scored by greedy exact match on the held-out prompts (the number after "is" equals the
@@ -45,11 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 ANSWER = re.compile(r"is (-?\d+)")
 
 
-def split_problems(train: int, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """The 100 sums of two digits, shuffled: the first ``train`` to train on, the rest held out."""
+def split_problems(train: int, pool: int, seed: int) -> tuple[list[tuple[int, int]], ...]:
+    """The 100 sums of two digits, shuffled: ``train`` with their answers for SFT, ``pool`` prompts without
+    answers for the reward model's pairs and best-of-N, and the rest held out."""
     every = [(a, b) for a in range(10) for b in range(10)]
     random.Random(seed).shuffle(every)
-    return every[:train], every[train:]
+    return every[:train], every[train : train + pool], every[train + pool :]
 
 
 def question(a: int, b: int) -> str:
@@ -117,7 +120,8 @@ def pair_accuracy(rm: Path, pairs: list[dict[str, Any]]) -> float | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, default=REPO / "runs" / "stdlib-tiny")
-    p.add_argument("--train", type=int, default=70, help="sums to train on, of the 100 (default: 70)")
+    p.add_argument("--train", type=int, default=40, help="answered sums for SFT, of the 100 (default: 40)")
+    p.add_argument("--pool", type=int, default=30, help="prompts for the reward model and best-of-N (default: 30)")
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--n", type=int, default=8, help="replies per prompt (default: 8)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of best-of-N + SFT (default: 2)")
@@ -126,7 +130,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(usable_cores())
-    train, tests = split_problems(args.train, args.seed)
+    train, pool, tests = split_problems(args.train, args.pool, args.seed)
     rows: list[dict[str, Any]] = []
 
     def report(step: str, run: Path, started: float, samples: int = 0, **extra: Any) -> None:
@@ -140,7 +144,7 @@ def main() -> None:
             {"messages": [{"role": "user", "content": question(a, b)},
                           {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]} for a, b in train
         ])  # fmt: skip
-        prompts = write_jsonl(work / "prompts.jsonl", [{"prompt": question(a, b), "a": a, "b": b} for a, b in train])
+        prompts = write_jsonl(work / "prompts.jsonl", [{"prompt": question(a, b), "a": a, "b": b} for a, b in pool])
         started = time.perf_counter()
         report("base (no fine-tuning)", args.base, started)
 
@@ -150,7 +154,7 @@ def main() -> None:
         report("SFT", sft, started)
 
         started = time.perf_counter()
-        pairs, samples = labelled_pairs(sft, train, args.n, args.seed)
+        pairs, samples = labelled_pairs(sft, pool, args.n, args.seed)
         write_jsonl(work / "labelled.jsonl", pairs)
         rm = work / "rm"
         build_trainer(RewardConfig(**common(args, sft, work / "labelled.jsonl", rm, 150, 1e-3))).fit()
@@ -175,8 +179,10 @@ def main() -> None:
             records = [json.loads(line) for line in prompts.read_text().splitlines()]
             right = sum(correct(records[c["index"]], c["messages"][-1]["content"]) for c in chosen) / len(chosen)
             nxt = work / f"bon-sft{round_}"
-            build_trainer(FinetuneConfig(**common(args, policy, best, nxt, args.sft_steps, 1e-3))).fit()
-            report(f"best-of-{args.n} + SFT, round {round_}", nxt, started, samples=args.n * len(train),
+            mixed = work / f"sft-data{round_}.jsonl"  # the kept replies beside the answered conversations
+            mixed.write_text(chats.read_text() + best.read_text(), encoding="utf-8")
+            build_trainer(FinetuneConfig(**common(args, policy, mixed, nxt, args.sft_steps, 1e-3))).fit()
+            report(f"best-of-{args.n} + SFT, round {round_}", nxt, started, samples=args.n * len(pool),
                    chosen_correct=right, mean_best_reward=stats["mean_best"])  # fmt: skip
             if round_ == 1:
                 started = time.perf_counter()
@@ -191,11 +197,14 @@ def main() -> None:
             run_best_of_n(model, tok, prompts, best, args.n, score_function=correct,
                           sampling=SamplingConfig(temperature=1.0), max_new_tokens=16, seed=args.seed + 99)  # fmt: skip
             nxt = work / "verified-sft"
-            build_trainer(FinetuneConfig(**common(args, sft, best, nxt, args.sft_steps, 1e-3))).fit()
-            report(f"best-of-{args.n} (exact checker) + SFT", nxt, started, samples=args.n * len(train))
+            mixed = work / "sft-data-verified.jsonl"
+            mixed.write_text(chats.read_text() + best.read_text(), encoding="utf-8")
+            build_trainer(FinetuneConfig(**common(args, sft, mixed, nxt, args.sft_steps, 1e-3))).fit()
+            report(f"best-of-{args.n} (exact checker) + SFT", nxt, started, samples=args.n * len(pool))
 
     print(f"machine: {cpu_model()}, {usable_cores()} cores, torch {torch.__version__}; base {args.base}")
-    print(f"{len(train)} training prompts, {len(tests)} held-out, greedy exact match\n")
+    print(f"{len(train)} answered sums for SFT, {len(pool)} prompts for rejection sampling, {len(tests)} held out; "
+          "greedy exact match\n")  # fmt: skip
     print("| step | held-out exact match | replies sampled | minutes | notes |")
     print("|---|---|---|---|---|")
     for r in rows:
