@@ -36,6 +36,7 @@ __all__ = [
     "LOCK_FILE",
     "DestinationError",
     "DirectoryLock",
+    "append_text_durable",
     "check_destination",
     "copy_file_atomic",
     "fsync_dir",
@@ -106,6 +107,15 @@ def write_file_atomic(path: PathLike, fill: Callable[[Path], object]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def append_text_durable(path: PathLike, text: str) -> None:
+    """Appends ``text`` (UTF-8) to ``path`` and syncs it, so that what was appended survives a crash;
+    a crash during the write can leave only the last line cut short, which its reader drops."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Union
 
 from smallm.chat import prompt_ids
 from smallm.conversations import DataError, Messages, _json_lines, _messages
-from smallm.files import write_text_atomic
+from smallm.files import append_text_durable, write_text_atomic
 from smallm.generate import SamplingConfig, generate_batch, stop_ids_of
 
 __all__ = ["Choice", "best_of_n", "load_score_function", "read_prompts", "run_best_of_n"]
@@ -209,7 +209,4 @@ def _complete_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_text_durable(path, json.dumps(record, ensure_ascii=False) + "\n")
