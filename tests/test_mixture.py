@@ -15,8 +15,7 @@ from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.config import TrainConfig, build_config, normalise_data
 from smallm.data import DataExhausted, ShardSet, TokenLoader
 from smallm.jobs import build_trainer
-from smallm.trainer import Trainer
-from test_trainer import config
+from test_trainer import config, interrupt_after
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -117,9 +116,7 @@ def mixture_config(sources: dict[str, Path], out: Path, **overrides: object) -> 
     return build_config(TrainConfig, {**vars(config(sources["en"], out, data=data)), **overrides})
 
 
-def test_a_mixture_run_reports_every_source_and_resumes_bitwise(
-    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_mixture_run_reports_every_source_and_resumes_bitwise(sources: dict[str, Path], tmp_path: Path) -> None:
     straight = build_trainer(mixture_config(sources, tmp_path / "straight")).fit()
     names = [path.parent.name + "_data" for path in (sources["en"], sources["ko"], sources["code"])]
     for name in names:
@@ -129,18 +126,7 @@ def test_a_mixture_run_reports_every_source_and_resumes_bitwise(
     sums = [straight[f"val/{n}_loss"] for n in names]
     assert min(sums) <= straight["val_loss"] <= max(sums)  # the overall loss is their token-weighted mean
 
-    real_step, calls = Trainer.train_step, {"n": 0}
-
-    def step_then_crash(self: Trainer) -> dict:
-        if calls["n"] == 5:  # after the checkpoint at step 4 and one more step
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(mixture_config(sources, tmp_path / "resumed")).fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    interrupt_after(5, mixture_config(sources, tmp_path / "resumed"))  # the checkpoint at step 4, one step more
     build_trainer(mixture_config(sources, tmp_path / "resumed", resume=True)).fit()
     a = load_weights(latest_checkpoint(tmp_path / "straight"))
     b = load_weights(latest_checkpoint(tmp_path / "resumed"))

@@ -13,8 +13,7 @@ import torch
 from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.config import TrainConfig, build_config
 from smallm.jobs import build_trainer
-from smallm.trainer import Trainer
-from test_trainer import config
+from test_trainer import config, interrupt_after
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,22 +54,10 @@ def test_stages_run_in_order_with_their_batch_sizes_data_and_schedule(sources: d
     assert all(k.startswith("epoch/") for r in epochs for k in r if "/" in k and not k.startswith("val/"))
 
 
-def test_resume_mid_stage_and_across_a_boundary_is_bitwise(
-    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_mid_stage_and_across_a_boundary_is_bitwise(sources: dict[str, Path], tmp_path: Path) -> None:
     build_trainer(staged_config(sources, tmp_path / "straight")).fit()
-    real_step, calls = Trainer.train_step, {"n": 0}
-
-    def step_then_crash(self: Trainer) -> dict:
-        if calls["n"] == 7:  # the checkpoint at step 6 is mid stage 1; the rest crosses into the cooldown
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(staged_config(sources, tmp_path / "resumed")).fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    # The checkpoint at step 6 is mid stage 1; the rest crosses into the cooldown.
+    interrupt_after(7, staged_config(sources, tmp_path / "resumed"))
     assert latest_checkpoint(tmp_path / "resumed").name == "step_00000006"
     build_trainer(staged_config(sources, tmp_path / "resumed", resume=True)).fit()
     a = load_weights(latest_checkpoint(tmp_path / "straight"))

@@ -56,24 +56,28 @@ def test_loss_falls_and_run_directory_has_everything(shard_dir: Path, tmp_path: 
     assert isinstance(result["sample"], str)
 
 
-def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = tmp_path / "whole"
-    build_trainer(config(shard_dir, whole)).fit()
+def interrupt_after(steps: int, cfg: TrainConfig) -> None:
+    """Fits ``cfg``'s trainer and stops it as a kill would (KeyboardInterrupt) once ``steps`` steps have run."""
+    real_step, calls = Trainer.train_step, {"n": 0}
 
-    interrupted = tmp_path / "interrupted"
-    real_step = Trainer.train_step
-    calls = {"n": 0}
-
-    def step_then_crash(self: Trainer) -> float:
-        if calls["n"] == 6:  # after the checkpoint at step 4 and two more steps
+    def step_then_crash(self: Trainer) -> dict[str, float]:
+        if calls["n"] == steps:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        build_trainer(config(shard_dir, interrupted)).fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "train_step", step_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            build_trainer(cfg).fit()
+
+
+def test_resume_is_bitwise_identical(shard_dir: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    build_trainer(config(shard_dir, whole)).fit()
+
+    interrupted = tmp_path / "interrupted"
+    interrupt_after(6, config(shard_dir, interrupted))  # after the checkpoint at step 4 and two more steps
     build_trainer(config(shard_dir, interrupted, resume=True)).fit()
 
     a = load_weights(latest_checkpoint(whole))

@@ -1,10 +1,12 @@
 """What SFT and DPO share: a base checkpoint and its tokenizer, a JSON Lines file with a held-out split,
-steps counted in epochs, the ``finetune`` section of the run config, and a ChatML sample reply."""
+steps counted in epochs, the ``finetune`` section of the run config, and a ChatML sample reply; and what
+DPO and the reward model share on top: preference pairs encoded to fit the context, their batches."""
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,14 @@ from torch import nn
 
 from smallm.chat import prompt_ids, with_chat_format
 from smallm.config import FinetuneConfig
-from smallm.conversations import Messages
+from smallm.conversations import EncodedPair, Messages, PairBatches, encode_pairs, pair_tensors, read_pairs
 from smallm.distributed import Runtime
 from smallm.generate import generate_ids, stop_ids_of
 from smallm.runs import find_tokenizer, read_config, resolve_checkpoint
+from smallm.tasks import RunContext
 from smallm.tokenizer import Tokenizer
 
-__all__ = ["ChatData", "held_out"]
+__all__ = ["ChatData", "PairTask", "held_out"]
 
 
 def held_out(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -75,3 +78,62 @@ class ChatData:
         stops = stop_ids_of(self.tokenizer)
         ids = generate_ids(model, prompt, room, seed=0, stop_ids=stops, vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.decode(ids)
+
+
+class PairTask:
+    """The part of a :class:`~smallm.tasks.Task` that DPO and the reward model share: the pairs of
+    ``cfg.data`` (:func:`smallm.conversations.read_pairs`), encoded once the context is known, and their
+    training and validation batches. A subclass says how a batch of pairs becomes tensors
+    (:meth:`rows`, :attr:`batches`) and how many positions past an encoded pair its rows need
+    (:attr:`spare`: DPO's rows are the ids but the last, the reward model's all of them)."""
+
+    batches: type[PairBatches] = PairBatches
+    spare = 0
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        self.data = ChatData(cfg, read_pairs)
+        self.tokenizer = self.data.tokenizer
+
+    def rows(self, pairs: list[EncodedPair], device: Any) -> tuple[Any, ...]:
+        """The tensors of a batch of pairs (:func:`smallm.conversations.pair_tensors`)."""
+        return pair_tensors(pairs, self.data.pad_id(), device)
+
+    def encode(self, context: RunContext) -> None:
+        """Encodes the training and validation pairs for ``context`` (refusing a file of which none fits)."""
+        self.context = context
+        self.pairs = self._encode(self.data.train, "training")
+        if not self.pairs:
+            raise ValueError(f"{self.cfg.data}: no pair fits in {context.seq_len} tokens; raise --seq-len")
+        self.val_pairs = self._encode(self.data.val, "validation")
+        context.runtime.log(f"{len(self.pairs)} preference pairs")
+
+    def _encode(self, pairs: list[Any], what: str) -> list[EncodedPair]:
+        encoded, dropped = encode_pairs(self.tokenizer, pairs, self.context.seq_len - self.spare)
+        if dropped:
+            warnings.warn(
+                f"{dropped} of {len(pairs)} {what} pairs are longer than the context of {self.context.seq_len} "
+                "tokens and were left out",
+                stacklevel=4,
+            )
+        return encoded
+
+    def train_batches(self) -> PairBatches:
+        c = self.context
+        return self.batches(
+            self.pairs, c.batch_size, self.data.pad_id(), seed=c.seed, rank=c.runtime.rank,
+            world_size=c.runtime.world_size, device=c.runtime.device,
+        )  # fmt: skip
+
+    def max_steps(self, rows_per_step: int) -> int:
+        return self.data.max_steps(len(self.pairs), rows_per_step, self.context.runtime)
+
+    def validation_batches(self) -> list[Any] | None:
+        if not self.val_pairs:
+            return None
+        runtime, B = self.context.runtime, self.context.batch_size
+        mine = self.val_pairs[runtime.rank :: runtime.world_size]
+        return [self.rows(mine[s : s + B], runtime.device) for s in range(0, len(mine), B)]
+
+    def run_config(self) -> dict[str, Any]:
+        return self.data.run_config()

@@ -10,7 +10,6 @@ the chosen answer's reward is the higher).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -20,9 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smallm.config import DPOConfig
-from smallm.conversations import EncodedPair, PairBatches, encode_pairs, pair_tensors, read_pairs
 from smallm.tasks import Batch, RunContext
-from smallm.tasks.chat import ChatData
+from smallm.tasks.chat import PairTask
 
 __all__ = ["DPO", "PreferenceLoss"]
 
@@ -97,53 +95,15 @@ class PreferenceLoss:
         return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[4]).items()}
 
 
-class DPO:
+class DPO(PairTask):
     """The :class:`~smallm.tasks.Task` of ``smallm-dpo``."""
 
-    def __init__(self, cfg: DPOConfig) -> None:
-        self.cfg = cfg
-        self.data = ChatData(cfg, read_pairs)
-        self.tokenizer = self.data.tokenizer
+    cfg: DPOConfig
 
     def attach(self, context: RunContext) -> PreferenceLoss:
-        self.context = context
-        self.pairs = self._encode(self.data.train, "training")
-        if not self.pairs:
-            raise ValueError(f"{self.cfg.data}: no pair fits in {context.seq_len} tokens; raise --seq-len")
-        self.val_pairs = self._encode(self.data.val, "validation")
-        context.runtime.log(f"{len(self.pairs)} preference pairs")
+        self.encode(context)
         return PreferenceLoss(self.cfg.beta, context.frozen_start(), context.autocast)
-
-    def _encode(self, pairs: list[Any], what: str) -> list[EncodedPair]:
-        encoded, dropped = encode_pairs(self.tokenizer, pairs, self.context.seq_len)
-        if dropped:
-            warnings.warn(
-                f"{dropped} of {len(pairs)} {what} pairs are longer than the context of {self.context.seq_len} "
-                "tokens and were left out",
-                stacklevel=3,
-            )
-        return encoded
-
-    def train_batches(self) -> PairBatches:
-        c = self.context
-        return PairBatches(
-            self.pairs, c.batch_size, self.data.pad_id(), seed=c.seed, rank=c.runtime.rank,
-            world_size=c.runtime.world_size, device=c.runtime.device,
-        )  # fmt: skip
-
-    def max_steps(self, rows_per_step: int) -> int:
-        return self.data.max_steps(len(self.pairs), rows_per_step, self.context.runtime)
-
-    def validation_batches(self) -> list[Batch] | None:
-        if not self.val_pairs:
-            return None
-        runtime, B = self.context.runtime, self.context.batch_size
-        mine = self.val_pairs[runtime.rank :: runtime.world_size]
-        return [pair_tensors(mine[s : s + B], self.data.pad_id(), runtime.device) for s in range(0, len(mine), B)]
 
     def sample(self, model: nn.Module) -> str:
         prompt, chosen, _ = self.data.train[0]
         return self.data.sample_reply(model, prompt + chosen)
-
-    def run_config(self) -> dict[str, Any]:
-        return self.data.run_config()

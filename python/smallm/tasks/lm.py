@@ -61,11 +61,9 @@ class Pretraining:
         self.train_sets = [ShardSet.open(path, "train", verify=cfg.verify_data) for path in paths]
         val_sets = [ShardSet.open(path, "val", verify=cfg.verify_data) for path in paths]
         self.val_sets = [v if v.num_tokens > 0 else None for v in val_sets]
-        self.train_set = self.train_sets[0]
-        self.val_set = self.val_sets[0] if len(paths) == 1 else None
-        self.weights = [w for _, w in self.stage_sources[0]]
         self.tokenizer = Tokenizer.load(paths[0])
         self.loader: TokenLoader | StagedBatches | None = None
+        self.validation: ValidationLoader | MixtureValidation | None = None  # made once, iterated per evaluation
 
     @property
     def mixture(self) -> bool:
@@ -128,6 +126,11 @@ class Pretraining:
         return decay / self.cfg.max_steps if self.staged and decay else None
 
     def validation_batches(self) -> ValidationLoader | MixtureValidation | None:
+        if self.validation is None:
+            self.validation = self._validation()
+        return self.validation
+
+    def _validation(self) -> ValidationLoader | MixtureValidation | None:
         c = self.context
         loaders = [
             None if v is None else ValidationLoader(
@@ -259,7 +262,7 @@ class MixtureLoss(TokenLoss):
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> Tensor:
         """Sums ``[loss, tokens, bytes]`` per source, flattened (source-major); padding batches beyond the
         pass (sharded runs) carry no targets."""
-        validation = self.task.validation_batches()
+        validation = self.task.validation_batches()  # the pass the trainer iterates: its batches' sources
         order = validation.order if isinstance(validation, MixtureValidation) else []
         sums = torch.zeros(len(self.task.names), 3, dtype=torch.float64, device=self.byte_lengths.device)
         for i, batch in enumerate(batches):

@@ -10,7 +10,6 @@ step (all micro-batches and ranks). Logged, in training and validation: the loss
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smallm.config import RewardConfig
-from smallm.conversations import EncodedPair, PairBatches, encode_pairs, read_pairs
+from smallm.conversations import EncodedPair, PairBatches
 from smallm.reward import reward_tensors
 from smallm.tasks import Batch, RunContext
-from smallm.tasks.chat import ChatData
+from smallm.tasks.chat import PairTask
 
 __all__ = ["BradleyTerryLoss", "RewardModeling"]
 
@@ -85,58 +84,24 @@ class BradleyTerryLoss:
         return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[3]).items()}
 
 
-class RewardModeling:
+class RewardModeling(PairTask):
     """The :class:`~smallm.tasks.Task` of ``smallm-rm``."""
 
-    def __init__(self, cfg: RewardConfig) -> None:
-        self.cfg = cfg
-        self.data = ChatData(cfg, read_pairs)
-        self.tokenizer = self.data.tokenizer
+    batches = RewardBatches
+    spare = 1  # a whole conversation is scored, its last id included: it must fit the context itself
+
+    cfg: RewardConfig
+
+    def rows(self, pairs: list[EncodedPair], device: Any) -> tuple[Tensor, Tensor]:
+        return pair_rows(pairs, self.data.pad_id(), device)
 
     def attach(self, context: RunContext) -> BradleyTerryLoss:
-        self.context = context
-        # A whole conversation is scored, its last id included: it must fit the context itself.
-        self.pairs = self._encode(self.data.train, "training")
-        if not self.pairs:
-            raise ValueError(f"{self.cfg.data}: no pair fits in {context.seq_len} tokens; raise --seq-len")
-        self.val_pairs = self._encode(self.data.val, "validation")
-        context.runtime.log(f"{len(self.pairs)} preference pairs")
+        self.encode(context)
         return BradleyTerryLoss()
-
-    def _encode(self, pairs: list[Any], what: str) -> list[EncodedPair]:
-        encoded, dropped = encode_pairs(self.tokenizer, pairs, self.context.seq_len - 1)
-        if dropped:
-            warnings.warn(
-                f"{dropped} of {len(pairs)} {what} pairs are longer than the context of {self.context.seq_len} "
-                "tokens and were left out",
-                stacklevel=3,
-            )
-        return encoded
-
-    def train_batches(self) -> RewardBatches:
-        c = self.context
-        return RewardBatches(
-            self.pairs, c.batch_size, self.data.pad_id(), seed=c.seed, rank=c.runtime.rank,
-            world_size=c.runtime.world_size, device=c.runtime.device,
-        )  # fmt: skip
-
-    def max_steps(self, rows_per_step: int) -> int:
-        return self.data.max_steps(len(self.pairs), rows_per_step, self.context.runtime)
-
-    def validation_batches(self) -> list[Batch] | None:
-        if not self.val_pairs:
-            return None
-        runtime, B = self.context.runtime, self.context.batch_size
-        mine = self.val_pairs[runtime.rank :: runtime.world_size]
-        return [pair_rows(mine[s : s + B], self.data.pad_id(), runtime.device) for s in range(0, len(mine), B)]
 
     def sample(self, model: nn.Module) -> str:
         """The scores of the first training pair's two replies."""
-        pair = self.pairs[0]
-        ids, last = pair_rows([pair], self.data.pad_id(), self.context.runtime.device)
+        ids, last = self.rows([self.pairs[0]], self.context.runtime.device)
         with torch.no_grad():
             chosen, rejected = model(ids, reward_index=last).tolist()
         return f"first pair: chosen {chosen:.3f}, rejected {rejected:.3f}"
-
-    def run_config(self) -> dict[str, Any]:
-        return self.data.run_config()
