@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Union
 
+from smallm.builtin import cache_dir
 from smallm.hf import HFError
 
 __all__ = ["EXPORT_FILES", "check_repo_id", "download", "push_to_hub", "resolve_model"]
@@ -103,7 +104,7 @@ def resolve_model(spec: str | os.PathLike[str], revision: str | None = None) -> 
     folder = local_or_download(spec, revision)
     if folder == Path(spec) or (folder / "checkpoints").is_dir() or _is_smallm_checkpoint(folder):
         return folder
-    imported = _cache_root() / "hub" / os.fspath(spec).replace("/", "--") / folder.name
+    imported = cache_dir() / "hub" / os.fspath(spec).replace("/", "--") / folder.name
     if not (imported / "config.json").is_file():
         from smallm.hf_import import import_hf
 
@@ -179,8 +180,3 @@ def _is_smallm_checkpoint(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("model"), dict) and "architectures" not in config
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("SMALLM_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "smallm"

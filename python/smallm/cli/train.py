@@ -25,16 +25,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from smallm.builtin import on_builtin_corpus
 from smallm.cli.common import run_command
 from smallm.config import TrainConfig, build_config
 from smallm.model import ModelConfig
 from smallm.options import add_dataclass_arguments, read_config_file
 
 INTERRUPTED = "interrupted; resume from the last checkpoint with --resume"
-DEFAULT_VOCAB = 8192
-"""Vocabulary of the built-in stdlib corpus: small enough for the tiny preset's embedding table."""
-DEMO_PROMPT = "class Stack:\n    def"
-"""The demo's sample prompt (unless ``--sample-prompt`` is given): code rather than a file's header."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,43 +61,11 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     return build_config(TrainConfig, values, source)
 
 
-def cache_dir() -> Path:
-    """``$SMALLM_CACHE``, else ``$XDG_CACHE_HOME/smallm``, else ``~/.cache/smallm``."""
-    if os.environ.get("SMALLM_CACHE"):
-        return Path(os.environ["SMALLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallm"
-
-
-def default_corpus() -> Path:
-    """Tokenizes and packs the stdlib sources once; later runs reuse the cached shards."""
-    from smallm.corpus import Corpus, stdlib_sources
-    from smallm.files import write_folder_atomic
-    from smallm.shards import MANIFEST, PackOptions, pack_corpus
-    from smallm.tokenizer import Tokenizer
-
-    target = cache_dir() / f"stdlib-py{sys.version_info[0]}{sys.version_info[1]}-v{DEFAULT_VOCAB}"
-    if (target / MANIFEST).exists():
-        return target
-    print(f"preparing the built-in corpus (Python stdlib sources) in {target}, once", file=sys.stderr)
-    corpus = Corpus(files=stdlib_sources())
-
-    def fill(building: Path) -> None:
-        tokenizer = Tokenizer.train_from_corpus(corpus, DEFAULT_VOCAB, progress=True)
-        tokenizer.save(building)
-        pack_corpus(corpus, tokenizer, building, PackOptions(val_fraction=0.02), progress=True)
-
-    return write_folder_atomic(target, fill)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         cfg = parse_config(argv)
-        if cfg.data is None and not cfg.stage:  # stages name their own data
-            cfg.data = str(default_corpus())
-            if cfg.out == TrainConfig.out:
-                cfg.out = "runs/stdlib-tiny" if cfg.preset == "tiny" else f"runs/stdlib-{cfg.preset}"
-            if cfg.sample_prompt == TrainConfig.sample_prompt:
-                cfg.sample_prompt = DEMO_PROMPT
+        if on_builtin_corpus(cfg) and cfg.out == TrainConfig.out:
+            cfg.out = "runs/stdlib-tiny" if cfg.preset == "tiny" else f"runs/stdlib-{cfg.preset}"
         print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
         if cfg.dry_run:
             return dry_run(cfg)
