@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from smallm import Tokenizer
+from smallm import Tokenizer, chat_session
 from smallm.chat import chatml_ids, render_chatml
 from smallm.cli import chat as chat_cli
 from smallm.cli import generate as generate_cli
@@ -378,7 +378,7 @@ def test_chat_with_piped_stdin_renders_the_conversation_in_chatml(
 ) -> None:
     _, tok = loaded
     seen: list[tuple[list[int], list[int]]] = []  # (prompt ids, reply ids) of every turn
-    real_stream = chat_cli.stream_tokens
+    real_stream = chat_session.stream_tokens
 
     def recording_stream(model, prompts, *args, **kwargs):
         reply: list[int] = []
@@ -388,7 +388,7 @@ def test_chat_with_piped_stdin_renders_the_conversation_in_chatml(
                 reply.append(step[0])
             yield step
 
-    monkeypatch.setattr(chat_cli, "stream_tokens", recording_stream)
+    monkeypatch.setattr(chat_session, "stream_tokens", recording_stream)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\n여우?\n/reset\nthe cat\n/exit\nignored\n"))
     argv = [str(run_dir), "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "6"]
     assert chat_cli.main(argv) == 0
