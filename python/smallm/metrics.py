@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ from smallm.files import write_bytes_atomic
 
 
 class MetricsLogger:
-    """Writes every record to ``out/metrics.jsonl`` and to whichever sinks are enabled."""
+    """Writes every record to ``out/metrics.jsonl`` and to whichever sinks are enabled: the tqdm bar
+    (``progress_bar``), TensorBoard, W&B, and each of ``listeners`` (called with the record)."""
 
     def __init__(
         self,
@@ -30,18 +33,22 @@ class MetricsLogger:
         wandb_project: str | None = None,
         run_config: dict[str, Any] | None = None,
         enabled: bool = True,
+        listeners: Sequence[Callable[[dict[str, Any]], None]] = (),
+        progress_bar: bool = True,
     ) -> None:
         self.out = out
         self.enabled = enabled
+        self.listeners = list(listeners)
         self._file = open(out / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self._bar: Any = None
         self._tb: Any = None
         self._wandb: Any = None
         if not enabled:
             return
-        from tqdm.auto import tqdm
+        if progress_bar:
+            from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -73,6 +80,8 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(numbers, step=step)
+        for listener in self.listeners:
+            listener(dict(record))  # a copy: the caller may go on changing its own
 
     def close(self) -> None:
         if self._bar is not None:
@@ -93,46 +102,77 @@ class MetricsLogger:
 
 def plot_losses(metrics: Path, target: Path) -> Path:
     """Plots training and validation loss from a ``metrics.jsonl``; a resumed run's later lines win."""
-    import matplotlib
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+    write_bytes_atomic(target, loss_figure(LossCurves.of(records)))
+    return target
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    train: dict[int, float] = {}
-    val: dict[int, float] = {}
-    sources: dict[str, dict[int, float]] = {}  # a mixture's val/NAME_loss
-    stages: dict[int, int] = {}  # step -> stage, for a staged run's boundaries
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+@dataclass
+class LossCurves:
+    """The curves of a run's metrics lines, by step: training loss, validation loss, each mixture source's
+    validation loss (``val/NAME_loss``), and the stage of each training line (a staged run's boundaries)."""
+
+    train: dict[int, float] = field(default_factory=dict)
+    val: dict[int, float] = field(default_factory=dict)
+    sources: dict[str, dict[int, float]] = field(default_factory=dict)
+    stages: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Iterable[dict[str, Any]]) -> LossCurves:
+        """The curves of ``records`` in order; a later line for a step replaces an earlier one (a resumed run)."""
+        curves = cls()
+        for record in records:
+            curves.add(record)
+        return curves
+
+    def add(self, record: dict[str, Any]) -> None:
+        step = record["step"]
         if "loss" in record:
-            train[record["step"]] = record["loss"]
+            self.train[step] = record["loss"]
             if "stage" in record:
-                stages[record["step"]] = int(record["stage"])
+                self.stages[step] = int(record["stage"])
         if "val_loss" in record:
-            val[record["step"]] = record["val_loss"]
+            self.val[step] = record["val_loss"]
         for key, value in record.items():
             if key.startswith("val/") and key.endswith("_loss"):
-                sources.setdefault(key[4:-5], {})[record["step"]] = value
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train")
-    if val:
-        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="validation")
-    for name, points in sorted(sources.items()):
-        ax.plot(sorted(points), [points[s] for s in sorted(points)], ".--", label=f"validation: {name}")
-    steps = sorted(stages)
-    for before, after in zip(steps, steps[1:]):
-        if stages[after] != stages[before]:  # a stage starts: a line at the last step of the one before
-            ax.axvline(before, color="grey", linestyle=":", linewidth=1)
+                self.sources.setdefault(key[4:-5], {})[step] = value
+
+    def stage_starts(self) -> list[int]:
+        """The last step of each stage that another one follows."""
+        steps = sorted(self.stages)
+        return [before for before, after in zip(steps, steps[1:]) if self.stages[after] != self.stages[before]]
+
+
+def loss_figure(curves: LossCurves, *, size: tuple[float, float] = (7, 4), dpi: int = 120) -> bytes:
+    """The PNG of ``curves``: training and validation loss per step, a dashed curve per mixture source and a
+    dotted line where a stage starts. Drawn on a Figure of its own (no pyplot state), so any thread may
+    call it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+
+    def curve(points: dict[int, float], style: str, label: str) -> None:
+        ax.plot(sorted(points), [points[s] for s in sorted(points)], style, label=label)
+
+    curve(curves.train, "-", "train")
+    if curves.val:
+        curve(curves.val, "o-", "validation")
+    for name, points in sorted(curves.sources.items()):
+        curve(points, ".--", f"validation: {name}")
+    for step in curves.stage_starts():
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if curves.train or curves.val:
+        ax.legend()
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png")
-    plt.close(fig)
-    write_bytes_atomic(target, image.getvalue())
-    return target
+    return image.getvalue()
 
 
 def _short(name: str, value: float) -> str:

@@ -12,7 +12,10 @@ optimizer builder (:mod:`smallm.optim`); it owns what every run does alike:
 * mixed precision by autocast (bf16, or fp16 with a GradScaler) over fp32 weights; DDP or FSDP2 under
   torchrun; ``torch.compile`` with a fallback to the plain model;
 * validation every ``eval_every`` steps, the best checkpoint kept by validation loss, checkpoints that
-  resume bitwise-identically (:mod:`smallm.checkpointer`), ``metrics.jsonl`` and the plot.
+  resume bitwise-identically (:mod:`smallm.checkpointer`), ``metrics.jsonl`` and the plot;
+* a stop asked for from another thread (:meth:`Trainer.request_stop`, the notebook's Stop button): the
+  step under way finishes, a checkpoint is written, and ``--resume`` continues as if never stopped;
+  :attr:`Trainer.listeners` see every metrics line as it is logged.
 
 :func:`smallm.jobs.build_trainer` picks the parts for a configuration.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -106,6 +110,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
         self.directory = RunDirectory(self.out, writer=runtime.main)
         self.state = TrainingState(step=0, tokens_seen=0)
+        self.saved_at: int | None = None  # the step of the last checkpoint this trainer wrote
         if not cfg.resume:
             self.directory.check_new_run(cfg.force)  # again under the lock in fit(); here to fail early
         else:
@@ -115,10 +120,20 @@ class Trainer:
             )
             restore_schedule(self.optimizer, self.scheduler, peaks, self.state.step)
         self.net = wrap_model(model.module, runtime, sharded=self.sharded, compile=cfg.compile)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        """Called with each metrics line as it is logged, in the training thread (rank 0)."""
+        self.stop_requested = threading.Event()
+        self.progress_bar = True  # the tqdm bar on stderr (a notebook dashboard shows its own)
         self.flops_per_token = flops_per_token(model.config, self.seq_len)
         self.peak = peak_flops(runtime.device, self.amp_dtype or torch.float32)
         if self.peak is None and runtime.device.type == "cuda":
             warn_unknown_device(torch.cuda.get_device_name(runtime.device))  # MFU is left out
+
+    def request_stop(self) -> None:
+        """Asks :meth:`fit` (running in another thread) to stop after the step under way, with a checkpoint
+        there; safe to call at any time, once or more. One process only: under torchrun every rank would
+        have to be asked at the same step."""
+        self.stop_requested.set()
 
     def run_config(self) -> dict[str, Any]:
         """What ``config.json`` of the run and of each checkpoint holds."""
@@ -226,6 +241,7 @@ class Trainer:
     def save(self, is_best: bool = False) -> None:
         if not all_finite(self.model.module):
             self.diverged("the weights are no longer finite")
+        self.saved_at = self.state.step
         self.checkpointer.save(
             self.model, self.optimizer, self.scheduler, self.scaler, self.loader, self.state, self.run_config(),
             is_best=is_best,
@@ -252,6 +268,7 @@ class Trainer:
         logger = MetricsLogger(
             self.out, total_steps=self.max_steps, start_step=self.state.step, tensorboard=self.cfg.tensorboard,
             wandb_project=self.cfg.wandb_project, run_config=self.run_config(), enabled=self.runtime.main,
+            listeners=self.listeners, progress_bar=self.progress_bar,
         )  # fmt: skip
         self.model.module.train()
         last: dict[str, Any] = {}
@@ -273,6 +290,9 @@ class Trainer:
         last: dict[str, Any] = {}
         start_step, self.since_log = self.state.step, (0.0, self.state.tokens_seen)
         while self.state.step < self.max_steps:
+            if self.stop_requested.is_set():
+                # At start_step there is nothing new: a fresh run's step 0, or the checkpoint it resumed from.
+                return self.stop_here(last, saved=self.state.step in (start_step, self.saved_at))
             started = time.perf_counter()
             try:
                 stats = self.train_step() if self.state.step > start_step else self.first_step()
@@ -295,6 +315,14 @@ class Trainer:
             if self.due(self.cfg.checkpoint_every) or is_best:
                 self.save(is_best=is_best)
         return last
+
+    def stop_here(self, last: dict[str, Any], *, saved: bool) -> dict[str, Any]:
+        """Ends the loop early at a stop request: a checkpoint of this step (unless one was just written),
+        from which ``--resume`` continues exactly."""
+        if not saved:
+            self.save()
+        self.runtime.log(f"stopped at step {self.state.step} of {self.max_steps}; --resume continues from there")
+        return {**last, "stopped_at": self.state.step}
 
     def due(self, every: int) -> bool:
         """Whether something done every ``every`` steps (0: never but at the end) is due at this step."""
