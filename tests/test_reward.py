@@ -181,6 +181,34 @@ def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "best.jsonl").read_text()
 
 
+def test_best_of_n_min_score_keeps_only_prompts_whose_best_reaches_it_and_resumes(
+    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smallm.generate import SamplingConfig
+    from smallm.rejection import below_path, load_score_function, run_best_of_n
+
+    policy, tok, _ = load_model(base)
+    verifier = load_score_function(scorer_module(tmp_path, monkeypatch))
+    options = dict(score_function=verifier, sampling=SamplingConfig(temperature=1.0), max_new_tokens=6, seed=3)
+    everything = run_best_of_n(policy, tok, prompts, tmp_path / "all.jsonl", 4, **options)
+    best = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    threshold = sorted(b["score"] for b in best)[2]  # the middle best score: some prompts reach it, some not
+    out = tmp_path / "kept.jsonl"
+    result = run_best_of_n(policy, tok, prompts, out, 4, pairs_out=tmp_path / "pairs.jsonl", min_score=threshold,
+                           **options)  # fmt: skip
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    below = [json.loads(line) for line in below_path(out).read_text().splitlines()]
+    assert below_path(out).name == "kept.below.jsonl"
+    assert [k["index"] for k in kept] == [b["index"] for b in best if b["score"] >= threshold]
+    assert [b["index"] for b in below] == [b["index"] for b in best if b["score"] < threshold]
+    assert all(max(b["scores"]) < threshold and len(b["replies"]) == 4 for b in below)
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert {p["index"] for p in pairs} <= {k["index"] for k in kept}
+    assert (result["prompts"], result["kept"]) == (5, len(kept)) and result["mean_best"] == everything["mean_best"]
+    again = run_best_of_n(policy, tok, prompts, out, 4, min_score=threshold, **options)
+    assert again["prompts"] == 0  # the prompts below the threshold count as done too
+
+
 def test_best_of_n_with_a_reward_model_from_the_command_line(
     base: Path, pairs: Path, prompts: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

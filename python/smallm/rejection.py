@@ -6,7 +6,10 @@ which prompts were done before), scores each with a reward model (:class:`smallm
 a Python function ``score(record, reply) -> float`` (a verifier: an exact answer, a test that must pass),
 and returns the best as an SFT conversation and best-vs-worst as a DPO pair (none when all scores tie).
 :func:`run_best_of_n` writes them as JSON Lines, appending, and skips the prompts a previous run
-already wrote, so a long prompt file can be resumed.
+already wrote, so a long prompt file can be resumed. With ``min_score``, a prompt whose best reply scores
+below it keeps nothing (no conversation, no pair: with a verifier, a best reply that is still wrong would
+teach a wrong answer); its replies and scores go to ``<out>.below.jsonl`` instead, where a resumed run
+finds it done.
 
 Prompt file: one ``{"prompt": str | messages, ...}`` per line; the other fields are kept and handed to a
 scoring function (``{"prompt": "12+30=", "answer": "42"}``).
@@ -27,7 +30,7 @@ from smallm.conversations import DataError, Messages, _json_lines, _messages
 from smallm.files import append_text_durable, write_text_atomic
 from smallm.generate import SamplingConfig, generate_batch, stop_ids_of
 
-__all__ = ["Choice", "best_of_n", "load_score_function", "read_prompts", "run_best_of_n"]
+__all__ = ["Choice", "below_path", "best_of_n", "load_score_function", "read_prompts", "run_best_of_n"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ScoreFunction = Callable[[Mapping[str, Any], str], float]
@@ -135,13 +138,15 @@ def run_best_of_n(
     sampling: SamplingConfig | None = None,
     max_new_tokens: int = 128,
     seed: int = 0,
+    min_score: float | None = None,
     force: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, float]:
     """Best-of-``n`` over every prompt of ``prompts_file``: the best replies appended to ``out`` (SFT
     conversations) and best-vs-worst to ``pairs_out`` (DPO pairs), one prompt at a time, skipping the
-    prompts ``out`` already holds (``force``: start both files over). Returns the mean best score and the
-    mean of all scores over the prompts done now."""
+    prompts ``out`` (or :func:`below_path`) already holds (``force``: start the files over). A prompt whose
+    best score is below ``min_score`` is written to :func:`below_path` only. Returns, over the prompts
+    done now, their number, how many were kept, the mean best score and the mean of all scores."""
     from smallm.reward import score_conversations
 
     if n < 2:
@@ -150,10 +155,11 @@ def run_best_of_n(
         raise ValueError("give a reward model (--reward RM) or a scoring function (--reward-fn module:function)")
     prompts = read_prompts(prompts_file)
     out, pairs_path = Path(out), Path(pairs_out) if pairs_out is not None else None
-    for path in (out, pairs_path):
+    below = below_path(out)
+    for path in (out, pairs_path, below):
         if force and path is not None:
             path.unlink(missing_ok=True)
-    done = {int(r["index"]) for r in _complete_lines(out)}
+    done = {int(r["index"]) for r in _complete_lines(out)} | {int(r["index"]) for r in _complete_lines(below)}
     if pairs_path is not None and pairs_path.is_file():  # a pair written just before an interruption: redone
         kept = [r for r in _complete_lines(pairs_path) if int(r["index"]) in done]
         write_text_atomic(pairs_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
@@ -166,21 +172,33 @@ def run_best_of_n(
         conversations = [[*messages, {"role": "assistant", "content": r}] for r in replies]
         return score_conversations(reward_model, tokenizer, conversations)
 
-    best, mean, count = 0.0, 0.0, 0
+    best, mean, count, kept = 0.0, 0.0, 0, 0
     sampling = sampling or SamplingConfig()
     for index, prompt in enumerate(prompts):
         if index in done:
             continue
         choice = best_of_n(policy, tokenizer, [prompt], n, score=score, sampling=sampling,
                            max_new_tokens=max_new_tokens, seed=seed, first_index=index)[0]  # fmt: skip
+        best += choice.scores[choice.best]
+        mean += sum(choice.scores) / n
+        count += 1
+        if min_score is not None and choice.scores[choice.best] < min_score:
+            _append(below, {"index": index, "messages": choice.messages, "replies": choice.replies,
+                            "scores": choice.scores})  # fmt: skip
+            continue
         pair = choice.pair()
         if pairs_path is not None and pair is not None:
             _append(pairs_path, pair)
         _append(out, choice.conversation())  # last: a prompt counts as done once both are written
-        best += choice.scores[choice.best]
-        mean += sum(choice.scores) / n
-        count += 1
-    return {"prompts": count, "mean_best": best / max(count, 1), "mean_score": mean / max(count, 1)}
+        kept += 1
+    return {"prompts": count, "kept": kept, "mean_best": best / max(count, 1), "mean_score": mean / max(count, 1)}
+
+
+def below_path(out: PathLike) -> Path:
+    """Where :func:`run_best_of_n` writes the prompts whose best reply scored below ``min_score``:
+    ``best.jsonl`` -> ``best.below.jsonl``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.below{out.suffix or '.jsonl'}")
 
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:

@@ -6,10 +6,12 @@
 
 ``--out`` gets one SFT conversation per prompt (the best reply, its score and the prompt's mean score),
 ``--pairs`` best-vs-worst as DPO pairs: ``smallm-sft --data best.jsonl``, ``smallm-dpo --data pairs.jsonl``.
-A run that stops is resumed by running it again: prompts already in ``--out`` are skipped (``--force``
-starts over). Sampling: ``smallm-generate``'s settings (default temperature 1.0, top-k 50); ``--seed``
-makes it deterministic. ``--reward-fn module:function`` scores with ``function(record, reply) -> float``,
-given the prompt file's whole line (an ``answer`` field, a test to run...). See :mod:`smallm.rejection`.
+``--min-score`` keeps only the prompts whose best reply scores at least that (with a verifier scoring 1
+for right, ``--min-score 1`` keeps right answers only); the others go to ``OUT.below.jsonl``. A run that
+stops is resumed by running it again: prompts already done are skipped (``--force`` starts over).
+Sampling: ``smallm-generate``'s settings (default temperature 1.0, top-k 50); ``--seed`` makes it
+deterministic. ``--reward-fn module:function`` scores with ``function(record, reply) -> float``, given
+the prompt file's whole line (an ``answer`` field, a test to run...). See :mod:`smallm.rejection`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="the best replies, as SFT conversations (appended)")
     p.add_argument("--pairs", type=Path, help="also best-vs-worst as DPO pairs here (appended)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply (default: 128)")
+    p.add_argument(
+        "--min-score", type=float,
+        help="keep nothing of a prompt whose best reply scores below this (it goes to OUT.below.jsonl); with a "
+        "verifier scoring 1 for right, --min-score 1 keeps right answers only",
+    )  # fmt: skip
     p.add_argument("--force", action="store_true", help="start --out and --pairs over instead of resuming")
     add_sampling_arguments(p)
     return p
@@ -63,11 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_best_of_n(
             policy, tokenizer, args.prompts, args.out, args.n, reward_model=reward_model,
             score_function=score_function, pairs_out=args.pairs, sampling=sampling_from(args, temperature=1.0),
-            max_new_tokens=args.max_new_tokens, seed=args.seed or 0, force=args.force,
+            max_new_tokens=args.max_new_tokens, seed=args.seed or 0, min_score=args.min_score, force=args.force,
             log=lambda m: print(f"{PROG}: {m}", file=sys.stderr),
         )  # fmt: skip
         print(f"{PROG}: {result['prompts']} prompts, best of {args.n}: mean best score {result['mean_best']:.4f}, "
-              f"mean score {result['mean_score']:.4f} -> {args.out}", file=sys.stderr)  # fmt: skip
+              f"mean score {result['mean_score']:.4f}; {result['kept']} kept -> {args.out}",
+              file=sys.stderr)  # fmt: skip
         return 0
 
     return run_command(PROG, body)
