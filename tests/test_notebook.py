@@ -174,6 +174,16 @@ def test_a_diverging_run_stops_with_its_advice_in_the_widget(
     assert "the loss became nan" in dash.error.value
 
 
+def test_error_messages_are_the_command_lines() -> None:
+    from smallm.errors import SmallmError
+    from smallm.notebook import error_message
+
+    assert error_message(ValueError("--data x: not a directory")) == "--data x: not a directory"
+    assert error_message(SmallmError("resume from it")) == "resume from it"
+    assert "smaller batch_size" in error_message(MemoryError())
+    assert error_message(KeyError("k")) == "KeyError: 'k'"
+
+
 def test_opening_a_run_shows_its_curves_and_settings_ready_to_resume(shard_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     build_trainer(config(shard_dir, out, max_steps=6)).fit()

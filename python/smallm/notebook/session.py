@@ -38,7 +38,13 @@ STATES = ("idle", "starting", "running", "stopping", "stopped", "finished", "fai
 
 def error_message(error: BaseException) -> str:
     """What ``smallm-train`` prints for ``error``: the message of a known failure (a smallm error, a bad
-    value, an unreadable file), else the exception's type and message."""
+    value, an unreadable file), advice when the host ran out of memory, else the exception's type and
+    message."""
+    if isinstance(error, MemoryError):  # the host's memory (CUDA's is the trainer's TrainingError)
+        return (
+            "the machine ran out of memory; try a smaller batch_size (with more batch_tokens' micro-batches), "
+            "a shorter seq_len or a smaller preset"
+        )
     if isinstance(error, (SmallmError, ValueError, OSError)):
         return str(error)
     return f"{type(error).__name__}: {error}"
