@@ -154,15 +154,23 @@ def scorer_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "verifier:exact"
 
 
-def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
-    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def verified_sampling(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, dict]:
+    """The policy of ``base``, its tokenizer, and best-of-N options scoring with the test's verifier."""
     from smallm.generate import SamplingConfig
-    from smallm.rejection import load_score_function, run_best_of_n
+    from smallm.rejection import load_score_function
 
     policy, tok, _ = load_model(base)
     verifier = load_score_function(scorer_module(tmp_path, monkeypatch))
-    options = dict(score_function=verifier, sampling=SamplingConfig(temperature=1.0), max_new_tokens=6, seed=3)
+    return policy, tok, dict(score_function=verifier, sampling=SamplingConfig(temperature=1.0), max_new_tokens=6,
+                             seed=3)  # fmt: skip
+
+
+def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
+    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smallm.rejection import run_best_of_n
+
+    policy, tok, options = verified_sampling(base, tmp_path, monkeypatch)
     result = run_best_of_n(policy, tok, prompts, tmp_path / "best.jsonl", 4, pairs_out=tmp_path / "pairs.jsonl",
                            **options)  # fmt: skip
     best = [json.loads(line) for line in (tmp_path / "best.jsonl").read_text().splitlines()]
@@ -184,12 +192,9 @@ def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
 def test_best_of_n_min_score_keeps_only_prompts_whose_best_reaches_it_and_resumes(
     base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from smallm.generate import SamplingConfig
-    from smallm.rejection import below_path, load_score_function, run_best_of_n
+    from smallm.rejection import below_path, run_best_of_n
 
-    policy, tok, _ = load_model(base)
-    verifier = load_score_function(scorer_module(tmp_path, monkeypatch))
-    options = dict(score_function=verifier, sampling=SamplingConfig(temperature=1.0), max_new_tokens=6, seed=3)
+    policy, tok, options = verified_sampling(base, tmp_path, monkeypatch)
     everything = run_best_of_n(policy, tok, prompts, tmp_path / "all.jsonl", 4, **options)
     best = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     threshold = sorted(b["score"] for b in best)[2]  # the middle best score: some prompts reach it, some not
