@@ -23,7 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_dataclass_arguments", "check_fields", "doc", "from_mapping", "read_config_file", "redefault"]
+__all__ = [
+    "add_dataclass_arguments", "check_fields", "default_of", "doc", "field_type", "from_mapping", "read_config_file",
+    "redefault",
+]  # fmt: skip
 
 _SIMPLE_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -73,7 +76,8 @@ def _optional(annotation: Any) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
-def _default_of(f: dataclasses.Field) -> Any:
+def default_of(f: dataclasses.Field) -> Any:
+    """A field's default value (a new one from its factory)."""
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
@@ -88,7 +92,7 @@ def add_dataclass_arguments(parser: Any, cls: type, prefix: str = "") -> None:
         kind = field_type(f.type)
         flag = "--" + prefix + f.name.replace("_", "-")
         dest = prefix.replace("-", "_") + f.name
-        helptext = f"{f.metadata.get('help', '')} (default: {_default_of(f)})"
+        helptext = f"{f.metadata.get('help', '')} (default: {default_of(f)})"
         if kind is bool:
             action = argparse.BooleanOptionalAction
             parser.add_argument(flag, dest=dest, action=action, default=argparse.SUPPRESS, help=helptext)

@@ -30,7 +30,7 @@ import ipywidgets as w
 from smallm.config import RunConfig, TrainConfig, build_config
 from smallm.metrics import LossCurves, loss_figure
 from smallm.notebook.session import TrainingSession, error_message
-from smallm.options import field_type
+from smallm.options import default_of, field_type
 
 __all__ = ["TRAIN_FIELDS", "Dashboard", "SettingsForm"]
 
@@ -57,7 +57,7 @@ class SettingsForm:
         self.extra = dict(values or {})  # settings not shown (a config file's, or a run's) kept as given
         self.widgets: dict[str, w.ValueWidget] = {}
         for f in self.fields:
-            default = self.extra.pop(f.name, _default_of(f))
+            default = self.extra.pop(f.name, default_of(f))
             self.widgets[f.name] = _widget_for(f, default)
         self.box = w.GridBox(
             list(self.widgets.values()), layout=w.Layout(grid_template_columns="repeat(3, minmax(0, 1fr))")
@@ -227,12 +227,6 @@ def _button(label: str, style: str, css: str, tooltip: str) -> w.Button:
     return button
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-
-
 def _widget_for(f: dataclasses.Field, value: Any) -> w.ValueWidget:
     """The widget of one setting: a dropdown for a choice, a checkbox for a flag, else a text box (empty
     for "the default")."""
@@ -266,7 +260,7 @@ def _parse(f: dataclasses.Field, value: Any) -> Any:
         return value
     text = value.strip()
     if not text:
-        return _default_of(f) if f.name != "data" else None
+        return default_of(f) if f.name != "data" else None
     if f.name == "data" and "," in text:  # a mixture, as --data DIR:WEIGHT repeated
         return [part.strip() for part in text.split(",") if part.strip()]
     kind = field_type(f.type)
