@@ -263,13 +263,13 @@ def test_dpo_loss_is_the_formula_and_starts_at_log_2(base: Path, data: tuple[Pat
     trainer = build_trainer(config(base, data[1], tmp_path, method="dpo", beta=0.5))
     dpo, model = trainer.objective, trainer.model.module
     x, y = pair_tensors(trainer.loader.pairs[:4], trainer.task.data.pad_id(), torch.device("cpu"))
-    loss, stats = dpo.pair_stats(x, y, model)
+    loss, stats = dpo.pair_stats(model, (x, y))
     torch.testing.assert_close(loss, torch.tensor(4 * math.log(2)))  # policy == reference
     assert stats[3] == 0  # no margin is positive yet
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    loss, stats = dpo.pair_stats(x, y, model)
+    loss, stats = dpo.pair_stats(model, (x, y))
     with dpo.reference() as frozen:
         policy, reference = sequence_logps(model, x, y), sequence_logps(frozen, x, y)
     reward = 0.5 * (policy - reference)

@@ -44,12 +44,15 @@ __all__ = [
     "PackedRows",
     "PairBatches",
     "RowBatches",
+    "check_messages",
     "encode_conversation",
     "encode_pairs",
+    "json_lines",
     "pack_examples",
     "read_conversations",
     "read_pairs",
     "read_replies",
+    "turns_of",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -74,7 +77,7 @@ class Example:
 # ----- reading --------------------------------------------------------------------------------------
 
 
-def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
+def json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line."""
     path = Path(path)
     try:
@@ -95,7 +98,8 @@ def _json_lines(path: PathLike) -> Iterator[tuple[int, Any]]:
                 raise DataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from e
 
 
-def _messages(value: Any, where: str, field: str) -> Messages:
+def check_messages(value: Any, where: str, field: str) -> Messages:
+    """``value`` as a message list, or a :class:`DataError` naming ``where`` and ``field``."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: {field!r} must be a non-empty list of {{'role', 'content'}} objects")
     messages = []
@@ -113,11 +117,11 @@ def read_conversations(path: PathLike) -> list[Messages]:
     naming the line for malformed JSON, a missing or malformed message list, an unknown role, or a
     conversation without an assistant turn (nothing to learn from)."""
     conversations = []
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         if not isinstance(record, Mapping) or "messages" not in record:
             raise DataError(f"{where}: expected an object with a 'messages' list")
-        messages = _messages(record["messages"], where, "messages")
+        messages = check_messages(record["messages"], where, "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant turn, so nothing in it would be learned")
         conversations.append(messages)
@@ -126,22 +130,24 @@ def read_conversations(path: PathLike) -> list[Messages]:
     return conversations
 
 
+def turns_of(value: Any, where: str, field: str, role: str) -> Messages:
+    """A field that is a string (one turn of ``role``) or a message list, as messages."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else check_messages(value, where, field)
+
+
 def read_replies(path: PathLike) -> list[Messages]:
     """The conversations to score of a file: ``{"messages": [...]}`` per line, or ``{"prompt": ..., "reply":
     ...}`` (a string prompt is one user turn, a string reply one assistant turn). Each must end with an
     assistant turn. Raises :class:`DataError` naming the line."""
     conversations = []
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         if isinstance(record, Mapping) and "messages" in record:
-            messages = _messages(record["messages"], where, "messages")
+            messages = check_messages(record["messages"], where, "messages")
         elif isinstance(record, Mapping) and "prompt" in record and "reply" in record:
             parts = []
             for field, role in (("prompt", "user"), ("reply", "assistant")):
-                value = record[field]
-                parts += (
-                    [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, where, field)
-                )
+                parts += turns_of(record[field], where, field, role)
             messages = parts
         else:
             raise DataError(f"{where}: expected an object with 'messages', or with 'prompt' and 'reply'")
@@ -157,7 +163,7 @@ def read_pairs(path: PathLike) -> list[tuple[Messages, Messages, Messages]]:
     """The (prompt, chosen, rejected) message lists of a DPO file. A string prompt is one user turn, a
     string answer one assistant turn; answers given as lists must hold an assistant turn."""
     pairs = []
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         if not isinstance(record, Mapping):
             raise DataError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
@@ -166,11 +172,7 @@ def read_pairs(path: PathLike) -> list[tuple[Messages, Messages, Messages]]:
             raise DataError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
         parts = []
         for field, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
-            value = record[field]
-            if isinstance(value, str):
-                parts.append([{"role": role, "content": value}])
-            else:
-                parts.append(_messages(value, where, field))
+            parts.append(turns_of(record[field], where, field, role))
         for field, answer in zip(("chosen", "rejected"), parts[1:]):
             if not any(m["role"] == "assistant" for m in answer):
                 raise DataError(f"{where}: {field!r} has no assistant turn")

@@ -100,10 +100,16 @@ class MetricsLogger:
         return plot_losses(self.out / "metrics.jsonl", self.out / "loss_curve.png")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, in order (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
 def plot_losses(metrics: Path, target: Path) -> Path:
     """Plots training and validation loss from a ``metrics.jsonl``; a resumed run's later lines win."""
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
-    write_bytes_atomic(target, loss_figure(LossCurves.of(records)))
+    write_bytes_atomic(target, loss_figure(LossCurves.of(read_metrics(metrics))))
     return target
 
 

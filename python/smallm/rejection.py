@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from smallm.chat import prompt_ids
-from smallm.conversations import DataError, Messages, _json_lines, _messages
+from smallm.conversations import DataError, Messages, json_lines, turns_of
 from smallm.files import append_text_durable, write_text_atomic
 from smallm.generate import SamplingConfig, generate_batch, stop_ids_of
 
@@ -70,12 +70,12 @@ class Choice:
 def read_prompts(path: PathLike) -> list[tuple[dict[str, Any], Messages]]:
     """(record, prompt messages) per line of a prompt file; a string prompt is one user turn."""
     prompts = []
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         if not isinstance(record, Mapping) or "prompt" not in record:
             raise DataError(f"{where}: expected an object with a 'prompt' (a string or a message list)")
         value = record["prompt"]
-        messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where, "prompt")
+        messages = turns_of(value, where, "prompt", "user")
         if messages[-1]["role"] == "assistant":
             raise DataError(f"{where}: the prompt ends with an assistant turn; it should end where the reply starts")
         prompts.append((dict(record), messages))

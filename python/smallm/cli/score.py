@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from smallm.conversations import _json_lines, read_replies
+        from smallm.conversations import json_lines, read_replies
         from smallm.files import write_text_atomic
         from smallm.reward import RewardModel, score_conversations
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(model, RewardModel):
             raise ValueError(f"{args.checkpoint} is a language model, not a reward model: train one with smallm-rm")
         scores = score_conversations(model, tokenizer, conversations, args.batch_size)
-        records = [record for _, record in _json_lines(args.data)]
+        records = [record for _, record in json_lines(args.data)]
         lines = "".join(json.dumps({**r, "score": s}, ensure_ascii=False) + "\n" for r, s in zip(records, scores))
         if args.out is None:
             sys.stdout.write(lines)

@@ -28,7 +28,7 @@ from typing import Any
 import ipywidgets as w
 
 from smallm.config import RunConfig, TrainConfig, build_config
-from smallm.metrics import LossCurves, loss_figure
+from smallm.metrics import LossCurves, loss_figure, read_metrics
 from smallm.notebook.session import TrainingSession, error_message
 from smallm.options import default_of, field_type
 
@@ -199,10 +199,9 @@ class Dashboard(w.VBox):
     def _show_existing_run(self) -> None:
         shown = self.form.widgets.get("out")
         out = Path(str(shown.value if shown is not None else self.form.extra.get("out", "")))
-        metrics = out / "metrics.jsonl"
-        if not str(out) or not metrics.is_file():
+        records = read_metrics(out / "metrics.jsonl") if str(out) else []
+        if not records:
             return
-        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
         self._draw(records)
         last = max((r["step"] for r in records), default=0)
         self.status.value = f"<code>saved run</code> · {html.escape(str(out), quote=False)}, step {last}"

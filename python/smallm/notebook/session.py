@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, TextIO
 from smallm.builtin import on_builtin_corpus
 from smallm.config import RunConfig, TrainConfig
 from smallm.errors import SmallmError
+from smallm.metrics import read_metrics
 
 __all__ = ["Progress", "TrainingSession", "error_message"]
 
@@ -162,8 +162,8 @@ class TrainingSession:
             try:
                 if isinstance(self.cfg, TrainConfig):
                     on_builtin_corpus(self.cfg, progress=False)  # no data given: the stdlib sources
-                if self.cfg.resume:
-                    self._read_earlier_metrics()
+                if self.cfg.resume:  # the curves start with the steps before
+                    self.records = read_metrics(Path(self.cfg.out) / "metrics.jsonl")
                 trainer = build_trainer(self.cfg)
                 trainer.progress_bar = False
                 trainer.listeners.append(self._on_record)
@@ -183,11 +183,6 @@ class TrainingSession:
                 self._set_state("failed")
             finally:
                 self.trainer = None  # frees the model and optimizer; the checkpoints have them
-
-    def _read_earlier_metrics(self) -> None:
-        path = Path(self.cfg.out) / "metrics.jsonl"
-        if path.is_file():
-            self.records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
     def _on_record(self, record: dict[str, Any]) -> None:
         self.records.append(record)

@@ -1,18 +1,20 @@
 """What SFT and DPO share: a base checkpoint and its tokenizer, a JSON Lines file with a held-out split,
 steps counted in epochs, the ``finetune`` section of the run config, and a ChatML sample reply; and what
-DPO and the reward model share on top: preference pairs encoded to fit the context, their batches."""
+DPO and the reward model share on top: preference pairs encoded to fit the context, their batches, and
+the objectives' counting and validation pass."""
 
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from smallm.chat import prompt_ids, with_chat_format
 from smallm.config import FinetuneConfig
@@ -23,7 +25,7 @@ from smallm.runs import find_tokenizer, read_config, resolve_checkpoint
 from smallm.tasks import RunContext
 from smallm.tokenizer import Tokenizer
 
-__all__ = ["ChatData", "PairTask", "held_out"]
+__all__ = ["ChatData", "PairObjective", "PairTask", "held_out"]
 
 
 def held_out(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -78,6 +80,46 @@ class ChatData:
         stops = stop_ids_of(self.tokenizer)
         ids = generate_ids(model, prompt, room, seed=0, stop_ids=stops, vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.decode(ids)
+
+
+class PairObjective:
+    """What the DPO and reward-model objectives share: a batch is 2B rows (the B chosen sides, then the B
+    rejected ones), a step is counted in pairs, and the last of a batch's stats is its number of pairs.
+    A subclass gives :meth:`pair_stats` (the summed loss and the stats of one batch) and
+    :meth:`train_metrics`."""
+
+    stats_size: int
+    """How many stats :meth:`pair_stats` returns (the pairs last)."""
+
+    def count(self, batch: Any) -> Tensor:
+        return torch.tensor(batch[0].shape[0] // 2, device=batch[0].device)
+
+    def pair_stats(self, net: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, net: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        return self.pair_stats(net, batch)
+
+    def train_metrics(self, stats: Tensor, count: Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> Tensor:
+        """The summed stats of ``batches``, the model in eval mode meanwhile."""
+        sums = torch.zeros(self.stats_size, dtype=torch.float64, device=next(model.parameters()).device)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                sums += self.pair_stats(model, batch)[1].to(sums.device)
+        finally:
+            model.train(was_training)
+        return sums
+
+    def validation_metrics(self, sums: Tensor) -> dict[str, float]:
+        if sums[-1] == 0:
+            return {}
+        return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[-1]).items()}
 
 
 class PairTask:

@@ -10,7 +10,7 @@ the chosen answer's reward is the higher).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -20,15 +20,17 @@ from torch import Tensor, nn
 
 from smallm.config import DPOConfig
 from smallm.tasks import Batch, RunContext
-from smallm.tasks.chat import PairTask
+from smallm.tasks.chat import PairObjective, PairTask
 
 __all__ = ["DPO", "PreferenceLoss"]
 
 
-class PreferenceLoss:
+class PreferenceLoss(PairObjective):
     """The DPO :class:`~smallm.tasks.Objective`: batches are ``(x, y)`` of 2B rows, the B chosen answers
     then the B rejected ones; the stats are the sums of [loss, chosen reward, rejected reward, pairs the
     chosen answer wins, pairs]."""
+
+    stats_size = 5
 
     def __init__(
         self,
@@ -38,17 +40,15 @@ class PreferenceLoss:
     ) -> None:
         self.beta, self.reference, self.autocast = beta, reference, autocast
 
-    def count(self, batch: Batch) -> Tensor:
-        return torch.tensor(batch[0].shape[0] // 2, device=batch[0].device)
-
     def sequence_logps(self, net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Summed log-probability of each row's supervised targets (the answer), fp32."""
         with self.autocast():
             _, losses = net(x, y, reduction="none")
         return -losses.sum(dim=-1)
 
-    def pair_stats(self, x: Tensor, y: Tensor, net: nn.Module) -> tuple[Tensor, Tensor]:
+    def pair_stats(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """(summed DPO loss, the stats) of one batch."""
+        x, y = batch[0], batch[1]
         policy = self.sequence_logps(net, x, y)
         with torch.no_grad(), self.reference() as reference:
             was_training = reference.training
@@ -63,9 +63,6 @@ class PreferenceLoss:
         stats = torch.stack([loss.detach(), r[:B].sum(), r[B:].sum(), (margin > 0).sum().float(), torch.tensor(B)])
         return loss, stats.double()
 
-    def loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        return self.pair_stats(batch[0], batch[1], net)
-
     def train_metrics(self, stats: Tensor, count: Tensor) -> dict[str, float]:
         loss, chosen, rejected, correct, pairs = stats.tolist()
         n = max(pairs, 1.0)
@@ -76,23 +73,6 @@ class PreferenceLoss:
             "reward_margin": (chosen - rejected) / n,
             "reward_accuracy": correct / n,
         }
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> Tensor:
-        sums = torch.zeros(5, dtype=torch.float64, device=next(model.parameters()).device)
-        was_training = model.training
-        model.eval()
-        try:
-            for x, y, *_ in batches:
-                sums += self.pair_stats(x, y, model)[1].to(sums.device)
-        finally:
-            model.train(was_training)
-        return sums
-
-    def validation_metrics(self, sums: Tensor) -> dict[str, float]:
-        if sums[4] == 0:
-            return {}
-        return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[4]).items()}
 
 
 class DPO(PairTask):

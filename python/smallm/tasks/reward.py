@@ -10,7 +10,6 @@ step (all micro-batches and ranks). Logged, in training and validation: the loss
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from smallm.config import RewardConfig
 from smallm.conversations import EncodedPair, PairBatches
 from smallm.reward import reward_tensors
 from smallm.tasks import Batch, RunContext
-from smallm.tasks.chat import PairTask
+from smallm.tasks.chat import PairObjective, PairTask
 
 __all__ = ["BradleyTerryLoss", "RewardModeling"]
 
@@ -40,15 +39,17 @@ class RewardBatches(PairBatches):
         return pair_rows([self.pairs[i] for i in self._indices()], self.pad_id, self.device)
 
 
-class BradleyTerryLoss:
+class BradleyTerryLoss(PairObjective):
     """The :class:`~smallm.tasks.Objective`: batches are ``(ids, last)`` of 2B rows; the stats are the sums of
     [loss, margin, pairs the chosen reply wins, pairs]."""
 
-    def count(self, batch: Batch) -> Tensor:
-        return torch.tensor(batch[0].shape[0] // 2, device=batch[0].device)
+    stats_size = 4
 
     def pair_stats(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         ids, last = batch[0], batch[1]
+        if ids.shape[0] < 2:  # a sharded run's padding batch has one row and no pair
+            zero = torch.zeros((), device=ids.device)
+            return zero, torch.zeros(self.stats_size, dtype=torch.float64, device=ids.device)
         rewards = net(ids, reward_index=last)
         B = ids.shape[0] // 2
         margin = rewards[:B] - rewards[B:]
@@ -57,31 +58,10 @@ class BradleyTerryLoss:
         stats = torch.stack([loss.detach(), m.sum(), (m > 0).sum().float(), torch.tensor(float(B), device=m.device)])
         return loss, stats.double()
 
-    def loss(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        return self.pair_stats(net, batch)
-
     def train_metrics(self, stats: Tensor, count: Tensor) -> dict[str, float]:
         loss, margin, correct, pairs = stats.tolist()
         n = max(pairs, 1.0)
         return {"loss": loss / n, "accuracy": correct / n, "margin": margin / n}
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Batch]) -> Tensor:
-        sums = torch.zeros(4, dtype=torch.float64, device=next(model.parameters()).device)
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in batches:
-                if batch[0].shape[0] >= 2:  # a sharded run's padding batch has one row and no pair
-                    sums += self.pair_stats(model, batch)[1].to(sums.device)
-        finally:
-            model.train(was_training)
-        return sums
-
-    def validation_metrics(self, sums: Tensor) -> dict[str, float]:
-        if sums[3] == 0:
-            return {}
-        return {f"val_{k}": v for k, v in self.train_metrics(sums, sums[3]).items()}
 
 
 class RewardModeling(PairTask):
