@@ -73,6 +73,27 @@ def test_the_head_reads_the_last_token_and_padding_changes_nothing(tok: Tokenize
     assert score_conversations(model, tok, [conversation])[0] == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_sharded_runs_padding_batch_runs_a_forward_and_counts_nothing(tok: Tokenizer) -> None:
+    """Under FSDP a rank with fewer validation rows runs padding batches (one row, all targets ignored) so that
+    every rank runs as many forwards; the objective must run one on it and add no pair."""
+    from smallm.conversations import EncodedPair
+    from smallm.model import IGNORE_INDEX, ModelConfig
+    from smallm.tasks.reward import BradleyTerryLoss, pair_rows
+
+    torch.manual_seed(0)
+    model = RewardModel(ModelConfig(vocab_size=1216, n_layer=1, n_embd=64, n_head=4, max_seq_len=64))
+    side = lambda text: encode_conversation(tok, [{"role": "user", "content": "hi"},  # noqa: E731
+                                                  {"role": "assistant", "content": text}])  # fmt: skip
+    real = pair_rows([EncodedPair(side("hello"), side("go away"))], tok.eot_token, torch.device("cpu"))
+    padding = (torch.zeros(1, 64, dtype=torch.long), torch.full((1, 64), IGNORE_INDEX))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    objective = BradleyTerryLoss()
+    alone = objective.evaluate(model, [real])
+    assert torch.equal(objective.evaluate(model, [real, padding]), alone) and len(forwards) == 3
+    assert objective.validation_metrics(objective.evaluate(model, [padding])) == {}
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_a_reward_model_learns_to_prefer_the_chosen_replies(
     base: Path, pairs: Path, tmp_path: Path, method: str

@@ -47,9 +47,10 @@ class BradleyTerryLoss(PairObjective):
 
     def pair_stats(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         ids, last = batch[0], batch[1]
-        if ids.shape[0] < 2:  # a sharded run's padding batch has one row and no pair
-            zero = torch.zeros((), device=ids.device)
-            return zero, torch.zeros(self.stats_size, dtype=torch.float64, device=ids.device)
+        if ids.shape[0] < 2:
+            # The trainer's padding batch of a sharded run (one row, targets in place of positions): every rank
+            # must run as many forwards as the others, so it is scored, at position 0, and counts no pair.
+            last = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
         rewards = net(ids, reward_index=last)
         B = ids.shape[0] // 2
         margin = rewards[:B] - rewards[B:]
