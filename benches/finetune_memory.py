@@ -6,22 +6,22 @@ JSON line), since peak memory is a property of the whole process. The model is b
 
 * **full**: ``SmallLM`` on the device in fp32, every parameter trained.
 * **lora**: the frozen base in the frozen dtype (bf16 on CUDA, where it is only read through bf16
-  autocast; fp32 on CPU), then :func:`smallm.lora.apply_lora` with r=16, alpha=32 (dropout
+  autocast; fp32 on CPU), then :func:`smallm.model.lora.apply_lora` with r=16, alpha=32 (dropout
   ``--lora-dropout``, default 0 as in ``smallm-sft``) on the
   seven block projections (the adapters are fp32).
-* **qlora**: :func:`smallm.lora.quantize_nf4` turns the block projections of the CPU-built fp32 model
+* **qlora**: :func:`smallm.model.lora.quantize_nf4` turns the block projections of the CPU-built fp32 model
   into NF4 on the device first, then the rest moves as for LoRA and the same adapters go on.
 
 Besides smallm's presets, ``imported-llama3.2-1b`` is the scenario of starting from someone else's model:
 a ``transformers`` ``LlamaForCausalLM`` of Llama 3.2 1B's published shape (16 layers, width 2048, 32
 heads, 8 KV heads, MLP 8192, vocabulary 128256, tied, rope theta 500000 with llama3 scaling), random
 weights in bf16, saved by ``save_pretrained`` and imported with ``smallm-import``'s
-:func:`smallm.hf_import.import_hf` (once, into ``--import-dir``, in a process of its own, with a small
+:func:`smallm.interop.hf_import.import_hf` (once, into ``--import-dir``, in a process of its own, with a small
 stand-in tokenizer since the folder has none); each measurement opens that run with
-:func:`smallm.runs.load_model`, as ``smallm-sft`` does.
+:func:`smallm.run.load.load_model`, as ``smallm-sft`` does.
 
-The optimizer is :func:`smallm.optim.build_optimizer` under a default
-:class:`~smallm.config.FinetuneConfig` (AdamW, betas 0.9/0.95, fused on CUDA) over the trainable
+The optimizer is :func:`smallm.train.optim.build_optimizer` under a default
+:class:`~smallm.train.config.FinetuneConfig` (AdamW, betas 0.9/0.95, fused on CUDA) over the trainable
 parameters. One step is the forward with targets (bf16 autocast on CUDA, fp32 on CPU), the backward,
 gradient clipping at 1.0, the optimizer step and ``zero_grad(set_to_none=True)``, on a fixed batch of
 random token ids; gradient checkpointing is on unless ``--no-gradient-checkpointing``. After one
@@ -64,8 +64,9 @@ from typing import Any
 
 import torch
 from _machine import cpu_model, load_average, usable_cores
-from smallm.memory import format_count, parameter_count
-from smallm.model import ModelConfig, SmallLM
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.train.memory import format_count, parameter_count
 from torch import nn
 
 METHODS = ("full", "lora", "qlora")
@@ -128,7 +129,7 @@ def volunteer_for_oom_killer() -> None:
 
 def model_config(preset: str, seq_len: int) -> ModelConfig:
     if preset == IMPORTED:
-        from smallm.hf_import import model_config_from_hf
+        from smallm.interop.hf_import import model_config_from_hf
 
         parameters = LLAMA32_1B["rope_parameters"]
         return model_config_from_hf({"model_type": "llama", **LLAMA32_1B, "rope_parameters": parameters})
@@ -141,7 +142,7 @@ def prepare_import(directory: Path) -> Path:
     if (run / "config.json").is_file():
         return run
     import transformers
-    from smallm.hf_import import import_hf
+    from smallm.interop.hf_import import import_hf
 
     folder = directory / "hf"
     if not (folder / "config.json").is_file():
@@ -157,7 +158,7 @@ def prepare_import(directory: Path) -> Path:
     log(f"{IMPORTED}: imported in {time.perf_counter() - start:.0f}s")
     # The folder has no tokenizer (Llama 3's is not ours to ship); opening a run needs one, and its size
     # changes nothing here: the batch is random ids over the model's 128256 rows.
-    from smallm.tokenizer import Tokenizer
+    from smallm.text.tokenizer import Tokenizer
 
     Tokenizer.train_from_iterator(["a stand-in tokenizer for the benchmark"] * 4, 300).save(run)
     return run
@@ -165,12 +166,13 @@ def prepare_import(directory: Path) -> Path:
 
 def build(preset: str, method: str, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Any]:
     """The model with its optimizer, set up for ``method`` as ``smallm-sft`` sets it up."""
-    from smallm.config import FinetuneConfig
-    from smallm.optim import build_optimizer
+    from smallm.train.config import FinetuneConfig
+    from smallm.train.optim import build_optimizer
+    from smallm.train.resolve import resolve_optimization
 
     torch.manual_seed(0)
     if preset == IMPORTED:
-        from smallm.runs import load_model
+        from smallm.run.load import load_model
 
         model = load_model(Path(args.import_dir) / "run")[0].train()
     else:
@@ -180,14 +182,14 @@ def build(preset: str, method: str, args: argparse.Namespace, device: torch.devi
     if method == "full":
         model.to(device)
     else:
-        from smallm.lora import LoraSettings, apply_lora, place_frozen_base, quantize_nf4
+        from smallm.model.lora import LoraSettings, apply_lora, place_frozen_base, quantize_nf4
 
         if method == "qlora":
             quantize_nf4(model, device, frozen_dtype)
         place_frozen_base(model, device, frozen_dtype)
         apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, dropout=args.lora_dropout))
     cfg = FinetuneConfig(lora_r=0 if method == "full" else LORA_R, optimizer="adamw")
-    return model, build_optimizer(model, cfg, device)
+    return model, build_optimizer(model, resolve_optimization(cfg, model.config, device), device)
 
 
 def sync(device: torch.device) -> None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import tokenizers
-from smallm.tokenizer import Tokenizer
+from smallm.text.tokenizer import Tokenizer
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 HEAD = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"

@@ -34,8 +34,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from smallm.generate import SamplingConfig, generate_batch
-from smallm.model import ModelConfig, SmallLM
+from smallm.inference.generate import SamplingConfig, generate_batch
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
 
 SETTINGS = {"greedy": SamplingConfig(temperature=0.0), "t=0.8, top-k 50": SamplingConfig(temperature=0.8, top_k=50)}
 
@@ -44,7 +45,7 @@ def transformers_twin(model: SmallLM) -> Any:
     """The transformers model of the same shape (``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with
     QK-norm, from the config ``smallm-export`` writes) holding the same weights."""
     import transformers
-    from smallm.hf import hf_config
+    from smallm.interop.hf_export import hf_config
 
     c = model.config
     major = int(transformers.__version__.split(".")[0])
@@ -103,7 +104,7 @@ def timed_pair(
 
 def build_model(args: argparse.Namespace, device: torch.device) -> SmallLM:
     if args.checkpoint:
-        from smallm.runs import load_model
+        from smallm.run.load import load_model
 
         return load_model(args.checkpoint, device=device)[0]
     torch.manual_seed(0)

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 from _machine import cpu_model, usable_cores
-from smallm.data import ShardSet
-from smallm.generate import generate_ids
-from smallm.gguf_export import export_gguf
-from smallm.runs import load_model, read_config, resolve_checkpoint
+from smallm.data.shardset import ShardSet
+from smallm.inference.generate import generate_ids
+from smallm.interop.gguf_export import export_gguf
+from smallm.run.load import load_model, read_config, resolve_checkpoint
 
 DTYPES = ("fp32", "fp16", "bf16", "q8_0")
 REPO = Path(__file__).resolve().parents[1]

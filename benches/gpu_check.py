@@ -40,14 +40,15 @@ from typing import Any
 import torch
 from _machine import cpu_model
 from generate_vs_transformers import SETTINGS, hf_generate, smallm_generate, timed_pair, transformers_twin
-from smallm.checkpoint import latest_checkpoint, load_weights
-from smallm.config import FinetuneConfig, TrainConfig
-from smallm.corpus import Corpus, stdlib_sources
-from smallm.jobs import build_trainer
-from smallm.model import ModelConfig, SmallLM
-from smallm.runs import write_run
-from smallm.shards import PackOptions, pack_corpus
-from smallm.tokenizer import Tokenizer
+from smallm.data.shards import PackOptions, pack_corpus
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.run.checkpoint import latest_checkpoint, load_weights
+from smallm.run.write import write_run
+from smallm.text.corpus import Corpus, stdlib_sources
+from smallm.text.tokenizer import Tokenizer
+from smallm.train.config import FinetuneConfig, TrainConfig
+from smallm.train.jobs import build_trainer
 
 Row = dict[str, Any]
 

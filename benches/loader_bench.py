@@ -1,4 +1,4 @@
-"""Benchmark the training data loader (:mod:`smallm.data`) on a synthetic shard directory.
+"""Benchmark the training data loader (:mod:`smallm.data.loader`) on a synthetic shard directory.
 
 Builds a shard directory in a temporary folder with numpy: ``--tokens`` tokens (default 20M) of
 documents whose lengths are lognormal (median 300 tokens, sigma 1.0, so a mean of about 495 and a long
@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import cpu_model, load_average, usable_cores
-from smallm.data import ShardSet, TokenLoader, ValidationLoader
+from smallm.data.loader import TokenLoader, ValidationLoader
+from smallm.data.shardset import ShardSet
 
 VOCAB_SIZE, BOS_ID = 32000, 31997
 MEDIAN_LENGTH, SIGMA = 300, 1.0
@@ -86,7 +87,7 @@ def build_shard_dir(directory: Path, total: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     lengths = document_lengths(total, rng)
     n_val = max(len(lengths) // 200, 1)
-    tokenizer = b'{"note": "placeholder: smallm.data checks only this file\'s sha256"}\n'
+    tokenizer = b'{"note": "placeholder: smallm.data.loader checks only this file\'s sha256"}\n'
     (directory / "tokenizer.json").write_bytes(tokenizer)
     splits = {"train": write_split(directory, "train", lengths[n_val:], rng)}
     splits["val"] = write_split(directory, "val", lengths[:n_val], rng)
@@ -203,7 +204,7 @@ def main() -> None:
                 anchor = nanochat_cropped(shuffled, seq_len + 1, buffer_size)
                 crops.append((seq_len, buffer_size, fraction, anchor, floor, seconds))
 
-    print("## smallm.data loader benchmark\n")
+    print("## smallm.data.loader loader benchmark\n")
     print(f"Machine: {machine()}.\n")
     print(
         f"Data: {lengths.sum() / 1e6:.1f}M train tokens in {len(shards.shards)} shards, {len(lengths)} "

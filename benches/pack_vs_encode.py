@@ -6,7 +6,7 @@ best of ``--repeats`` (default 3) rounds that run each measurement in turn, on t
 
 * **bare encode**: ``tok.encode_ordinary_batch(docs, return_numpy=True)`` on the documents already in
   memory (every corpus file is one document, as in ``--doc-mode file``; reading is not timed);
-* **pack_corpus in-process**: :func:`smallm.shards.pack_corpus` into a fresh directory (no interpreter
+* **pack_corpus in-process**: :func:`smallm.data.shards.pack_corpus` into a fresh directory (no interpreter
   start-up, no tokenizer loading);
 * **smallm-tokenize end to end**: the console script as a subprocess into a fresh directory, wall time
   from start to exit, and the "packed in" time the same run prints for its packing stage;
@@ -18,7 +18,7 @@ their tokens without the one ``<|endoftext|>`` per document that shards add. The
 end to end within 1.3x the bare encode time.
 
 The corpus is ``../shared/data/*.txt`` (relative to the repository root) plus the Python standard
-library's sources (``smallm.corpus.stdlib_sources()``); the standard library alone when ../shared is
+library's sources (``smallm.text.corpus.stdlib_sources()``); the standard library alone when ../shared is
 absent. A 32000-id tokenizer is trained on it first unless ``--tokenizer DIR`` gives one. Run from
 anywhere, after building smallm in release mode::
 
@@ -47,8 +47,8 @@ import numpy as np
 import smallm
 from _machine import cpu_model, load_average, usable_cores
 from smallm import Tokenizer
-from smallm.corpus import Corpus, stdlib_sources
-from smallm.shards import MANIFEST, PackOptions, pack_corpus
+from smallm.data.shards import MANIFEST, PackOptions, pack_corpus
+from smallm.text.corpus import Corpus, stdlib_sources
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS_ROOT = REPO_ROOT.parent / "shared" / "data"
@@ -261,7 +261,7 @@ def render_report(f: dict[str, Any]) -> str:
         lines.append(f"| {name} | {seconds:.3f} | {rate} | {seconds / bare:.2f}x |")
 
     row("bare `encode_ordinary_batch(docs, return_numpy=True)`, docs in memory", bare)
-    row("`smallm.shards.pack_corpus` in-process (reads files, writes shards)", s["pack_corpus"][0])
+    row("`smallm.data.shards.pack_corpus` in-process (reads files, writes shards)", s["pack_corpus"][0])
     row(f"`{f['command']} FILES --tokenizer TOK --out OUT --quiet` wall (subprocess)", s["cli_wall"][0])
     if s["cli_packed_in"]:
         row('  the same runs\' own "packed in" time (printed to 0.1 s)', s["cli_packed_in"][0])

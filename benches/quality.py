@@ -10,7 +10,7 @@ byte (the loss in bits over the UTF-8 bytes of the targets, so tokenizers do not
 Recipes:
 
 * ``default``: ``smallm-train`` as a user gets it (its defaults for the preset), through the same parts
-  ``smallm.jobs`` assembles (a task whose validation is the held-out windows);
+  ``smallm.train.jobs`` assembles (a task whose validation is the held-out windows);
 * ``previous``: smallm's recipe before Muon: AdamW (lr 3e-3, betas 0.9/0.95, decay 0.1), warm-up 30 then
   cosine to 10%, 8 x 256 tokens per step, GPT-2-style initialisation;
 * ``nanogpt``: the GPT-2 block written in ``train_throughput.py`` (learned positions, LayerNorm, GELU MLP
@@ -18,7 +18,7 @@ Recipes:
   AdamW lr 1e-3, betas 0.9/0.99, weight decay 0.1 on matrices, clipping at 1.0, warm-up over 2% of the
   steps then cosine to lr/10, 8 x 256 tokens per step, no dropout;
 * variants of ``default`` named on the command line: ``--variant NAME:field=value,...`` with
-  :class:`~smallm.config.TrainConfig` fields or ``model.<field>`` (e.g. ``muon-wd0:weight_decay=0``).
+  :class:`~smallm.train.config.TrainConfig` fields or ``model.<field>`` (e.g. ``muon-wd0:weight_decay=0``).
 
 Reported: each recipe's curve (bits per byte against training tokens), its final bits per byte overall
 and per source, the tokens it needs to reach the baseline's final bits per byte (interpolated between
@@ -57,17 +57,18 @@ import torch
 import torch.nn.functional as F
 from _machine import cpu_model, load_average, usable_cores
 from smallm import Tokenizer
-from smallm.config import TrainConfig, validate
-from smallm.corpus import Corpus, stdlib_sources
-from smallm.data import ShardSet, TokenLoader, ValidationLoader
-from smallm.distributed import setup_runtime
-from smallm.evaluate import byte_length_table, evaluate_batches
-from smallm.model import IGNORE_INDEX, ModelConfig
-from smallm.optim import build_optimizer, cosine_with_warmup
-from smallm.shards import PackOptions, pack_corpus
-from smallm.tasks.lm import Pretraining
-from smallm.trainable import build_trainable
-from smallm.trainer import Trainer, seed_everything
+from smallm.data.loader import IGNORE_INDEX, TokenLoader, ValidationLoader
+from smallm.data.shards import PackOptions, pack_corpus
+from smallm.data.shardset import ShardSet
+from smallm.inference.evaluate import byte_length_table, evaluate_batches
+from smallm.model.config import ModelConfig
+from smallm.text.corpus import Corpus, stdlib_sources
+from smallm.train.config import TrainConfig, validate
+from smallm.train.distributed import setup_runtime
+from smallm.train.optim import build_optimizer, cosine_with_warmup
+from smallm.train.tasks.lm import Pretraining
+from smallm.train.trainable import build_trainable
+from smallm.train.trainer import Trainer, seed_everything
 from train_throughput import ReferenceGPT, reference_hidden
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,16 +44,16 @@ from typing import Any
 
 import torch
 from _machine import cpu_model, usable_cores
-from smallm.chat import prompt_ids
-from smallm.config import DPOConfig, FinetuneConfig, RewardConfig, TrainConfig
-from smallm.corpus import Corpus
-from smallm.generate import SamplingConfig, generate_batch, stop_ids_of
-from smallm.jobs import build_trainer
-from smallm.rejection import run_best_of_n
-from smallm.reward import score_conversations
-from smallm.runs import load_model
-from smallm.shards import PackOptions, pack_corpus
-from smallm.tokenizer import Tokenizer
+from smallm.data.shards import PackOptions, pack_corpus
+from smallm.inference.generate import SamplingConfig, generate_batch, stop_ids_of
+from smallm.inference.rejection import run_best_of_n
+from smallm.inference.scoring import score_conversations
+from smallm.run.load import load_model
+from smallm.text.chat import prompt_ids
+from smallm.text.corpus import Corpus
+from smallm.text.tokenizer import Tokenizer
+from smallm.train.config import DPOConfig, FinetuneConfig, RewardConfig, TrainConfig
+from smallm.train.jobs import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 ANSWER = re.compile(r"is (-?\d+)")

@@ -2,12 +2,12 @@
 
 One training step is a forward with targets (the loss), the backward and an AdamW step (betas 0.9/0.95,
 fused on CUDA), then ``zero_grad(set_to_none=True)``; both models get the same random batch, batch
-size, sequence length, precision (autocast over fp32 weights, as in :mod:`smallm.trainer`) and
+size, sequence length, precision (autocast over fp32 weights, as in :mod:`smallm.train.trainer`) and
 torch.compile setting. Reported per preset: tokens per second from the median step time of
 ``--steps`` timed steps after ``--warmup`` untimed ones, the ratio smallm / reference (the target is
-at least 1.0x), and on CUDA the MFU (model FLOPs per token from :func:`smallm.memory.flops_per_token`,
-the device's dense peak from :func:`smallm.memory.peak_flops`; the target on an H100 is 50%) and the
-peak memory beside :func:`smallm.memory.estimate_training_memory` (an eager-mode estimate;
+at least 1.0x), and on CUDA the MFU (model FLOPs per token from :func:`smallm.train.memory.flops_per_token`,
+the device's dense peak from :func:`smallm.train.memory.peak_flops`; the target on an H100 is 50%) and the
+peak memory beside :func:`smallm.train.memory.estimate_training_memory` (an eager-mode estimate;
 compiled runs need less).
 
 The reference is written here: token and learned position embeddings, ``n_layer`` pre-LayerNorm
@@ -39,7 +39,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from _machine import cpu_model, load_average, usable_cores
-from smallm.memory import (
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.train.memory import (
     estimate_training_memory,
     flops_per_token,
     format_bytes,
@@ -47,7 +49,6 @@ from smallm.memory import (
     mfu,
     peak_flops,
 )
-from smallm.model import ModelConfig, SmallLM
 from torch import Tensor, nn
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -113,7 +114,7 @@ class ReferenceGPT(nn.Module):
 
 def counted_flops_per_token(model: nn.Module, n_layer: int, width: int, seq_len: int) -> int:
     """Training FLOPs per token counted from the linear layers a model holds (lm_head included):
-    6 x their weights + 12 x layers x width x seq_len, the count smallm.memory.flops_per_token makes."""
+    6 x their weights + 12 x layers x width x seq_len, the count smallm.train.memory.flops_per_token makes."""
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return 6 * matmul + 12 * n_layer * width * seq_len
 

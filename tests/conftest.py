@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from sample_text import CODE, ENGLISH, KOREAN, mixed_documents
 from smallm import Tokenizer
-from smallm.corpus import Corpus
-from smallm.shards import PackOptions, pack_corpus
+from smallm.data.shards import PackOptions, pack_corpus
+from smallm.text.corpus import Corpus
 
 settings.register_profile(
     "ci",
@@ -99,8 +99,8 @@ def make_shards(tmp_path_factory: pytest.TempPathFactory) -> MakeShards:
 @pytest.fixture(scope="session")
 def save_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``save_run(model, tokenizer, directory=None)``: a run directory of one checkpoint of ``model``
-    (:func:`smallm.runs.write_run`), in a new temporary directory unless one is given."""
-    from smallm.runs import write_run
+    (:func:`smallm.run.load.write_run`), in a new temporary directory unless one is given."""
+    from smallm.run.write import write_run
 
     def save(model: object, tokenizer: Tokenizer | None, directory: Path | None = None) -> Path:
         directory = directory or tmp_path_factory.mktemp("run") / "run"

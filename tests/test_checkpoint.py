@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from smallm.checkpoint import (  # noqa: E402
+from smallm.run.checkpoint import (  # noqa: E402
     CheckpointError,
     TrainingState,
     best_checkpoint,
@@ -29,7 +29,7 @@ from smallm.checkpoint import (  # noqa: E402
     load_weights,
     save_checkpoint,
 )
-from smallm.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from smallm.run.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from torch import nn  # noqa: E402
 
 VOCAB, WIDTH, BATCH, SEQ = 23, 8, 4, 6

@@ -101,7 +101,7 @@ def test_out_that_is_a_file_is_refused(corpus: Path, tmp_path: Path, capsys) -> 
     out = tmp_path / "file"
     out.write_text("keep me")
     code, _, stderr = run([str(corpus), "--out", str(out), "--quiet"], capsys)
-    assert code == 1 and "not a directory" in stderr
+    assert code == 1 and "is a file; smallm-tokenize writes a folder" in stderr
     assert out.read_text() == "keep me"
 
 

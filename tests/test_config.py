@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from smallm.cli import finetune as finetune_cli
 from smallm.cli import train as train_cli
-from smallm.config import DPOConfig, FinetuneConfig, RunConfig, TrainConfig, build_config, validate
+from smallm.train.config import DPOConfig, FinetuneConfig, RunConfig, TrainConfig, build_config, validate
 
 
 def flags(parser_help: str) -> set[str]:

@@ -3,7 +3,7 @@ modes are deterministic, resumable and split across ranks, validation covers a s
 every malformed shard directory fails with a message that names the file.
 
 The shard directories are written here with numpy, straight from the format description (not with
-``smallm.data``'s constants), so these tests also pin the on-disk format the packer must write.
+``smallm.data.loader``'s constants), so these tests also pin the on-disk format the packer must write.
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ from hypothesis import strategies as st
 from smallm import Tokenizer
 
 torch = pytest.importorskip("torch")
-from smallm.data import ShardError, ShardSet, TokenLoader, ValidationLoader  # noqa: E402
-from smallm.model import IGNORE_INDEX  # noqa: E402
+from smallm.data.loader import (  # noqa: E402
+    IGNORE_INDEX,
+    TokenLoader,
+    ValidationLoader,
+)
+from smallm.data.shardset import ShardError, ShardSet  # noqa: E402
 
 # ----- fixtures: a real tokenizer file and shard directories written from lists of documents ------
 

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from smallm import Tokenizer
 from smallm.cli import eval as eval_cli
-from smallm.config import TrainConfig
-from smallm.data import ShardSet, ValidationLoader
-from smallm.evaluate import byte_length_table, evaluate_batches, text_tokens
-from smallm.model import ModelConfig, SmallLM
+from smallm.data.loader import ValidationLoader
+from smallm.data.shardset import ShardSet
+from smallm.inference.evaluate import byte_length_table, evaluate_batches, text_tokens
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.train.config import TrainConfig
 
 MODEL = ModelConfig(vocab_size=448, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64)
 LINES = [f"the quick brown fox {i} jumps over the lazy dog; 빠른 갈색 여우가 {i}번 뛰어요 🦊" for i in range(120)] + [
@@ -49,7 +51,7 @@ def run_dir(tok: Tokenizer, save_run) -> Path:
 
 @pytest.fixture(scope="module")
 def model(run_dir: Path) -> SmallLM:
-    from smallm.runs import load_model
+    from smallm.run.load import load_model
 
     return load_model(run_dir)[0]
 
@@ -149,7 +151,7 @@ def test_eval_command_errors_exit_1_with_the_reason(run_dir: Path, shard_dir: Pa
 
 
 def test_evaluate_batches_agrees_with_the_trainers_validation(shard_dir: Path, tmp_path: Path) -> None:
-    from smallm.jobs import build_trainer
+    from smallm.train.jobs import build_trainer
 
     model = dict(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=32)
     cfg = TrainConfig(data=str(shard_dir), out=str(tmp_path), model=model, batch_size=4, seq_len=32, device="cpu")

@@ -12,8 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from smallm import Tokenizer
-from smallm.chat import IM_END, chatml_ids
-from smallm.conversations import (
+from smallm.data.conversations import (
     DataError,
     Example,
     encode_conversation,
@@ -22,7 +21,10 @@ from smallm.conversations import (
     read_conversations,
     read_pairs,
 )
-from smallm.model import IGNORE_INDEX, ModelConfig, SmallLM
+from smallm.data.loader import IGNORE_INDEX
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.text.chat import IM_END, chatml_ids
 
 CHAT = [
     {"role": "system", "content": "You answer briefly."},

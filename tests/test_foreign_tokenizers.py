@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sample_text import CODE, EMOJI, ENGLISH, KOREAN
-from smallm.tokenizer import Tokenizer
+from smallm.text.tokenizer import Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
@@ -216,7 +216,7 @@ def test_an_imported_model_keeps_its_tokenizer_packs_a_corpus_and_continues_pret
     from smallm.cli import import_hf as import_cli
     from smallm.cli import tokenize as tokenize_cli
     from smallm.cli import train as train_cli
-    from smallm.data import ShardSet
+    from smallm.data.shardset import ShardSet
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "llama"

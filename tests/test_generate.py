@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from smallm import Tokenizer, chat_session
-from smallm.chat import chatml_ids, render_chatml
+from smallm import Tokenizer
 from smallm.cli import chat as chat_cli
 from smallm.cli import generate as generate_cli
-from smallm.generate import (
+from smallm.inference import chat_session
+from smallm.inference.generate import (
     PromptTooLongError,
     PromptTruncatedWarning,
     SamplingConfig,
@@ -33,8 +33,10 @@ from smallm.generate import (
     sample_categorical,
     stop_ids_of,
 )
-from smallm.model import ModelConfig, SmallLM
-from smallm.runs import load_model
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.run.load import load_model
+from smallm.text.chat import chatml_ids, render_chatml
 
 MODEL = ModelConfig(vocab_size=448, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64)
 GREEDY = dict(temperature=0.0)

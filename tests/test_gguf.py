@@ -13,14 +13,16 @@ import pytest
 import torch
 from sample_text import CODE, EMOJI, ENGLISH, KOREAN
 from smallm import Tokenizer
-from smallm.chat import prompt_ids
-from smallm.generate import encode_prompt, generate_ids
-from smallm.hf import HFError
-from smallm.model import ModelConfig, SmallLM
-from smallm.runs import write_run
+from smallm.files.destination import DestinationError
+from smallm.inference.generate import encode_prompt, generate_ids
+from smallm.interop.hf_export import HFError
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.run.write import write_run
+from smallm.text.chat import prompt_ids
 
 gguf = pytest.importorskip("gguf")
-from smallm.gguf_export import _interleave_rotary, export_gguf  # noqa: E402
+from smallm.interop.gguf_export import _interleave_rotary, export_gguf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,7 +99,7 @@ def test_the_file_describes_the_model_and_its_tokenizer(files: dict[str, Path], 
 
 
 def test_the_tensors_are_the_models_weights_under_llama_cpp_names(files: dict[str, Path], run: Path) -> None:
-    from smallm.runs import load_model
+    from smallm.run.load import load_model
 
     model = load_model(run)[0]
     tensors = {t.name: t for t in gguf.GGUFReader(str(files["fp32"])).tensors}
@@ -145,11 +147,17 @@ def test_a_split_pattern_llama_cpp_lacks_is_refused_or_forced_with_a_warning(
 def test_an_existing_file_is_kept_without_force_and_a_failed_write_leaves_nothing(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target = tmp_path / "model.gguf"
-    target.write_bytes(b"the user's file")
-    with pytest.raises(HFError, match="already exists; pass --force"):
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"the user's file")
+    with pytest.raises(DestinationError, match="is not a GGUF file; smallm-export never replaces it, even with"):
+        export_gguf(run, mine, force=True)
+    assert mine.read_bytes() == b"the user's file"
+    mine.unlink()
+    target = export_gguf(run, tmp_path / "model.gguf")
+    written = target.read_bytes()
+    with pytest.raises(DestinationError, match="already holds a GGUF file; pass --force"):
         export_gguf(run, target)
-    assert target.read_bytes() == b"the user's file"
+    assert target.read_bytes() == written
 
     def fail(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
@@ -157,7 +165,7 @@ def test_an_existing_file_is_kept_without_force_and_a_failed_write_leaves_nothin
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     with pytest.raises(OSError, match="disk full"):
         export_gguf(run, target, force=True)
-    assert target.read_bytes() == b"the user's file"
+    assert target.read_bytes() == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
@@ -204,7 +212,7 @@ def test_llama_cpp_tokenizes_as_smallm(llama_cpp: Any, files: dict[str, Path], t
 
 
 def test_llama_cpp_continues_greedily_as_smallm_at_fp32(llama_cpp: Any, files: dict[str, Path], run: Path) -> None:
-    from smallm.runs import load_model
+    from smallm.run.load import load_model
 
     model, tok, _ = load_model(run)
     llm = open_llama(llama_cpp, files["fp32"])
@@ -238,8 +246,8 @@ def test_transformers_reads_the_gguf_back_to_the_same_model_and_smallm_imports_i
     """An independent reader of the file: transformers dequantizes a GGUF into its LlamaForCausalLM (undoing
     the rotary reordering); saved as a folder, smallm-import brings back the exported model's logits."""
     transformers = pytest.importorskip("transformers")
-    from smallm.hf_import import import_hf
-    from smallm.runs import load_model
+    from smallm.interop.hf_import import import_hf
+    from smallm.run.load import load_model
 
     model, tok, _ = load_model(run)
     folder = files["fp32"].parent
@@ -266,8 +274,8 @@ def test_a_lora_run_is_merged_into_its_base_first(tok: Tokenizer, tmp_path: Path
     pytest.importorskip("peft")
     import json
 
-    from smallm.jobs import build_trainer
-    from smallm.runs import load_model
+    from smallm.run.load import load_model
+    from smallm.train.jobs import build_trainer
     from test_lora_dpo import config as finetune_config
     from test_lora_dpo import make_base
 

@@ -18,17 +18,19 @@ import safetensors
 import torch
 from sample_text import CODE, EMOJI, ENGLISH, KOREAN
 from smallm import Tokenizer
-from smallm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from smallm.cli import export as export_cli
 from smallm.cli import import_hf as import_cli
 from smallm.cli import push as push_cli
-from smallm.files import DestinationError
-from smallm.generate import generate_ids
-from smallm.hf import CHAT_TEMPLATE, HFError, chatml_ids, export_hf, hf_config, render_chatml
-from smallm.hf_import import import_hf, model_config_from_hf
-from smallm.hub import push_to_hub
-from smallm.model import ModelConfig, SmallLM
-from smallm.runs import load_model
+from smallm.files.destination import DestinationError
+from smallm.inference.generate import generate_ids
+from smallm.interop.hf_export import HFError, export_hf, hf_config
+from smallm.interop.hf_import import import_hf, model_config_from_hf
+from smallm.interop.hub import push_to_hub
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.run.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from smallm.run.load import load_model
+from smallm.text.chat import CHAT_TEMPLATE, chatml_ids, render_chatml
 
 TOKENIZER_VOCAB, MODEL_VOCAB = 400, 448  # the model's table padded to a multiple of 64, as the trainer does
 PADDING_TRAP = 420  # a padding row made to win the first greedy step, unless padding ids are suppressed
@@ -143,7 +145,7 @@ def test_architecture_options_export_to_the_class_that_computes_them(
 ) -> None:
     """QK-norm exports as Qwen3 (LLaMA's layers with per-head query/key norms); the activation is the
     config's hidden_act. Logits equal smallm's, and an import of the export gives them back."""
-    from smallm.hf_import import import_hf
+    from smallm.interop.hf_import import import_hf
 
     config = ModelConfig(vocab_size=MODEL_VOCAB, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=64, **options)
     torch.manual_seed(5)
@@ -272,7 +274,7 @@ def test_greedy_generation_with_the_tokenizers_defaults_equals_smallm_generate(
     """Issue 15: transformers' generate from ``tokenizer(prompt)`` (no options) continues the context
     ``smallm-generate --temperature 0`` continues, so both give the same text."""
     from smallm.cli.generate import main as generate_main
-    from smallm.generate import encode_prompt
+    from smallm.inference.generate import encode_prompt
 
     prompt = "def add(x, y):"
     assert generate_main([str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "10"]) == 0
@@ -294,17 +296,23 @@ def test_bf16_export(run: Path, tmp_path: Path, transformers: Any) -> None:
     assert transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_export_refuses_a_non_empty_folder_without_force(run: Path, tmp_path: Path, capsys) -> None:
+def test_export_refuses_a_non_empty_folder_without_force_and_keeps_the_users_files(
+    run: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "hf"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(DestinationError, match="not empty; pass --force"):
+    with pytest.raises(DestinationError, match=r"holds notes.txt, which smallm-export did not write.*--force"):
         export_hf(run, out)
     assert export_cli.main([str(run), "--out", str(out)]) == 1
     assert "--force" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert export_cli.main([str(run), "--out", str(out), "--force"]) == 0
-    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+    assert (out / "config.json").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert export_cli.main([str(run), "--out", str(out)]) == 1  # an export there now: replaced only with --force
+    assert "already holds a transformers folder" in capsys.readouterr().err
+    assert export_cli.main([str(run), "--out", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left beside it
 
 
@@ -314,8 +322,10 @@ def test_export_into_an_empty_folder_needs_no_force(run: Path, tmp_path: Path) -
 
 
 def test_export_never_replaces_its_own_source(run: Path) -> None:
-    with pytest.raises(DestinationError, match="its own source"):
+    with pytest.raises(DestinationError, match="is the command's own input"):
         export_hf(run, run, force=True)
+    with pytest.raises(DestinationError, match="lies inside the command's own input"):
+        export_hf(run, run / "hf", force=True)
     assert latest_checkpoint(run) is not None
 
 
@@ -484,10 +494,11 @@ def test_import_command_reports_a_foreign_tokenizer_as_a_warning(transformers: A
 def test_pytorch_bin_weights_are_refused_clearly(tmp_path: Path) -> None:
     config = {"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "intermediate_size": 96}  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(HFError, match="safe_serialization=True"):
-        import_hf(tmp_path, tmp_path / "run")
+        import_hf(tmp_path / "hf", tmp_path / "run")
 
 
 def test_export_then_import_gives_the_same_weights_and_tokenizer(
@@ -501,7 +512,7 @@ def test_export_then_import_gives_the_same_weights_and_tokenizer(
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
     assert back_tokenizer.to_json() == tokenizer.to_json()
     assert config["imported_from"]["architectures"] == ["LlamaForCausalLM"]
-    with pytest.raises(DestinationError, match="not empty; pass --force"):
+    with pytest.raises(DestinationError, match=r"already holds a run .*pass --force"):
         import_hf(exported, back)
     assert import_cli.main([str(exported), "--out", str(back), "--force"]) == 0
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from smallm import Tokenizer
-from smallm.hf import HFError, export_hf
-from smallm.model import ModelConfig, SmallLM
-from smallm.runs import write_run
+from smallm.interop.hf_export import HFError, export_hf
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.run.write import write_run
 
 pytest.importorskip("huggingface_hub")
 import huggingface_hub.constants
-from smallm.hub import download, resolve_model
+from smallm.interop.hub import download, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MAIN, TAGGED = "a" * 40, "b" * 40

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from smallm.chat import ChatTemplateError, conversation_ids, prompt_ids, render_template
-from smallm.generate import encode_prompt
-from smallm.roles import RolesError
-from smallm.tokenizer import Tokenizer
+from smallm.inference.generate import encode_prompt
+from smallm.text.chat import ChatTemplateError, conversation_ids, prompt_ids, render_template
+from smallm.text.roles import RolesError
+from smallm.text.tokenizer import Tokenizer
 from test_foreign_tokenizers import CORPUS, gpt2_style, llama3_style, qwen_style
 
 transformers = pytest.importorskip("transformers")
@@ -219,7 +219,7 @@ def test_an_imported_llama3_packs_with_its_bos_continues_and_fine_tunes_with_its
     from smallm.cli import tokenize as tokenize_cli
     from smallm.cli import train as train_cli
     from smallm.cli.finetune import sft_main
-    from smallm.data import ShardSet
+    from smallm.data.shardset import ShardSet
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "hf"
@@ -264,7 +264,7 @@ def test_a_base_without_a_chat_template_gets_chatml_and_a_grown_embedding(
 ) -> None:
     from smallm.cli import import_hf as import_cli
     from smallm.cli.finetune import sft_main
-    from smallm.runs import load_model
+    from smallm.run.load import load_model
 
     doc = gpt2_style()
     vocab = len(doc["model"]["vocab"])
@@ -297,9 +297,9 @@ def test_a_base_without_a_chat_template_gets_chatml_and_a_grown_embedding(
 def test_mistral_imports_and_exports_within_its_window_with_transformers_logits(
     window: int | None, tmp_path: Path
 ) -> None:
-    from smallm.hf import export_hf
-    from smallm.hf_import import import_hf
-    from smallm.runs import load_model
+    from smallm.interop.hf_export import export_hf
+    from smallm.interop.hf_import import import_hf
+    from smallm.run.load import load_model
 
     random_model(tmp_path / "mistral", 320, "MistralForCausalLM", sliding_window=window)
     reference = transformers.MistralForCausalLM.from_pretrained(tmp_path / "mistral").eval()
@@ -324,8 +324,8 @@ def test_mistral_imports_and_exports_within_its_window_with_transformers_logits(
 def test_an_imported_model_exports_back_with_its_own_tokenizer_and_roles(llama3_folder: Path, tmp_path: Path) -> None:
     """The export of an imported Llama 3-style run: its tokenizer.json as it was (transformers adds its BOS),
     its template, its stop ids in generation_config.json."""
-    from smallm.hf import export_hf
-    from smallm.hf_import import import_hf
+    from smallm.interop.hf_export import export_hf
+    from smallm.interop.hf_import import import_hf
 
     folder = tmp_path / "hf"
     doc = json.loads((llama3_folder / "tokenizer.json").read_text())

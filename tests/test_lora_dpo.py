@@ -18,16 +18,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from smallm import Tokenizer
-from smallm.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from smallm.cli.finetune import sft_main
 from smallm.cli.merge import main as merge_main
-from smallm.config import DPOConfig, FinetuneConfig, validate
-from smallm.conversations import pair_tensors
-from smallm.jobs import build_trainer
-from smallm.lora import AdapterError
-from smallm.model import ModelConfig, SmallLM
-from smallm.runs import load_model, merge_run, write_run
-from smallm.trainer import Trainer
+from smallm.data.conversations import pair_tensors
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
+from smallm.model.lora import AdapterError
+from smallm.run.checkpoint import CheckpointError, latest_checkpoint, load_weights
+from smallm.run.load import load_model
+from smallm.run.write import merge_run, write_run
+from smallm.train.config import DPOConfig, FinetuneConfig, validate
+from smallm.train.jobs import build_trainer
+from smallm.train.trainer import Trainer
 
 peft = pytest.importorskip("peft")
 
@@ -164,7 +166,7 @@ def test_the_adapter_loads_in_peft_onto_the_exported_model(
     """peft applies RUN/adapter onto transformers' LlamaForCausalLM from smallm-export of the base, and
     gives what smallm computes with the adapter merged (load_model of the run)."""
     transformers = pytest.importorskip("transformers")
-    from smallm.hf import export_hf
+    from smallm.interop.hf_export import export_hf
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     exported = export_hf(base, tmp_path / "hf")
@@ -233,7 +235,7 @@ def test_qlora_trains_adapters_over_a_frozen_nf4_base(base: Path, data: tuple[Pa
 
 def test_nf4_matmul_is_the_dequantized_weight(one_torch_thread: None) -> None:
     pytest.importorskip("torchao")
-    from smallm.lora import quantize_nf4
+    from smallm.model.lora import quantize_nf4
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential()
@@ -349,7 +351,7 @@ def test_accumulated_micro_batches_take_the_step_one_batch_takes(
 
 
 def test_pretraining_can_start_from_a_lora_run(lora_run: Path, tmp_path: Path, tok: Tokenizer, make_shards) -> None:
-    from smallm.config import TrainConfig
+    from smallm.train.config import TrainConfig
 
     lines = [f"{i} plus {i} is {2 * i}." for i in range(200)]
     shard_dir = make_shards(lines, tokenizer=tok, val_fraction=0.1)
@@ -366,7 +368,7 @@ def test_placing_the_frozen_base_keeps_nf4_weights_4_bit(one_torch_thread: None)
     import gc
     import os as os_
 
-    from smallm.lora import place_frozen_base, quantize_nf4
+    from smallm.model.lora import place_frozen_base, quantize_nf4
 
     def resident_mib() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os_.sysconf("SC_PAGE_SIZE") / 2**20

@@ -1,4 +1,4 @@
-"""Run planning (:mod:`smallm.memory`): parameter and FLOP counts equal the model's own, the activation
+"""Run planning (:mod:`smallm.train.memory`): parameter and FLOP counts equal the model's own, the activation
 estimate equals the tensors autograd really saves on a tiny CPU model, the memory estimate scales as
 documented, and the peak-FLOP/s table maps device names to the datasheet numbers.
 
@@ -13,7 +13,9 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch")
-from smallm.memory import (  # noqa: E402
+from smallm.model.config import PRESETS, ModelConfig  # noqa: E402
+from smallm.model.lm import SmallLM  # noqa: E402
+from smallm.train.memory import (  # noqa: E402
     MemoryEstimate,
     describe_run,
     estimate_training_memory,
@@ -27,7 +29,6 @@ from smallm.memory import (  # noqa: E402
     peak_flops_for_name,
     warn_unknown_device,
 )
-from smallm.model import PRESETS, ModelConfig, SmallLM  # noqa: E402
 
 # No activation of a B x T = 120-token batch has a 2-D shape equal to a weight's (97, 64, 32, 160),
 # so the weight copies autocast saves can be told apart from activations by shape.

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from sample_text import ENGLISH
-from smallm.checkpoint import latest_checkpoint, load_weights
-from smallm.config import TrainConfig, build_config, normalise_data
-from smallm.data import DataExhausted, ShardSet, TokenLoader
-from smallm.jobs import build_trainer
+from smallm.data.loader import TokenLoader
+from smallm.data.sampling import DataExhausted
+from smallm.data.shardset import ShardSet
+from smallm.data.sources import normalise_data
+from smallm.run.checkpoint import latest_checkpoint, load_weights
+from smallm.train.config import TrainConfig, build_config
+from smallm.train.jobs import build_trainer
 from test_trainer import config, interrupt_after
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,9 +76,9 @@ def test_a_source_that_runs_out_repeats_unless_told_not_to(sources: dict[str, Pa
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (["a:-1", "b:1"], r"data\[0\] \(a\): the weight must be a positive number, got -1.0"),
-        (["a:0", "b:0"], r"the weight must be a positive number, got 0.0"),
-        ([{"path": "a", "weight": "x"}], r"data\[0\] \(a\): the weight must be a positive number"),
+        (["a:-1", "b:1"], r"data\[0\] \(a\): the weight must be a positive finite number, got -1.0"),
+        (["a:0", "b:0"], r"the weight must be a positive finite number, got 0.0"),
+        ([{"path": "a", "weight": "x"}], r"data\[0\] \(a\): the weight must be a positive finite number"),
         ([{"path": "a", "share": 1}], r"data\[0\]: expected DIR, DIR:WEIGHT or a table"),
         (["a:1", "a:2"], "a is listed twice"),
     ],
@@ -108,7 +111,7 @@ def test_sources_packed_with_different_tokenizers_are_refused_naming_both(
         build_trainer(cfg)
     assert str(other) in str(error.value) and str(sources["en"]) in str(error.value)
     with pytest.raises(ValueError, match="nowhere: not a directory"):
-        build_trainer(config(sources["en"], tmp_path, data=[f"{sources['en']}:1", f"{tmp_path / 'nowhere'}:1"]))
+        build_trainer(config(sources["en"], tmp_path / "run", data=[f"{sources['en']}:1", f"{tmp_path / 'nowhere'}:1"]))
 
 
 def mixture_config(sources: dict[str, Path], out: Path, **overrides: object) -> TrainConfig:

@@ -13,8 +13,10 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
-from smallm.memory import flops_per_token  # noqa: E402
-from smallm.model import IGNORE_INDEX, PRESETS, ModelConfig, SmallLM  # noqa: E402
+from smallm.data.loader import IGNORE_INDEX  # noqa: E402
+from smallm.model.config import PRESETS, ModelConfig  # noqa: E402
+from smallm.model.lm import SmallLM  # noqa: E402
+from smallm.train.memory import flops_per_token  # noqa: E402
 
 VOCAB = 97
 
@@ -342,7 +344,7 @@ def test_parameter_and_flop_counts() -> None:
 
 
 def test_zero_residual_init_starts_every_block_as_the_identity() -> None:
-    from smallm.trainable import initialise
+    from smallm.train.trainable import initialise
 
     model = random_model()
     initialise(model, "zero-residual")

@@ -20,14 +20,14 @@ import torch
 
 pytest.importorskip("ipywidgets", reason="the notebook UI needs ipywidgets (pip install 'smallm[notebook]')")
 
-from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.cli import train as train_cli
-from smallm.config import FinetuneConfig, TrainConfig
-from smallm.generate import generate_text
-from smallm.jobs import build_trainer
+from smallm.inference.generate import generate_text
 from smallm.notebook import ChatPanel, Dashboard, GenerationPanel, TrainingSession, show_run
-from smallm.runs import load_model
-from smallm.trainer import Trainer
+from smallm.run.checkpoint import latest_checkpoint, load_weights
+from smallm.run.load import load_model
+from smallm.train.config import FinetuneConfig, TrainConfig
+from smallm.train.jobs import build_trainer
+from smallm.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "max_seq_len": 32}

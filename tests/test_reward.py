@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 import torch
 from smallm import Tokenizer
-from smallm.config import RewardConfig
-from smallm.conversations import encode_conversation
-from smallm.jobs import build_trainer
-from smallm.reward import RewardModel, export_reward_hf, reward_tensors, score_conversations
-from smallm.runs import load_model
+from smallm.data.conversations import encode_conversation
+from smallm.inference.scoring import reward_tensors, score_conversations
+from smallm.interop.hf_export import HFError
+from smallm.model.reward import RewardModel
+from smallm.run.load import load_model
+from smallm.train.config import RewardConfig
+from smallm.train.jobs import build_trainer
 from test_lora_dpo import make_base
 
 pytestmark = [
@@ -58,7 +60,7 @@ def metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def test_the_head_reads_the_last_token_and_padding_changes_nothing(tok: Tokenizer) -> None:
-    from smallm.model import ModelConfig
+    from smallm.model.config import ModelConfig
 
     torch.manual_seed(0)
     model = RewardModel(ModelConfig(vocab_size=1216, n_layer=1, n_embd=64, n_head=4, max_seq_len=64)).eval()
@@ -76,9 +78,10 @@ def test_the_head_reads_the_last_token_and_padding_changes_nothing(tok: Tokenize
 def test_a_sharded_runs_padding_batch_runs_a_forward_and_counts_nothing(tok: Tokenizer) -> None:
     """Under FSDP a rank with fewer validation rows runs padding batches (one row, all targets ignored) so that
     every rank runs as many forwards; the objective must run one on it and add no pair."""
-    from smallm.conversations import EncodedPair
-    from smallm.model import IGNORE_INDEX, ModelConfig
-    from smallm.tasks.reward import BradleyTerryLoss, pair_rows
+    from smallm.data.conversations import EncodedPair
+    from smallm.data.loader import IGNORE_INDEX
+    from smallm.model.config import ModelConfig
+    from smallm.train.tasks.reward import BradleyTerryLoss, pair_rows
 
     torch.manual_seed(0)
     model = RewardModel(ModelConfig(vocab_size=1216, n_layer=1, n_embd=64, n_head=4, max_seq_len=64))
@@ -113,24 +116,52 @@ def test_a_reward_model_learns_to_prefer_the_chosen_replies(
     assert good > bad
 
 
-def test_the_export_is_a_sequence_classifier_with_the_same_scores(
-    base: Path, pairs: Path, tmp_path: Path, tok: Tokenizer
+def test_smallm_export_of_a_reward_run_is_a_sequence_classifier_scoring_as_smallm_score(
+    base: Path, pairs: Path, tmp_path: Path, tok: Tokenizer, capsys: pytest.CaptureFixture
 ) -> None:
     transformers = pytest.importorskip("transformers")
+    from smallm.cli.export import main as export
+    from smallm.cli.score import main as score
+
     build_trainer(rm_config(base, pairs, tmp_path / "rm", max_steps=4)).fit()
-    model, tok, _ = load_model(tmp_path / "rm")
-    folder = export_reward_hf(tmp_path / "rm", tmp_path / "hf")
-    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert export([str(tmp_path / "rm"), "--out", str(tmp_path / "hf")]) == 0  # as the user types it
+    assert "AutoModelForSequenceClassification" in capsys.readouterr().out
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(theirs).__name__ == "LlamaForSequenceClassification" and theirs.config.pad_token_id == tok.eot_token
+    assert "lm_head.weight" not in theirs.state_dict()
     conversations = [[{"role": "user", "content": f"{a}+1=?"}, {"role": "assistant", "content": "x" * a}]
                      for a in (1, 5, 9)]  # fmt: skip
-    ours = score_conversations(model, tok, conversations)
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+    assert score([str(tmp_path / "rm"), "--data", str(replies), "--out", str(tmp_path / "scored.jsonl")]) == 0
+    ours = [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
     ids, _ = reward_tensors(
         [encode_conversation(tok, c).ids for c in conversations], tok.eot_token, torch.device("cpu")
     )
     with torch.no_grad():
         logits = theirs(input_ids=ids).logits[:, 0]
     torch.testing.assert_close(logits, torch.tensor(ours), atol=1e-4, rtol=0)
+    with pytest.raises(HFError, match=r"reward model .* llama.cpp does not run"):  # GGUF refuses it by name
+        from smallm.interop.export import export_run
+
+        export_run(tmp_path / "rm", tmp_path / "rm.gguf", format="gguf")
+
+
+def test_init_from_a_reward_run_takes_its_language_model(
+    base: Path, pairs: Path, tmp_path: Path, tok: Tokenizer, corpus_docs: list[str], make_shards: object
+) -> None:
+    from smallm.train.config import TrainConfig
+
+    build_trainer(rm_config(base, pairs, tmp_path / "rm", max_steps=2)).fit()
+    reward, _, _ = load_model(tmp_path / "rm")
+    data = make_shards(corpus_docs, tokenizer=tok)  # type: ignore[operator]
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "lm"), init_from=str(tmp_path / "rm"), max_steps=1,
+                      batch_size=2, seq_len=16, batch_tokens=32, device="cpu", eval_every=0)  # fmt: skip
+    trainer = build_trainer(cfg)
+    lm = trainer.model.module
+    assert type(lm).__name__ == "SmallLM" and not hasattr(lm, "score")
+    for name, tensor in lm.state_dict().items():
+        assert torch.equal(tensor, reward.state_dict()[name]), name
 
 
 def test_smallm_score_writes_each_line_with_its_score(
@@ -177,8 +208,8 @@ def scorer_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def verified_sampling(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, dict]:
     """The policy of ``base``, its tokenizer, and best-of-N options scoring with the test's verifier."""
-    from smallm.generate import SamplingConfig
-    from smallm.rejection import load_score_function
+    from smallm.inference.generate import SamplingConfig
+    from smallm.inference.rejection import load_score_function
 
     policy, tok, _ = load_model(base)
     verifier = load_score_function(scorer_module(tmp_path, monkeypatch))
@@ -189,7 +220,7 @@ def verified_sampling(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
     base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from smallm.rejection import run_best_of_n
+    from smallm.inference.rejection import run_best_of_n
 
     policy, tok, options = verified_sampling(base, tmp_path, monkeypatch)
     result = run_best_of_n(policy, tok, prompts, tmp_path / "best.jsonl", 4, pairs_out=tmp_path / "pairs.jsonl",
@@ -213,7 +244,7 @@ def test_best_of_n_keeps_the_best_reply_resumes_and_is_deterministic(
 def test_best_of_n_min_score_keeps_only_prompts_whose_best_reaches_it_and_resumes(
     base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from smallm.rejection import below_path, run_best_of_n
+    from smallm.inference.rejection import below_path, run_best_of_n
 
     policy, tok, options = verified_sampling(base, tmp_path, monkeypatch)
     everything = run_best_of_n(policy, tok, prompts, tmp_path / "all.jsonl", 4, **options)

@@ -1,4 +1,4 @@
-"""Packing a corpus into token shards (``smallm-tokenize``, :mod:`smallm.shards`, ``rust/pack.rs``).
+"""Packing a corpus into token shards (``smallm-tokenize``, :mod:`smallm.data.shards`, ``rust/pack.rs``).
 
 The shards are read back here with numpy alone, as a training loader would, and decoded: every input
 kind gives back exactly its documents. The output does not depend on thread count, file order or an
@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-import smallm.corpus
-import smallm.shards
+import smallm.data.shards
+import smallm.text.corpus
 from sample_text import mixed_documents
 from smallm import GPT4_PATTERN, Tokenizer, _core
 from smallm.cli.tokenize import main
-from smallm.corpus import Corpus
-from smallm.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
+from smallm.data.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
+from smallm.text.corpus import Corpus
 
 SHARD_MAGIC = 20240520
 INDEX_MAGIC = 20240521
@@ -401,7 +401,7 @@ def test_manifest_describes_the_files(tmp_path: Path, capsys: pytest.CaptureFixt
     tok = Tokenizer.load(out)
     assert (m["format"], m["format_version"]) == ("smallm-shards", 1)
     assert m["tokenizer"]["file"] == "tokenizer.json"
-    assert m["tokenizer"]["sha256"] == smallm.shards.sha256_file(tokenizer_dir / "tokenizer.json")
+    assert m["tokenizer"]["sha256"] == smallm.data.shards.sha256_file(tokenizer_dir / "tokenizer.json")
     assert (m["vocab_size"], m["dtype"], m["shard_tokens"]) == (tok.vocab_size, "uint16", 500)
     assert m["bos_id"] == tok.special_tokens[BOS]
     assert m["special_tokens"] == tok.special_tokens
@@ -463,9 +463,9 @@ def test_validation_split_depends_only_on_document_text(
 
 
 def interrupting_parquet_batches(after: int) -> Callable[[Path, str], Any]:
-    """A stand-in for ``smallm.corpus._parquet_batches`` that raises KeyboardInterrupt (Ctrl-C) after
+    """A stand-in for ``smallm.text.corpus._parquet_batches`` that raises KeyboardInterrupt (Ctrl-C) after
     ``after`` batches."""
-    read = smallm.corpus._parquet_batches
+    read = smallm.text.corpus._parquet_batches
 
     def batches(path: Path, text_field: str) -> Any:
         for i, batch in enumerate(read(path, text_field)):
@@ -491,8 +491,8 @@ def test_interrupted_run_resumes_to_byte_identical_files(
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(smallm.corpus, "BATCH_DOCUMENTS", 8)
-        patch.setattr(smallm.corpus, "_parquet_batches", interrupting_parquet_batches(after=2))
+        patch.setattr(smallm.text.corpus, "BATCH_DOCUMENTS", 8)
+        patch.setattr(smallm.text.corpus, "_parquet_batches", interrupting_parquet_batches(after=2))
         code, _, err = run_cli([str(root), "--tokenizer", str(tokenizer_dir), *options, "--out", str(out)], capsys)
     assert code == 130, err
     assert "interrupted" in err
@@ -527,7 +527,7 @@ def test_interrupted_packing_resumes_only_with_the_same_setup(tmp_path: Path, to
         raise KeyboardInterrupt  # from the progress callback the Rust packer calls
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(smallm.shards._PackProgress, "update", interrupt)
+        patch.setattr(smallm.data.shards._PackProgress, "update", interrupt)
         with pytest.raises(KeyboardInterrupt):
             pack_corpus(corpus, tok, out, options, progress=False)
     assert (out / JOURNAL).exists() and not (out / MANIFEST).exists()
@@ -557,7 +557,7 @@ def test_run_interrupted_before_its_first_shard_resumes_with_its_tokenizer(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(smallm.shards._PackProgress, "update", interrupt)
+        patch.setattr(smallm.data.shards._PackProgress, "update", interrupt)
         code, _, err = run_cli(argv, capsys)
     assert code == 130 and "a re-run resumes" in err
     trained = (out / "tokenizer.json").read_bytes()

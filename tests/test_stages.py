@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from smallm.checkpoint import latest_checkpoint, load_weights
-from smallm.config import TrainConfig, build_config
-from smallm.jobs import build_trainer
+from smallm.run.checkpoint import latest_checkpoint, load_weights
+from smallm.train.config import TrainConfig, build_config
+from smallm.train.jobs import build_trainer
 from test_trainer import config, interrupt_after
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,9 +38,10 @@ def lines(run: Path) -> list[dict[str, Any]]:
 
 
 def test_stages_run_in_order_with_their_batch_sizes_data_and_schedule(sources: dict[str, Path], tmp_path: Path) -> None:
-    cfg = staged_config(sources, tmp_path)
+    trainer = build_trainer(staged_config(sources, tmp_path))
+    cfg = trainer.cfg  # the resolved settings: the length from the stages
     assert cfg.max_steps == 10 and cfg.stage[2]["steps"] == 2  # 1024 tokens of 512 a step
-    trainer = build_trainer(cfg)
+    assert cfg.decay_fraction == 0.2  # the decay spans the cooldown stage
     trainer.fit()
     assert trainer.state.tokens_seen == 4 * 128 + 4 * 128 + 2 * 512  # 4 micro-batches a step in the cooldown
     train = [r for r in lines(tmp_path) if "loss" in r]
@@ -87,7 +88,7 @@ def test_a_stage_appended_to_a_finished_run_continues_it(sources: dict[str, Path
         ({"steps": 0}, "steps must be a positive integer, got 0"),
         ({"steps": 2, "lr": "cosine"}, "lr must be stable or decay"),
         ({"steps": 2, "epochs": 1}, r"unknown key\(s\) \['epochs'\]"),
-        ({"steps": 2, "data": ["a:-2"]}, "the weight must be a positive number"),
+        ({"steps": 2, "data": ["a:-2"]}, "the weight must be a positive finite number"),
     ],
 )  # fmt: skip
 def test_bad_stages_are_clear_errors(stage: dict, message: str, tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from smallm.checkpoint import latest_checkpoint, load_weights
 from smallm.cli import train as train_cli
-from smallm.config import TrainConfig
-from smallm.jobs import build_trainer
-from smallm.optim import cosine_with_warmup
-from smallm.tokenizer import Tokenizer
-from smallm.trainer import Trainer, TrainingError
+from smallm.run.checkpoint import latest_checkpoint, load_weights
+from smallm.text.tokenizer import Tokenizer
+from smallm.train.config import TrainConfig
+from smallm.train.jobs import build_trainer
+from smallm.train.optim import cosine_with_warmup
+from smallm.train.tasks import Task
+from smallm.train.trainer import Trainer, TrainingError
 
 TINY_MODEL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "max_seq_len": 32}
 
@@ -247,14 +248,14 @@ class CountingBatches:
         self.batches = state["batches"]
 
 
-class Counting:
+class Counting(Task):
     """A kind of run smallm does not have, written as a task and nothing else: learn to count."""
 
     def __init__(self, tokenizer: Tokenizer, steps: int, modulus: int = 16) -> None:
         self.tokenizer, self.steps, self.modulus = tokenizer, steps, modulus
 
     def attach(self, context: Any) -> Any:
-        from smallm.tasks.tokens import TokenLoss
+        from smallm.train.tasks.tokens import TokenLoss
 
         self.context = context
         return TokenLoss(torch.ones(context.vocab_size, dtype=torch.long), context.amp_dtype)
@@ -270,7 +271,7 @@ class Counting:
         return [(rows[:, :-1], rows[:, 1:])]
 
     def sample(self, model: torch.nn.Module) -> str:
-        from smallm.generate import generate_ids
+        from smallm.inference.generate import generate_ids
 
         return " ".join(map(str, generate_ids(model, [3, 4, 5], 4, temperature=0.0)))
 
@@ -279,10 +280,11 @@ class Counting:
 
 
 def test_a_new_kind_of_run_is_a_task_given_to_the_trainer(tok: Tokenizer, tmp_path: Path) -> None:
-    from smallm.distributed import setup_runtime
-    from smallm.model import ModelConfig, SmallLM
-    from smallm.optim import build_optimizer
-    from smallm.trainable import FullModel
+    from smallm.model.config import ModelConfig
+    from smallm.model.lm import SmallLM
+    from smallm.train.distributed import setup_runtime
+    from smallm.train.optim import build_optimizer
+    from smallm.train.trainable import FullModel
 
     def trainer(steps: int, resume: bool = False) -> Trainer:
         torch.manual_seed(0)

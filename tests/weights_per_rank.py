@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from smallm.cli.finetune import parse_config
-from smallm.jobs import build_trainer
+from smallm.train.jobs import build_trainer
 
 if __name__ == "__main__":
     cfg = parse_config("sft", sys.argv[1:])

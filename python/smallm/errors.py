@@ -1,7 +1,7 @@
 """The base of every error smallm raises for the user to act on.
 
-Each stage has its own error class (:class:`~smallm.shardset.ShardError`,
-:class:`~smallm.checkpoint.CheckpointError`, ...), and each is a :class:`SmallmError` too, so a console
+Each stage has its own error class (:class:`~smallm.data.shardset.ShardError`,
+:class:`~smallm.run.checkpoint.CheckpointError`, ...), and each is a :class:`SmallmError` too, so a console
 script turns all of them into one line and an exit code in one place (:mod:`smallm.cli.common`). The
 message names the file, line, field or setting at fault and says what to do; it is never a traceback.
 """

@@ -11,7 +11,7 @@ for right, ``--min-score 1`` keeps right answers only); the others go to ``OUT.b
 stops is resumed by running it again: prompts already done are skipped (``--force`` starts over).
 Sampling: ``smallm-generate``'s settings (default temperature 1.0, top-k 50); ``--seed`` makes it
 deterministic. ``--reward-fn module:function`` scores with ``function(record, reply) -> float``, given
-the prompt file's whole line (an ``answer`` field, a test to run...). See :mod:`smallm.rejection`.
+the prompt file's whole line (an ``answer`` field, a test to run...). See :mod:`smallm.inference.rejection`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from smallm.cli.common import add_model_arguments, add_sampling_arguments, load, run_command, sampling_from
+from smallm.cli.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    checkpoint_of,
+    load,
+    run_command,
+    sampling_from,
+)
 
 PROG = "smallm-best-of-n"
 
@@ -51,17 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from smallm.rejection import load_score_function, read_prompts, run_best_of_n
-        from smallm.reward import RewardModel
+        from smallm.inference.rejection import load_score_function, read_prompts, run_best_of_n
+        from smallm.model.reward import RewardModel
+        from smallm.run.load import run_dir_of
 
         if args.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be positive")
         read_prompts(args.prompts)  # a malformed file fails before any model is loaded
+        reward_args = argparse.Namespace(**{**vars(args), "checkpoint": args.reward, "revision": None})
+        models = [checkpoint_of(args), *([checkpoint_of(reward_args)] if args.reward else [])]
         score_function = load_score_function(args.reward_fn) if args.reward_fn else None
         policy, tokenizer = load(args)
         reward_model = None
         if args.reward:
-            reward_args = argparse.Namespace(**{**vars(args), "checkpoint": args.reward, "revision": None})
             reward_model, reward_tokenizer = load(reward_args)
             if not isinstance(reward_model, RewardModel):
                 raise ValueError(f"--reward {args.reward} is a language model, not a reward model (smallm-rm)")
@@ -71,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy, tokenizer, args.prompts, args.out, args.n, reward_model=reward_model,
             score_function=score_function, pairs_out=args.pairs, sampling=sampling_from(args, temperature=1.0),
             max_new_tokens=args.max_new_tokens, seed=args.seed or 0, min_score=args.min_score, force=args.force,
-            log=lambda m: print(f"{PROG}: {m}", file=sys.stderr),
+            inputs=[*models, *map(run_dir_of, models)], log=lambda m: print(f"{PROG}: {m}", file=sys.stderr),
         )  # fmt: skip
         print(f"{PROG}: {result['prompts']} prompts, best of {args.n}: mean best score {result['mean_best']:.4f}, "
               f"mean score {result['mean_score']:.4f}; {result['kept']} kept -> {args.out}",

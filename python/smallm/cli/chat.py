@@ -4,7 +4,7 @@
     smallm-chat runs/sft --system "Answer briefly."
     printf 'hi\\nwhat is 2+2?\\n' | smallm-chat runs/sft --temperature 0   # piped: each line is a user turn
 
-Every turn the whole conversation is rendered as ChatML (:mod:`smallm.chat`) after ``<|endoftext|>``,
+Every turn the whole conversation is rendered as ChatML (:mod:`smallm.text.chat`) after ``<|endoftext|>``,
 the start of every training document, and ends with the generation prompt ``<|im_start|>assistant\\n``;
 the reply stops at ``<|im_end|>`` (or ``<|endoftext|>``). What the user types is encoded as ordinary
 text, so it cannot open or close a turn. A model imported with its own chat template is rendered with
@@ -21,9 +21,9 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from smallm.chat_session import CHAT_SAMPLING, ChatSession
 from smallm.cli.common import add_model_arguments, add_sampling_arguments, load, run_command, sampling_from
-from smallm.generate import PromptTruncatedWarning
+from smallm.inference.chat_session import CHAT_SAMPLING, ChatSession
+from smallm.inference.generate import PromptTruncatedWarning
 
 PROG = "smallm-chat"
 

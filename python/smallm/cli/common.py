@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from smallm.errors import SmallmError
 
-__all__ = ["add_model_arguments", "add_sampling_arguments", "load", "plain_warnings", "run_command", "sampling_from"]
+__all__ = [
+    "INTERRUPTED", "add_model_arguments", "add_sampling_arguments", "checkpoint_of", "load", "plain_warnings", "report",
+    "run_command", "sampling_from",
+]  # fmt: skip
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+INTERRUPTED = "interrupted; resume from the last checkpoint with --resume"
+"""What a training command says on Ctrl-C."""
 
 
 def run_command(
@@ -69,8 +76,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """The :class:`~smallm.generate.SamplingConfig` fields as flags, and --seed."""
-    from smallm.generate import SamplingConfig
+    """The :class:`~smallm.inference.generate.SamplingConfig` fields as flags, and --seed."""
+    from smallm.inference.generate import SamplingConfig
     from smallm.options import add_dataclass_arguments
 
     group = p.add_argument_group("sampling")
@@ -80,22 +87,30 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampling_from(args: argparse.Namespace, **defaults: Any) -> Any:
     """The SamplingConfig of the flags given, over ``defaults`` (over the dataclass's own)."""
-    from smallm.generate import SamplingConfig
+    from smallm.inference.generate import SamplingConfig
 
     names = [f.name for f in dataclasses.fields(SamplingConfig)]
     values = {**defaults, **{n: getattr(args, n) for n in names if hasattr(args, n)}}
     return SamplingConfig(**values)
 
 
+def checkpoint_of(args: argparse.Namespace) -> Path:
+    """The checkpoint directory ``args.checkpoint`` names (a run's ``--prefer`` one; a Hub id fetched or
+    found in the cache, at ``--revision``)."""
+    from smallm.interop.hub import resolve_model
+    from smallm.run.load import resolve_checkpoint
+
+    return resolve_checkpoint(resolve_model(args.checkpoint, args.revision), prefer=args.prefer)
+
+
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model and tokenizer of ``args.checkpoint`` on the chosen device and dtype."""
     import torch
 
-    from smallm.distributed import resolve_device
-    from smallm.hub import resolve_model
-    from smallm.runs import load_model, resolve_checkpoint
+    from smallm.run.load import load_model
+    from smallm.train.distributed import resolve_device
 
-    checkpoint = resolve_checkpoint(resolve_model(args.checkpoint, args.revision), prefer=args.prefer)
+    checkpoint = checkpoint_of(args)
     print(f"{args.prog}: opening {checkpoint}", file=sys.stderr)
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
@@ -103,3 +118,13 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
         dtype = torch.bfloat16
     model, tokenizer, _ = load_model(checkpoint, device=device, dtype=dtype)
     return model, tokenizer
+
+
+def report(result: dict[str, Any], sample: str = "sample") -> None:
+    """The last metrics, where the run is, and the sample generated at the end (rank 0 has it)."""
+    if "sample" in result:
+        shown = {k: v for k, v in result.items() if k not in ("sample", "out")}
+        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}
+        print(f"final: {json.dumps(summary)}")
+        print(f"checkpoints, metrics.jsonl and loss_curve.png are in {result['out']}")
+        print(f"{sample}:\n" + result["sample"])

@@ -10,7 +10,7 @@
 must come from the model's tokenizer) or text files and directories of them. Several shard directories
 (a mixture's sources) are evaluated one by one and reported as a table, one row per source and one over
 all of them. How the tokens are cut into
-windows and what bits per byte means: :mod:`smallm.evaluate`.
+windows and what bits per byte means: :mod:`smallm.inference.evaluate`.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: Any) -> tuple[Any, str]:
     """The batches of ``--data`` and a description of them."""
-    from smallm.corpus import find_corpus_files
-    from smallm.data import ShardSet, ValidationLoader
-    from smallm.evaluate import text_tokens
-    from smallm.tokenizer import Tokenizer
+    from smallm.data.loader import ValidationLoader
+    from smallm.data.shardset import ShardSet
+    from smallm.inference.evaluate import text_tokens
+    from smallm.text.corpus import find_corpus_files
+    from smallm.text.tokenizer import Tokenizer
 
     data = [Path(d) for d in args.data]
     if len(data) == 1 and (data[0] / "manifest.json").is_file():
@@ -74,8 +75,8 @@ def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: 
 def evaluate(args: argparse.Namespace) -> int:
     from itertools import islice
 
-    from smallm.distributed import autocast_dtype
-    from smallm.evaluate import byte_length_table, evaluate_batches
+    from smallm.inference.evaluate import byte_length_table, evaluate_batches
+    from smallm.train.distributed import autocast_dtype
 
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise ValueError("--batch-size and --max-batches must be positive")
@@ -85,7 +86,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if not 0 < seq_len <= context:
         raise ValueError(f"--seq-len must be in 1..{context}, the model's context")
     device = model.lm_head.weight.device
-    from smallm.config import has_weight
+    from smallm.data.sources import has_weight
 
     # A mixture's sources as smallm-train takes them (DIR:WEIGHT) are its directories here.
     plain = [d.rpartition(":")[0] if has_weight(d) and not Path(d).exists() else d for d in args.data]
@@ -116,9 +117,9 @@ def evaluate_sources(args: argparse.Namespace, model: Any, tokenizer: Any, seq_l
     """Each shard directory's split on its own, then the sums over all of them: a row each."""
     from itertools import islice
 
-    from smallm.distributed import autocast_dtype
-    from smallm.evaluate import byte_length_table, loss_sums, metrics_from_sums
-    from smallm.tasks.lm import check_one_tokenizer, source_names
+    from smallm.inference.evaluate import byte_length_table, loss_sums, metrics_from_sums
+    from smallm.train.distributed import autocast_dtype
+    from smallm.train.tasks.lm import check_one_tokenizer, source_names
 
     check_one_tokenizer([str(d) for d in dirs])
     device = model.lm_head.weight.device

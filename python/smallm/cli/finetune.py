@@ -14,17 +14,15 @@ A LoRA run's checkpoints hold the adapter; ``smallm-generate``, ``smallm-chat``,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from smallm.cli.common import run_command
-from smallm.cli.train import INTERRUPTED, report
-from smallm.config import DPOConfig, FinetuneConfig, RewardConfig, build_config
+from smallm.cli.common import INTERRUPTED, report, run_command
 from smallm.options import add_dataclass_arguments, read_config_file
+from smallm.train.config import DPOConfig, FinetuneConfig, RewardConfig, build_config
 
 CONFIGS = {"sft": FinetuneConfig, "dpo": DPOConfig, "rm": RewardConfig}
 DESCRIPTIONS = {"sft": "Supervised fine-tuning of", "dpo": "Direct preference optimization of",
@@ -57,7 +55,7 @@ def parse_config(method: str, argv: Sequence[str] | None) -> Any:
     config_file = args.pop("config", None)
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update(args)
-    from smallm.hub import resolve_model
+    from smallm.interop.hub import resolve_model
 
     revision = values.pop("revision", None)
     values["init_from"] = values.pop("checkpoint")
@@ -69,10 +67,9 @@ def parse_config(method: str, argv: Sequence[str] | None) -> Any:
 def run(method: str, argv: Sequence[str] | None) -> int:
     def body() -> int:
         cfg = parse_config(method, argv)
-        print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
-        from smallm.jobs import run as run_job
+        from smallm.train.jobs import run as run_job
 
-        report(run_job(cfg), cfg.out, sample="sample reply")
+        report(run_job(cfg), sample="sample reply")
         return 0
 
     return run_command(f"smallm-{method}", body, on_interrupt=INTERRUPTED)

@@ -8,7 +8,7 @@
 CKPT is a run directory (its latest checkpoint; ``--prefer best`` for the best) or a checkpoint directory.
 A prompt starts with ``<|endoftext|>`` like every training document; generation stops at ``<|endoftext|>``
 or ``<|im_end|>`` (and any ``--stop-id``). A prompt that does not fit the context with ``--max-new-tokens``
-keeps its last tokens with a warning, or is refused with ``--no-truncate`` (see :mod:`smallm.generate`).
+keeps its last tokens with a warning, or is refused with ``--no-truncate`` (see :mod:`smallm.inference.generate`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from smallm.cli.common import add_model_arguments, add_sampling_arguments, load, run_command, sampling_from
-from smallm.generate import PromptTruncatedWarning, SamplingConfig
+from smallm.inference.generate import PromptTruncatedWarning, SamplingConfig
 
 PROG = "smallm-generate"
 
@@ -69,7 +69,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from smallm.generate import StreamDecoder, encode_prompt, generate_batch, stop_ids_of, stream_tokens
+    from smallm.inference.generate import StreamDecoder, encode_prompt, generate_batch, stop_ids_of, stream_tokens
 
     sampling = sampling_from(args)
     if args.max_new_tokens is None:
@@ -116,7 +116,7 @@ def time_generation(model: Any, prompts: list[list[int]], new_tokens: int, use_c
     """(time to first token, total time, steps) of one greedy generation without stop ids."""
     import torch
 
-    from smallm.generate import stream_tokens
+    from smallm.inference.generate import stream_tokens
 
     device = model.lm_head.weight.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

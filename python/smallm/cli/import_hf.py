@@ -5,7 +5,7 @@
     smallm-import HuggingFaceTB/SmolLM2-135M --out runs/smollm2   # a Hub id, through huggingface_hub's cache
 
 The run holds one checkpoint (``checkpoints/step_00000000``: the weights, step 0, a fresh optimizer
-state) that ``smallm.runs.load_model`` and the generation and export tools open, and the folder's
+state) that ``smallm.run.load.load_model`` and the generation and export tools open, and the folder's
 byte-level BPE ``tokenizer.json`` with the roles of its special tokens (a SentencePiece one stays
 behind: only the weights come, with a warning). Configurations smallm does not implement (other
 rotary scalings, other biases, other model types) are refused, naming the field. The checkpoint holds
@@ -40,12 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.hf_import import import_hf
+    from smallm.interop.hf_import import import_hf
 
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from smallm.hub import local_or_download
+        from smallm.interop.hub import local_or_download
 
         run = import_hf(local_or_download(args.hf_dir, args.revision), args.out, force=args.force)
         print(f"wrote the run directory {run}")

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.runs import merge_run
+    from smallm.run.write import merge_run
 
     args = build_parser().parse_args(argv)
 

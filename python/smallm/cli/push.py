@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from smallm.hub import push_to_hub
+    from smallm.interop.hub import push_to_hub
 
     args = build_parser().parse_args(argv)
 

@@ -15,8 +15,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from smallm.cli.common import add_model_arguments, load, run_command
+from smallm.cli.common import add_model_arguments, checkpoint_of, load, run_command
 
 PROG = "smallm-score"
 
@@ -35,25 +36,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from smallm.conversations import json_lines, read_replies
-        from smallm.files import write_text_atomic
-        from smallm.reward import RewardModel, score_conversations
+        from smallm.data.conversations import read_replies
+        from smallm.files.destination import claim
+        from smallm.inference.scoring import SCORED
+        from smallm.run.load import run_dir_of
 
         if args.batch_size < 1:
             raise ValueError("--batch-size must be positive")
-        if args.out is not None and args.out.exists() and not args.force:
-            raise ValueError(f"{args.out} already exists; pass --force to replace it")
         conversations = read_replies(args.data)
+        if args.out is None:
+            return score(conversations, None)
+        checkpoint = checkpoint_of(args)
+        inputs = [args.data, checkpoint, run_dir_of(checkpoint)]
+        with claim(args.out, SCORED, force=args.force, command=PROG, inputs=inputs) as destination:
+            return score(conversations, destination)
+
+    def score(conversations: list, destination: Any) -> int:
+        from smallm.data.conversations import json_lines
+        from smallm.inference.scoring import score_conversations
+        from smallm.model.reward import RewardModel
+
         model, tokenizer = load(args)
         if not isinstance(model, RewardModel):
             raise ValueError(f"{args.checkpoint} is a language model, not a reward model: train one with smallm-rm")
         scores = score_conversations(model, tokenizer, conversations, args.batch_size)
         records = [record for _, record in json_lines(args.data)]
         lines = "".join(json.dumps({**r, "score": s}, ensure_ascii=False) + "\n" for r, s in zip(records, scores))
-        if args.out is None:
+        if destination is None:
             sys.stdout.write(lines)
         else:
-            write_text_atomic(args.out, lines)
+            destination.write_file(lambda path: path.write_text(lines, encoding="utf-8"))
         print(f"{PROG}: {len(scores)} conversations, mean score {sum(scores) / len(scores):.4f}", file=sys.stderr)
         return 0
 

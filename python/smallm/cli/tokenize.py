@@ -7,25 +7,28 @@ reuses one), and packs every document into token shards for training.
     smallm-tokenize @stdlib --vocab 8000 --out DIR                 # the Python standard library
 
 DIR receives ``tokenizer.json``, ``tokenizer.tiktoken`` (and, for a tokenizer trained elsewhere, the roles
-of its special tokens as ``tokenizer_config.json``: :mod:`smallm.roles`), the shards ``train_*.bin``/``val_*.bin`` with
+of its special tokens as ``tokenizer_config.json``: :mod:`smallm.text.roles`), the shards
+``train_*.bin``/``val_*.bin`` with
 their ``.idx`` document indexes, and ``manifest.json``. An interrupted run resumes when run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from smallm.cli.common import run_command
-from smallm.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
-from smallm.files import DirectoryLock, copy_file_atomic, write_json_atomic, write_text_atomic
-from smallm.shards import JOURNAL, MANIFEST, PackOptions, pack_corpus
-from smallm.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.tiktoken", "tokenizer_config.json")
+from smallm.data.shards import JOURNAL, TOKENIZED, PackOptions, pack_corpus
+from smallm.files.atomic import copy_file_atomic, write_json_atomic, write_text_atomic
+from smallm.files.destination import claim
+from smallm.text.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
+from smallm.text.roles import TOKENIZER_CONFIG_FILE
+from smallm.text.tokenizer import TIKTOKEN_FILE, TOKENIZER_FILE, TOKENIZER_FILES, Tokenizer
+from smallm.text.training import DEFAULT_SPECIAL_TOKENS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         corpus = find_corpus(args)
         check_options(args)
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} exists and is not a directory")
-        with DirectoryLock(args.out, "smallm-tokenize"):  # a second run into --out stops here
-            resuming = prepare_output(args.out, args)
-            tokenizer = get_tokenizer(args, corpus, resuming)
+        in_place = args.tokenizer is not None and same_path(args.tokenizer, args.out)
+        resuming = (args.out / JOURNAL).exists() and not args.no_shards and not args.force
+        inputs = [*args.corpus, *(args.hf_data_files or []), None if in_place else args.tokenizer]
+        keep = TOKENIZER_FILES if in_place or resuming else ()  # the tokenizer packed with, read there
+        with claim(args.out, TOKENIZED, force=args.force, command="smallm-tokenize", inputs=inputs,
+                   continuing=resuming, keep=keep) as destination:  # fmt: skip
+            destination.clear()  # under --force: what an earlier smallm-tokenize wrote there
+            tokenizer = get_tokenizer(args, corpus, resuming, in_place)
             if not args.no_shards:
                 write_shards(args, corpus, tokenizer)
         return 0
@@ -96,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(
         "smallm-tokenize", body, on_interrupt="interrupted; finished shards are kept and a re-run resumes"
     )
+
+
+def same_path(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def find_corpus(args: argparse.Namespace) -> Corpus:
@@ -132,27 +142,7 @@ def check_options(args: argparse.Namespace) -> None:
         )
 
 
-def prepare_output(out: Path, args: argparse.Namespace) -> bool:
-    """Checks --out, clearing it under --force. Returns whether an interrupted run is resumed."""
-    shard_files = sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")) if out.is_dir() else []
-    if args.force:
-        for f in [*shard_files, *(p.with_suffix(".idx") for p in shard_files), out / MANIFEST, out / JOURNAL]:
-            f.unlink(missing_ok=True)
-        return False
-    if (out / MANIFEST).exists():
-        raise ValueError(f"{out} already holds packed shards ({MANIFEST}); pass --force to replace them")
-    if (out / JOURNAL).exists() and not args.no_shards:
-        return True
-    if shard_files:
-        raise ValueError(f"{out} holds shards without a manifest or journal; pass --force to replace them")
-    existing = [n for n in TOKENIZER_FILES if (out / n).exists()]
-    reused_here = args.tokenizer is not None and args.tokenizer.resolve() == out.resolve()
-    if existing and not reused_here:
-        raise ValueError(f"{out} already holds {', '.join(existing)}; pass --force to overwrite")
-    return False
-
-
-def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> Tokenizer:
+def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool, in_place: bool) -> Tokenizer:
     """Loads --tokenizer, or the tokenizer of the run being resumed, or trains one; saves it to --out."""
     if args.tokenizer is not None or resuming:
         source = args.tokenizer if args.tokenizer is not None else args.out
@@ -161,25 +151,25 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool) -> T
         print(f"{note} the tokenizer in {source} (vocab {tokenizer.vocab_size})", file=sys.stderr)
     else:
         tokenizer = train_tokenizer(args, corpus)
-    if resuming or (args.tokenizer is not None and args.tokenizer.resolve() == args.out.resolve()):
+    if resuming or in_place:
         return tokenizer  # already in --out
     if args.tokenizer is not None:
         # tokenizer.json as it is (the shards' manifest records its sha256); the tiktoken ranks from it.
         ranks = tokenizer.core.to_tiktoken()
-        given = args.tokenizer / "tokenizer.tiktoken"
+        given = args.tokenizer / TIKTOKEN_FILE
         if given.is_file() and given.read_text(encoding="utf-8", errors="replace") != ranks:
             raise ValueError(
-                f"{given} does not hold the ranks of {args.tokenizer / 'tokenizer.json'} beside it (a file of "
+                f"{given} does not hold the ranks of {args.tokenizer / TOKENIZER_FILE} beside it (a file of "
                 "another tokenizer?); delete it, and it is written anew from tokenizer.json"
             )
-        copy_file_atomic(args.tokenizer / "tokenizer.json", args.out / "tokenizer.json")
-        write_text_atomic(args.out / "tokenizer.tiktoken", ranks)
+        copy_file_atomic(args.tokenizer / TOKENIZER_FILE, args.out / TOKENIZER_FILE)
+        write_text_atomic(args.out / TIKTOKEN_FILE, ranks)
         if tokenizer.foreign:  # the roles of its special tokens, read from the files beside it
-            write_json_atomic(args.out / "tokenizer_config.json", tokenizer.roles.to_config())
+            write_json_atomic(args.out / TOKENIZER_CONFIG_FILE, tokenizer.roles.to_config())
             print(f"documents start with {tokenizer.roles.document} (from {tokenizer.roles.source})", file=sys.stderr)
     else:
         tokenizer.save(args.out)
-    print(f"saved {args.out / 'tokenizer.json'} and {args.out / 'tokenizer.tiktoken'}", file=sys.stderr)
+    print(f"saved {args.out / TOKENIZER_FILE} and {args.out / TIKTOKEN_FILE}", file=sys.stderr)
     return tokenizer
 
 

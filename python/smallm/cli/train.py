@@ -11,7 +11,7 @@
 
 With no ``--data``, the Python standard library sources of this interpreter (about 12 MB of code, on
 every machine) are tokenized and packed once into a user cache directory and used as the corpus.
-Mixtures, stages and what they log: :mod:`smallm.tasks.lm`.
+Mixtures, stages and what they log: :mod:`smallm.train.tasks.lm`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smallm.builtin import on_builtin_corpus
-from smallm.cli.common import run_command
-from smallm.config import TrainConfig, build_config
-from smallm.model import ModelConfig
+from smallm.cli.common import INTERRUPTED, report, run_command
+from smallm.model.config import ModelConfig
 from smallm.options import add_dataclass_arguments, read_config_file
-
-INTERRUPTED = "interrupted; resume from the last checkpoint with --resume"
+from smallm.train.config import TrainConfig, build_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,48 +61,34 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         cfg = parse_config(argv)
-        if on_builtin_corpus(cfg) and cfg.out == TrainConfig.out:
-            cfg.out = "runs/stdlib-tiny" if cfg.preset == "tiny" else f"runs/stdlib-{cfg.preset}"
-        print("config: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
         if cfg.dry_run:
             return dry_run(cfg)
-        from smallm.jobs import run as run_job
+        from smallm.train.jobs import run as run_job
 
-        report(run_job(cfg), cfg.out)
+        report(run_job(cfg))
         return 0
 
     return run_command("smallm-train", body, on_interrupt=INTERRUPTED)
 
 
-def report(result: dict[str, Any], out: str, sample: str = "sample") -> None:
-    """The last metrics, where the run is, and the sample generated at the end (rank 0 has it)."""
-    if "sample" in result:
-        summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "sample"}
-        print(f"final: {json.dumps(summary)}")
-        print(f"checkpoints, metrics.jsonl and loss_curve.png are in {out}")
-        print(f"{sample}:\n" + result["sample"])
-
-
 def dry_run(cfg: TrainConfig) -> int:
+    """Prints the run's resolved settings and its parameters, FLOPs and memory, and trains nothing."""
     import torch
 
-    from smallm.distributed import autocast_dtype
-    from smallm.memory import describe_run
-    from smallm.optim import resolve_optimizer
-    from smallm.tokenizer import Tokenizer
-    from smallm.trainable import model_config_for
+    from smallm.train.distributed import resolve_device
+    from smallm.train.memory import describe_run
+    from smallm.train.resolve import model_config_of, resolve
 
-    tokenizer = Tokenizer.load(cfg.sources()[0][0] if cfg.sources() else ".")
-    mc = model_config_for(cfg, tokenizer)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
-    device = device if cfg.device == "auto" else torch.device(cfg.device)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(cfg.precision, device)]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    optimizer = {"paged-adamw": "adamw"}.get(resolve_optimizer(cfg, device), resolve_optimizer(cfg, device))
-    seq_len = cfg.seq_len or mc.max_seq_len
+    # A plan for a GPU may be made on a machine without one: the device named is taken as it is.
+    device = resolve_device("auto") if cfg.device == "auto" else torch.device(cfg.device)
+    cfg = resolve(cfg, device, world)
+    print("settings: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
+    mc = model_config_of(cfg)
+    optimizer = {"paged-adamw": "adamw"}.get(cfg.optimizer, cfg.optimizer)
     print(
-        describe_run(mc, cfg.batch_size, seq_len, precision, world_size=world, fsdp=cfg.fsdp, optimizer=optimizer,
-                     step_tokens=cfg.step_tokens())
+        describe_run(mc, cfg.batch_size, cfg.seq_len, cfg.precision, world_size=world, fsdp=cfg.fsdp,
+                     optimizer=optimizer, step_tokens=cfg.batch_tokens)
     )  # fmt: skip
     return 0
 

@@ -1,8 +1,8 @@
 """The training dashboard: settings, Start / Stop / Resume, and the run's loss curves and progress, live.
 
-The settings are the fields of the run's configuration dataclass (:class:`~smallm.config.TrainConfig`
+The settings are the fields of the run's configuration dataclass (:class:`~smallm.train.config.TrainConfig`
 for pretraining), each shown with its default and help, and checked by the same
-:func:`~smallm.config.build_config` as the command line, so a bad value gets the message
+:func:`~smallm.train.config.build_config` as the command line, so a bad value gets the message
 ``smallm-train`` gives. Start trains in the background (:class:`~smallm.notebook.session.TrainingSession`);
 the plot, the progress bar (tokens/s, learning rate, MFU, time left), the latest sample and the
 run's console lines follow as metrics arrive. Stop finishes the step under way and writes a checkpoint;
@@ -27,10 +27,11 @@ from typing import Any
 
 import ipywidgets as w
 
-from smallm.config import RunConfig, TrainConfig, build_config
-from smallm.metrics import LossCurves, loss_figure, read_metrics
 from smallm.notebook.session import TrainingSession, error_message
 from smallm.options import default_of, field_type
+from smallm.run.layout import CONFIG_FILE, METRICS_FILE
+from smallm.train.config import RunConfig, TrainConfig, build_config
+from smallm.train.metrics import LossCurves, loss_figure, read_metrics
 
 __all__ = ["TRAIN_FIELDS", "Dashboard", "SettingsForm"]
 
@@ -123,7 +124,7 @@ class Dashboard(w.VBox):
     def of_run(cls, run: str | Path, **settings: Any) -> Dashboard:
         """A dashboard on the run directory ``run``: its settings (from ``config.json``) and curves (from
         ``metrics.jsonl``), ready to resume; ``settings`` change some of them first."""
-        config_path = Path(run) / "config.json"
+        config_path = Path(run) / CONFIG_FILE
         try:
             saved = json.loads(config_path.read_text(encoding="utf-8"))["train"]
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -199,7 +200,7 @@ class Dashboard(w.VBox):
     def _show_existing_run(self) -> None:
         shown = self.form.widgets.get("out")
         out = Path(str(shown.value if shown is not None else self.form.extra.get("out", "")))
-        records = read_metrics(out / "metrics.jsonl") if str(out) else []
+        records = read_metrics(out / METRICS_FILE) if str(out) else []
         if not records:
             return
         self._draw(records)

@@ -17,8 +17,8 @@ from typing import Any
 
 import ipywidgets as w
 
-from smallm.chat_session import CHAT_SAMPLING, ChatSession
-from smallm.generate import SamplingConfig, StreamDecoder, encode_prompt, stop_ids_of, stream_tokens
+from smallm.inference.chat_session import CHAT_SAMPLING, ChatSession
+from smallm.inference.generate import SamplingConfig, StreamDecoder, encode_prompt, stop_ids_of, stream_tokens
 from smallm.notebook.session import error_message
 
 __all__ = ["ChatPanel", "GenerationPanel", "SamplingControls", "open_model"]
@@ -29,9 +29,9 @@ STREAM_EVERY_S = 0.05
 
 def open_model(run: str | Path, prefer: str = "latest", device: str = "auto") -> tuple[Any, Any]:
     """The model (eval mode) and tokenizer of a run, checkpoint, imported folder or cached Hub id."""
-    from smallm.distributed import resolve_device
-    from smallm.hub import resolve_model
-    from smallm.runs import load_model, resolve_checkpoint
+    from smallm.interop.hub import resolve_model
+    from smallm.run.load import load_model, resolve_checkpoint
+    from smallm.train.distributed import resolve_device
 
     checkpoint = resolve_checkpoint(resolve_model(str(run)), prefer=prefer)
     model, tokenizer, _ = load_model(checkpoint, device=resolve_device(device))
@@ -39,7 +39,7 @@ def open_model(run: str | Path, prefer: str = "latest", device: str = "auto") ->
 
 
 class SamplingControls:
-    """Sliders for :class:`~smallm.generate.SamplingConfig` (0 for top-k or 1 for top-p: off), the reply's
+    """Sliders for :class:`~smallm.inference.generate.SamplingConfig` (0 for top-k or 1 for top-p: off), the reply's
     length and the seed."""
 
     def __init__(self, defaults: dict[str, Any] | None = None, max_new_tokens: int = 120) -> None:

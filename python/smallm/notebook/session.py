@@ -1,6 +1,6 @@
 """A training run in a background thread, for a notebook: start, watch, stop, resume.
 
-:class:`TrainingSession` runs the same trainer as the console scripts (:func:`smallm.jobs.build_trainer`)
+:class:`TrainingSession` runs the same trainer as the console scripts (:func:`smallm.train.jobs.build_trainer`)
 in a thread of the kernel, so the notebook stays usable while it trains. It keeps what a view needs:
 the metrics lines as they arrive (those already in the run's ``metrics.jsonl`` first, when resuming),
 the progress (step, tokens/s, learning rate, MFU, time left), a sample generated at each validation,
@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from smallm.builtin import on_builtin_corpus
-from smallm.config import RunConfig, TrainConfig
 from smallm.errors import SmallmError
-from smallm.metrics import read_metrics
+from smallm.run.layout import METRICS_FILE
+from smallm.train.config import RunConfig
+from smallm.train.metrics import read_metrics
 
 __all__ = ["Progress", "TrainingSession", "error_message"]
 
@@ -91,7 +91,7 @@ def duration(seconds: float) -> str:
 
 
 class TrainingSession:
-    """One run of ``cfg`` (any :class:`~smallm.config.RunConfig`: pretraining, SFT, DPO, a reward model)
+    """One run of ``cfg`` (any :class:`~smallm.train.config.RunConfig`: pretraining, SFT, DPO, a reward model)
     in a background thread. ``on_update(session, record)`` is called from that thread after each metrics
     line, sample and change of state (``record`` is None for the latter two)."""
 
@@ -156,15 +156,14 @@ class TrainingSession:
     # ----- the background thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        from smallm.jobs import build_trainer
+        from smallm.train.jobs import build_trainer
 
         with _console_of_this_thread(self._console_line):
             try:
-                if isinstance(self.cfg, TrainConfig):
-                    on_builtin_corpus(self.cfg, progress=False)  # no data given: the stdlib sources
                 if self.cfg.resume:  # the curves start with the steps before
-                    self.records = read_metrics(Path(self.cfg.out) / "metrics.jsonl")
+                    self.records = read_metrics(Path(self.cfg.out) / METRICS_FILE)
                 trainer = build_trainer(self.cfg)
+                self.cfg = trainer.cfg  # the settings in force, as config.json records them
                 trainer.progress_bar = False
                 trainer.listeners.append(self._on_record)
                 self.trainer = trainer
