@@ -153,6 +153,8 @@ def commands() -> list[Command]:
                 "tokenized", lambda w: w.corpus),
         Command("smallm-train", train, lambda w, o: ["--data", str(w.shards), "--out", str(o), "--preset", "tiny",
                 "--batch-tokens", "64", *TRAIN], "run", lambda w: w.shards),
+        Command("smallm-train --init-from", train, lambda w, o: ["--init-from", str(w.base), "--data", str(w.shards),
+                "--out", str(o), "--batch-tokens", "64", *TRAIN], "run", lambda w: w.base),
         Command("smallm-sft", sft_main, lambda w, o: [str(w.base), "--data", str(w.chats), "--out", str(o), *TUNE],
                 "run", lambda w: w.base),
         Command("smallm-dpo", dpo_main, lambda w, o: [str(w.base), "--data", str(w.pairs), "--out", str(o), *TUNE],
