@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 from smallm.inference.generate import encode_prompt
+from smallm.model.config import ModelConfig
+from smallm.model.lm import SmallLM
 from smallm.text.chat import ChatTemplateError, conversation_ids, prompt_ids, render_template
 from smallm.text.roles import RolesError
 from smallm.text.tokenizer import Tokenizer
@@ -342,3 +344,35 @@ def test_an_imported_model_exports_back_with_its_own_tokenizer_and_roles(llama3_
     generation = json.loads((exported / "generation_config.json").read_text())
     assert set(generation["eos_token_id"]) == {ids_of(doc, "<|eot_id|>"), ids_of(doc, "<|end_of_text|>")}
     assert generation["bos_token_id"] == ids_of(doc, "<|begin_of_text|>")
+
+
+# Llama 3.1's and Mistral's templates read the first message before any loop: an empty conversation fails there.
+FIRST_MESSAGE_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = 'Be brief.' %}{% set rest = messages %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\n' + system + '<|eot_id|>' }}{% for message in rest %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template", [LLAMA3_TEMPLATE, QWEN_TEMPLATE, FIRST_MESSAGE_TEMPLATE], ids=["llama3", "qwen", "first-message"]
+)
+@pytest.mark.parametrize("system", [None, "You answer in one line."])
+def test_chat_opens_templates_that_read_the_first_message(template: str, system: str | None, tmp_path: Path) -> None:
+    from smallm.inference.chat_session import ChatSession
+
+    doc = llama3_tokenizer()
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": template}
+    tokenizer = Tokenizer.load(write_folder(tmp_path / "tok", doc, config))
+    torch.manual_seed(0)
+    model = SmallLM(ModelConfig(vocab_size=-(-tokenizer.vocab_size // 64) * 64, n_layer=1, n_embd=32, n_head=2,
+                                max_seq_len=128)).eval()  # fmt: skip
+    session = ChatSession(model, tokenizer, system=system, max_new_tokens=4, seed=0)
+    question = {"role": "user", "content": "What is 2 plus 3?"}
+    reply = "".join(session.reply(question["content"]))
+    assert session.turns == [question, {"role": "assistant", "content": reply}]
+    asked = session.messages()[:-1]
+    expected = chat_ids(hf_tokenizer(tmp_path / "tok"), asked, add_generation_prompt=True)["input_ids"]
+    assert prompt_ids(tokenizer, asked) == list(expected)

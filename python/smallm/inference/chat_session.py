@@ -36,9 +36,11 @@ class ChatSession:
         max_new_tokens: int = 256,
         seed: int | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        prompt_ids(tokenizer, [])  # fails early for a tokenizer without a template or the ChatML tokens
-        self.system = system
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
+        # Fails early for a tokenizer without a template or the ChatML tokens, and for a template that
+        # refuses the system message; with a first question, since templates read messages[0].
+        prompt_ids(tokenizer, [*self.messages(), {"role": "user", "content": "Hello"}])
         self.sampling = sampling or SamplingConfig(**CHAT_SAMPLING)
         context = model.config.max_seq_len
         if max_new_tokens > context // 2:
@@ -46,7 +48,6 @@ class ChatSession:
             warnings.warn(message, PromptTruncatedWarning, stacklevel=2)
         self.max_new_tokens = max(1, min(max_new_tokens, context // 2))
         self.seed = seed
-        self.turns: list[dict[str, str]] = []  # user and assistant messages, oldest first
         self.replies = 0
 
     def reset(self) -> None:
