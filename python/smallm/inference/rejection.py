@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,13 @@ def read_prompts(path: PathLike) -> list[tuple[dict[str, Any], Messages]]:
 
 
 def load_score_function(spec: str) -> ScoreFunction:
-    """``module:function`` (the module importable, e.g. a file on ``PYTHONPATH``) as a scoring function."""
+    """``module:function`` as a scoring function: the module a file in the current directory (``checks.py``
+    for ``checks:exact``, as ``python -m`` would find it) or on ``PYTHONPATH``."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ValueError(f"--reward-fn {spec!r}: expected module:function")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # console scripts do not search the current directory
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
