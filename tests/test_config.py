@@ -111,3 +111,39 @@ def test_pretraining_batches_are_given_in_tokens() -> None:
         cfg.micro_batches(256, 4)
     assert TrainConfig(preset="124m").step_tokens() == 2**19  # the preset's
     assert FinetuneConfig(grad_accum=3).micro_batches(1024, 8) == 3
+
+
+def test_validate_only_checks_and_resolving_fills_in_what_follows(make_shards, corpus_docs: list[str]) -> None:
+    import torch
+    from smallm.train.resolve import is_resolved, resolve
+
+    data = make_shards(corpus_docs[:30])
+    stages = [{"steps": 3, "data": str(data)}, {"tokens": 4096, "data": str(data), "lr": "decay"}]
+    cfg = TrainConfig(data=str(data), stage=stages, batch_size=2, seq_len=32, batch_tokens=128)
+    before = dataclasses.replace(cfg)
+    validate(cfg)
+    assert cfg == before  # nothing filled in
+    resolved = resolve(cfg, torch.device("cpu"))
+    assert is_resolved(resolved) and resolve(resolved, torch.device("cpu")) == resolved  # once is enough
+    assert (resolved.max_steps, resolved.decay_fraction) == (3 + 32, 32 / 35)
+    assert (resolved.optimizer, resolved.device, resolved.precision, resolved.beta1) == ("muon", "cpu", "fp32", 0.8)
+    assert None not in (resolved.lr, resolved.embedding_lr, resolved.head_lr, resolved.norm_lr)
+
+
+def test_config_json_of_a_default_run_names_the_rates_and_the_batch_it_used(
+    make_shards, corpus_docs: list[str], tmp_path: Path
+) -> None:
+    import json
+
+    from smallm.train.jobs import build_trainer
+
+    cfg = build_config(TrainConfig, {"data": str(make_shards(corpus_docs[:30])), "out": str(tmp_path / "run"),
+                                     "max_steps": 1, "device": "cpu", "seq_len": 32, "batch_size": 2})  # fmt: skip
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    train, batch = saved["train"], saved["batch"]
+    peaks = [group["initial_lr"] for group in trainer.optimizer.param_groups]  # matrices, embedding, head, norms
+    assert [train["lr"], train["embedding_lr"], train["head_lr"], train["norm_lr"]] == peaks
+    assert (train["optimizer"], train["seq_len"], train["batch_tokens"]) == ("muon", 32, 2048)  # the tiny preset's
+    assert batch == {"rows": 2, "seq_len": 32, "micro_batches": 32, "ranks": 1, "tokens_per_step": 2048, "steps": 1}
