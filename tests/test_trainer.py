@@ -330,3 +330,21 @@ def test_resuming_with_another_lr_takes_it(shard_dir: Path, tmp_path: Path) -> N
     )
     muon = resumed.optimizer.param_groups[0]
     assert muon["initial_lr"] == 0.02 and muon["lr"] == pytest.approx(0.02)  # step 4 of 8: still stable
+
+
+def test_resume_as_typed_takes_the_runs_own_settings(shard_dir: Path, tmp_path: Path, capsys) -> None:
+    """``smallm-train --out RUN --resume``, without the flags the run started with: the run's config.json gives
+    them (a flag given changes what a resumed run may change)."""
+    from smallm.cli.train import main
+
+    out = str(tmp_path / "run")
+    started = ["--data", str(shard_dir), "--out", out, "--model-n-layer", "1", "--model-n-embd", "32",
+               "--model-n-head", "2", "--seq-len", "16", "--batch-size", "2", "--batch-tokens", "64",
+               "--max-steps", "2", "--eval-every", "0", "--device", "cpu", "--lr", "0.01"]  # fmt: skip
+    assert main(started) == 0
+    capsys.readouterr()
+    assert main(["--out", out, "--resume", "--max-steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "changed on resume: max_steps: 2 -> 3" in err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["lr"] == 0.01 and saved["model"]["n_layer"] == 1 and saved["batch"]["steps"] == 3

@@ -60,6 +60,10 @@ def parse_config(method: str, argv: Sequence[str] | None) -> Any:
     revision = values.pop("revision", None)
     values["init_from"] = values.pop("checkpoint")
     cfg = build_config(CONFIGS[method], values, str(config_file) if config_file else "command line")
+    if cfg.resume:
+        from smallm.train.resolve import resumed_settings
+
+        cfg = resumed_settings(cfg, set(values))
     # The settings are checked first; then a Hub id becomes the local run it names (fetched or cached).
     return replace(cfg, init_from=str(resolve_model(cfg.init_from, revision)))
 

@@ -54,8 +54,14 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
         if key.startswith("model_"):
             model[key[len("model_") :]] = args.pop(key)
     values.update(args)
+    given = set(values) | ({"model"} if model else set())
     values["model"] = model
-    return build_config(TrainConfig, values, source)
+    cfg = build_config(TrainConfig, values, source)
+    if not cfg.resume:
+        return cfg
+    from smallm.train.resolve import resumed_settings
+
+    return resumed_settings(cfg, given)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ which everything then reads (the trainer, ``--dry-run``, the notebook) and ``con
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from smallm.data.sources import data_sources, normalise_data
 from smallm.errors import listing
 from smallm.model.config import ModelConfig
 from smallm.options import default_of
+from smallm.run.layout import CONFIG_FILE, read_json
 from smallm.run.load import find_tokenizer, read_config, resolve_checkpoint
 from smallm.text.chat import with_chat_format
 from smallm.text.tokenizer import Tokenizer
@@ -49,6 +50,7 @@ __all__ = [
     "resolve_optimization",
     "resolve_training",
     "resume_changes",
+    "resumed_settings",
 ]
 
 Config = TypeVar("Config", bound=RunConfig)
@@ -63,6 +65,9 @@ RESUMABLE = frozenset({
 """Settings a resumed run may change, and applies: the peak rates and the schedule (recomputed for the
 new length), the run's length, clipping, and when it logs, validates, saves and what it samples."""
 IGNORED = frozenset({"out", "resume", "force"})
+NOT_INHERITED = frozenset({"out", "resume", "force", "dry_run", "device"})
+"""What a resumed run never takes from the run's ``config.json``: where it is, how it was asked to run, and
+the device (resolved on the machine that resumes)."""
 FILLED = frozenset({
     "device", "precision", "optimizer", "lr", "embedding_lr", "head_lr", "norm_lr", "beta1", "seq_len", "batch_tokens",
 })  # fmt: skip
@@ -141,10 +146,30 @@ def _pretraining_data(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.data is None:
         values["data"] = str(builtin_corpus())
         values["sample_prompt"] = cfg.sample_prompt or DEMO_PROMPT
+        values["out"] = _output_of(cfg)
+    return values
+
+
+def _output_of(cfg: RunConfig) -> str:
+    """The run directory: ``--out``, or ``runs/stdlib-PRESET`` for a pretraining run on the built-in corpus
+    that names none."""
+    if isinstance(cfg, TrainConfig) and cfg.data is None and not cfg.stage:
         out_field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "out")
         if cfg.out == default_of(out_field):
-            values["out"] = f"runs/stdlib-{cfg.preset}"
-    return values
+            return f"runs/stdlib-{cfg.preset}"
+    return cfg.out
+
+
+def resumed_settings(cfg: Config, given: Iterable[str]) -> Config:
+    """For ``--resume``: ``cfg`` with every setting that was not ``given`` taken from the run it continues
+    (the ``train`` section of its ``config.json``), so that a run resumes with its own settings and the
+    flags given change only those; the device is resolved anew. Without a run there, ``cfg`` itself."""
+    saved = read_json(Path(_output_of(cfg)) / CONFIG_FILE)
+    section = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(section, dict):
+        return cfg
+    names = {f.name for f in dataclasses.fields(cfg)} - set(given) - NOT_INHERITED
+    return dataclasses.replace(cfg, **{name: section[name] for name in names if name in section})
 
 
 def _finetuning_base(cfg: RunConfig) -> dict[str, Any]:
