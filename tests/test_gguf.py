@@ -22,7 +22,7 @@ from smallm.run.write import write_run
 from smallm.text.chat import prompt_ids
 
 gguf = pytest.importorskip("gguf")
-from smallm.interop.gguf_export import _interleave_rotary, export_gguf  # noqa: E402
+from smallm.interop.gguf_export import interleave_rotary, export_gguf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,7 +109,7 @@ def test_the_tensors_are_the_models_weights_under_llama_cpp_names(files: dict[st
     for name, weight, heads in (("blk.1.attn_q.weight", layer.self_attn.q_proj.weight, 4),
                                 ("blk.1.attn_k.weight", layer.self_attn.k_proj.weight, 2)):  # fmt: skip
         stored = torch.from_numpy(np.array(tensors[name].data)).reshape(weight.shape)
-        torch.testing.assert_close(stored, _interleave_rotary(weight.detach(), heads), atol=0, rtol=0)
+        torch.testing.assert_close(stored, interleave_rotary(weight.detach(), heads), atol=0, rtol=0)
     down = np.array(tensors["blk.1.ffn_down.weight"].data).reshape(layer.mlp.down_proj.weight.shape)
     torch.testing.assert_close(torch.from_numpy(down), layer.mlp.down_proj.weight.detach(), atol=0, rtol=0)
     q8 = {t.name: t for t in gguf.GGUFReader(str(files["q8_0"])).tensors}

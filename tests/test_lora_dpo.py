@@ -163,15 +163,21 @@ def lora_run(base: Path, data: tuple[Path, Path], tmp_path_factory: pytest.TempP
 def test_the_adapter_loads_in_peft_onto_the_exported_model(
     lora_run: Path, base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """peft applies RUN/adapter onto transformers' LlamaForCausalLM from smallm-export of the base, and
-    gives what smallm computes with the adapter merged (load_model of the run)."""
+    """peft applies the adapter (RUN/adapter, and ``smallm-export RUN --adapter``) onto transformers'
+    LlamaForCausalLM from smallm-export of the base, and gives what smallm computes with the adapter merged
+    (load_model of the run)."""
     transformers = pytest.importorskip("transformers")
     from smallm.interop.hf_export import export_hf
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     exported = export_hf(base, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
-    with_adapter = peft.PeftModel.from_pretrained(hf, lora_run / "adapter").eval()
+    from smallm.cli.export import main as export
+
+    assert export([str(lora_run), "--adapter", "--out", str(tmp_path / "adapter")]) == 0  # the same, on request
+    exported_adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert exported_adapter == json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ours, _, config = load_model(lora_run)
     assert config["lora"]["r"] == 8
     expected = logits(ours, IDS)

@@ -463,9 +463,9 @@ def test_validation_split_depends_only_on_document_text(
 
 
 def interrupting_parquet_batches(after: int) -> Callable[[Path, str], Any]:
-    """A stand-in for ``smallm.text.corpus._parquet_batches`` that raises KeyboardInterrupt (Ctrl-C) after
+    """A stand-in for ``smallm.text.corpus.parquet_batches`` that raises KeyboardInterrupt (Ctrl-C) after
     ``after`` batches."""
-    read = smallm.text.corpus._parquet_batches
+    read = smallm.text.corpus.parquet_batches
 
     def batches(path: Path, text_field: str) -> Any:
         for i, batch in enumerate(read(path, text_field)):
@@ -492,7 +492,7 @@ def test_interrupted_run_resumes_to_byte_identical_files(
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(smallm.text.corpus, "BATCH_DOCUMENTS", 8)
-        patch.setattr(smallm.text.corpus, "_parquet_batches", interrupting_parquet_batches(after=2))
+        patch.setattr(smallm.text.corpus, "parquet_batches", interrupting_parquet_batches(after=2))
         code, _, err = run_cli([str(root), "--tokenizer", str(tokenizer_dir), *options, "--out", str(out)], capsys)
     assert code == 130, err
     assert "interrupted" in err

@@ -17,6 +17,8 @@ LONGEST = 450
 
 
 def module_name(path: Path) -> str:
+    if PACKAGE not in path.parents:
+        return path.name
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -27,10 +29,12 @@ def test_every_module_fits_in_one_reading() -> None:
 
 
 def test_private_names_stay_in_their_module() -> None:
-    """No ``from smallm.x import _name`` and no ``module._name`` of a smallm module imported elsewhere; the
-    compiled core (``smallm._core``) is the one private module the Python wrappers around it import."""
+    """No ``from smallm.x import _name`` and no ``module._name`` of a smallm module imported elsewhere (the
+    tests and benchmarks included); the compiled core (``smallm._core``) is the one private module the Python
+    wrappers around it import."""
+    repo = PACKAGE.parents[1]
     offenders = []
-    for path in MODULES:
+    for path in [*MODULES, *sorted((repo / "tests").glob("*.py")), *sorted((repo / "benches").glob("*.py"))]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         modules = set()
         for node in ast.walk(tree):

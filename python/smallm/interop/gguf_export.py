@@ -43,7 +43,7 @@ from smallm.text.chat import CHAT_TEMPLATE, IM_END, IM_START
 from smallm.text.tokenizer import Tokenizer
 from smallm.text.training import GPT2_PATTERN, GPT4_PATTERN
 
-__all__ = ["GGUF_DTYPES", "GGUF_FILE", "PRE_TOKENIZERS", "export_gguf", "is_gguf_file"]
+__all__ = ["GGUF_DTYPES", "GGUF_FILE", "PRE_TOKENIZERS", "export_gguf", "interleave_rotary", "is_gguf_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 GGUF_MAGIC = b"GGUF"
@@ -232,14 +232,14 @@ def _tensors(model: SmallLM, dtype: str) -> list[tuple[str, np.ndarray, Any]]:
     for key, name in names.items():
         tensor = state[key]
         if key.endswith("q_proj.weight"):
-            tensor = _interleave_rotary(tensor, c.n_head)
+            tensor = interleave_rotary(tensor, c.n_head)
         elif key.endswith("k_proj.weight"):
-            tensor = _interleave_rotary(tensor, c.n_kv_head)
+            tensor = interleave_rotary(tensor, c.n_kv_head)
         out.append((name, *_encode(tensor.numpy(), dtype)))
     return out
 
 
-def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """The rows of a query or key projection reordered from rotate-half pairs (i, i + d/2) to adjacent
     pairs (2i, 2i + 1) within each head, GGML's rotary layout for the llama architecture."""
     rows, columns = weight.shape

@@ -154,7 +154,7 @@ class Corpus:
                 if group:
                     yield FileGroup(group, first)
                     group = []
-                yield TextBatches(i, str(path), lambda p=path: _parquet_batches(p, self.text_field))
+                yield TextBatches(i, str(path), lambda p=path: parquet_batches(p, self.text_field))
             else:
                 if not group:
                     first = i
@@ -212,7 +212,7 @@ class Corpus:
             yield batch
 
 
-def _parquet_batches(path: Path, text_field: str) -> Iterator[list[str]]:
+def parquet_batches(path: Path, text_field: str) -> Iterator[list[str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
