@@ -22,7 +22,7 @@ from smallm.run.write import write_run
 from smallm.text.chat import prompt_ids
 
 gguf = pytest.importorskip("gguf")
-from smallm.interop.gguf_export import interleave_rotary, export_gguf  # noqa: E402
+from smallm.interop.gguf_export import export_gguf, interleave_rotary  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
