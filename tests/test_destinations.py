@@ -35,7 +35,8 @@ FOLDER_KINDS = ("empty", "run", "shards", "tokenizer", "user", "source", "locked
 FILE_KINDS = ("new", "user", "directory", "source", "locked", "earlier")
 TRAIN = ["--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "2",
          "--device", "cpu", "--log-every", "1"]  # fmt: skip
-TUNE = [*TRAIN, "--seq-len", "64"]  # conversations are longer than a pretraining row here
+TUNE = [*TRAIN, "--seq-len", "64"]
+VERIFIER = "destinations_verifier:exact"  # a module name no other test imports (modules are cached by name)  # conversations are longer than a pretraining row here
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -121,7 +122,8 @@ def write_jsonl_files(root: Path) -> dict[str, Path]:
     for name, records in (("chats", chats), ("pairs", pairs), ("prompts", prompts), ("replies", replies)):
         paths[name] = root / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    (root / "verifier.py").write_text("def exact(record, reply):\n    return float(reply == record['answer'])\n")
+    verifier = "def exact(record, reply):\n    return float(reply == record['answer'])\n"
+    (root / "destinations_verifier.py").write_text(verifier, encoding="utf-8")
     return paths
 
 
@@ -172,7 +174,7 @@ def commands() -> list[Command]:
                 "file", lambda w: w.base / "checkpoints" / "model.gguf"),
         Command("smallm-score", score, lambda w, o: [str(w.reward), "--data", str(w.replies), "--out", str(o)],
                 "file", lambda w: w.replies),
-        Command("smallm-best-of-n", best_of_n, lambda w, o: [str(w.base), "--reward-fn", "verifier:exact", "--prompts",
+        Command("smallm-best-of-n", best_of_n, lambda w, o: [str(w.base), "--reward-fn", VERIFIER, "--prompts",
                 str(w.prompts), "--n", "2", "--max-new-tokens", "2", "--out", str(o), "--device", "cpu"],
                 "file", lambda w: w.prompts),
     ]  # fmt: skip

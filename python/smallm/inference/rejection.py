@@ -94,12 +94,17 @@ def load_score_function(spec: str) -> ScoreFunction:
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ValueError(f"--reward-fn {spec!r}: expected module:function")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # console scripts do not search the current directory
-        sys.path.insert(0, os.getcwd())
+    here = os.getcwd()
+    searched = here not in sys.path and "" not in sys.path  # console scripts do not search the current directory
+    if searched:
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"--reward-fn {spec}: cannot import {module_name} ({e})") from e
+    finally:
+        if searched:
+            sys.path.remove(here)
     function = getattr(module, name, None)
     if not callable(function):
         raise ValueError(f"--reward-fn {spec}: {module_name} has no function {name}")

@@ -32,6 +32,7 @@ from smallm.options import default_of, field_type
 from smallm.run.layout import CONFIG_FILE, METRICS_FILE
 from smallm.train.config import RunConfig, TrainConfig, build_config
 from smallm.train.metrics import LossCurves, loss_figure, read_metrics
+from smallm.train.resolve import NOT_INHERITED
 
 __all__ = ["TRAIN_FIELDS", "Dashboard", "SettingsForm"]
 
@@ -130,7 +131,7 @@ class Dashboard(w.VBox):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{config_path}: not a smallm run's config.json ({e})") from e
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        values = {k: v for k, v in saved.items() if k in known and k not in ("resume", "force")}
+        values = {k: v for k, v in saved.items() if k in known and k not in NOT_INHERITED}  # the device anew
         return cls(**{**values, "out": str(run), **settings})
 
     # ----- the buttons --------------------------------------------------------------------------

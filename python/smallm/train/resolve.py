@@ -42,6 +42,7 @@ from smallm.train.distributed import autocast_dtype
 from smallm.train.optim import default_rates, resolve_optimizer
 
 __all__ = [
+    "NOT_INHERITED",
     "RESUMABLE",
     "is_resolved",
     "model_config_for",
