@@ -35,8 +35,8 @@ FOLDER_KINDS = ("empty", "run", "shards", "tokenizer", "user", "source", "locked
 FILE_KINDS = ("new", "user", "directory", "source", "locked", "earlier")
 TRAIN = ["--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--sample-tokens", "2",
          "--device", "cpu", "--log-every", "1"]  # fmt: skip
-TUNE = [*TRAIN, "--seq-len", "64"]
-VERIFIER = "destinations_verifier:exact"  # a module name no other test imports (modules are cached by name)  # conversations are longer than a pretraining row here
+TUNE = [*TRAIN, "--seq-len", "64"]  # conversations are longer than a pretraining row here
+VERIFIER = "destinations_verifier:exact"  # a module name no other test imports (modules are cached by name)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
