@@ -15,7 +15,7 @@ from smallm.data.loader import TokenLoader
 from smallm.data.sampling import DataExhausted
 from smallm.data.shardset import ShardSet
 from smallm.data.sources import normalise_data
-from smallm.run.checkpoint import latest_checkpoint, load_weights
+from smallm.run.checkpoint import best_checkpoint, latest_checkpoint, load_weights
 from smallm.train.config import TrainConfig, build_config
 from smallm.train.jobs import build_trainer
 from test_trainer import config, interrupt_after
@@ -141,12 +141,19 @@ def test_no_repeat_ends_the_run_cleanly_at_the_first_exhausted_source(
 ) -> None:
     cfg = mixture_config(sources, tmp_path, max_steps=500, sampling="documents", repeat=False, eval_every=1000,
                          checkpoint_every=1000)  # fmt: skip
-    build_trainer(cfg).fit()
+    result = build_trainer(cfg).fit()
     err = capsys.readouterr().err
     assert "has given all its data and --no-repeat is set: stopping after step" in err
     step = int(err.split("stopping after step ")[1].split()[0])
     assert 0 < step < 500
     assert latest_checkpoint(tmp_path).name == f"step_{step:08d}"
+    # The last step has its training line and its validation in metrics.jsonl, and the final line pairs them.
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r][-1] == step
+    validation = [r for r in lines if "val_loss" in r]
+    assert validation[-1]["step"] == step and len([r for r in validation if r["step"] == step]) == 1
+    assert result["step"] == step and result["val_loss"] == validation[-1]["val_loss"]
+    assert best_checkpoint(tmp_path).name == f"step_{step:08d}"  # the only validation: the best
 
 
 def test_eval_reports_each_source_and_all_of_them(sources: dict[str, Path], tmp_path: Path, capsys) -> None:

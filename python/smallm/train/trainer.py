@@ -112,6 +112,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
         self.state = TrainingState(step=0, tokens_seen=0)
         self.saved_at: int | None = None  # the step of the last checkpoint this trainer wrote
+        self.validated_at: int | None = None  # the step of its last validation
         if cfg.resume:
             peaks = [group["initial_lr"] for group in self.optimizer.param_groups]
             self.state = self.checkpointer.resume(
@@ -297,23 +298,32 @@ class Trainer:
                 stats = self.train_step() if self.state.step > start_step else self.first_step()
             except DataExhausted as e:  # --no-repeat: the run ends cleanly at the last whole step
                 self.runtime.log(f"{e}: stopping after step {self.state.step}")
-                self.max_steps = self.state.step
+                self.max_steps = self.state.step  # this step is the last: everything due at the end is due now
                 if self.state.step > start_step:
-                    last.update(self.evaluate())
-                    self.save()
+                    last = self.after_step(logger, stats, last)
                 break
             self.since_log = (self.since_log[0] + time.perf_counter() - started, self.since_log[1])
             self.state.step += 1
             if not math.isfinite(stats["loss"]):
                 self.diverged(f"the loss became {stats['loss']}")
-            if self.due(self.cfg.log_every):
-                last = self.log_step(logger, stats)
-            validating = self.due(self.cfg.eval_every) or self.task.stage_ends_at(self.state.step)
-            metrics = self.evaluate() if validating else {}
+            last = self.after_step(logger, stats, last)
+        return last
+
+    def after_step(self, logger: MetricsLogger, stats: dict[str, float], last: dict[str, Any]) -> dict[str, Any]:
+        """What is due after the step just taken (each at most once a step): its metrics line, validation
+        and a checkpoint. Returns the last metrics."""
+        step = self.state.step
+        if self.due(self.cfg.log_every) and last.get("step") != step:
+            last = self.log_step(logger, stats)
+        if (self.due(self.cfg.eval_every) or self.task.stage_ends_at(step)) and self.validated_at != step:
+            self.validated_at = step
+            metrics = self.evaluate()
             is_best = self.record_validation(logger, metrics)
             last.update(metrics)
-            if self.due(self.cfg.checkpoint_every) or is_best:
-                self.save(is_best=is_best)
+        else:
+            is_best = False
+        if (self.due(self.cfg.checkpoint_every) or is_best) and self.saved_at != step:
+            self.save(is_best=is_best)
         return last
 
     def stop_here(self, last: dict[str, Any], *, saved: bool) -> dict[str, Any]:
