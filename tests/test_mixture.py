@@ -81,11 +81,24 @@ def test_a_source_that_runs_out_repeats_unless_told_not_to(sources: dict[str, Pa
         ([{"path": "a", "weight": "x"}], r"data\[0\] \(a\): the weight must be a positive finite number"),
         ([{"path": "a", "share": 1}], r"data\[0\]: expected DIR, DIR:WEIGHT or a table"),
         (["a:1", "a:2"], "a is listed twice"),
+        (["a:inf", "b:1"], r"data\[0\] \(a\): the weight must be a positive finite number, got inf"),
+        (["a:nan", "b:1"], r"the weight must be a positive finite number, got nan"),
+        (["a:1e308", "b:1e308"], r"add up past the largest number; scale them down"),
     ],
 )  # fmt: skip
 def test_bad_weights_are_clear_errors(data: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         normalise_data(data)
+
+
+def test_a_bad_weight_is_refused_before_anything_is_written(
+    sources: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from smallm.cli.train import main
+
+    out = tmp_path / "run"
+    assert main(["--data", f"{sources['en']}:inf", "--data", f"{sources['ko']}:1", "--out", str(out)]) == 1
+    assert "positive finite number, got inf" in capsys.readouterr().err and not out.exists()
 
 
 def test_the_forms_of_data(tmp_path: Path) -> None:
