@@ -71,6 +71,7 @@ def test_the_names_in_a_run_directory_are_written_out_once() -> None:
         '"tokenizer.json"': {"smallm.text.tokenizer", "smallm.text.roles"},
         '"tokenizer.tiktoken"': {"smallm.text.tokenizer"},
         '"tokenizer_config.json"': {"smallm.text.roles"},
+        '"manifest.json"': {"smallm.data.shards"},
     }
     found = []
     for path in MODULES:

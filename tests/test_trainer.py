@@ -227,6 +227,18 @@ def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(shard_dir: Pat
     assert trainer.state.step == 0 and not trainer.optimizer.state
 
 
+def test_init_from_refuses_shards_packed_with_another_tokenizer(
+    shard_dir: Path, make_shards, tmp_path: Path, capsys
+) -> None:
+    from smallm.cli.train import main
+
+    build_trainer(config(shard_dir, tmp_path / "base", max_steps=1)).fit()
+    other = make_shards([f"other words {i}, other ids" for i in range(100)], 380)  # a smaller vocabulary
+    argv = ["--init-from", str(tmp_path / "base"), "--data", str(other), "--out", str(tmp_path / "tuned")]
+    assert main(argv) == 1
+    assert "was trained with another tokenizer" in capsys.readouterr().err and not (tmp_path / "tuned").exists()
+
+
 class CountingBatches:
     """Rows that count up modulo ``modulus`` from a random start; the position is the batch counter."""
 

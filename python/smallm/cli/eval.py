@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from smallm.cli.common import add_model_arguments, load, run_command
+from smallm.data.shards import MANIFEST
 
 PROG = "smallm-eval"
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".rst", ".py")
@@ -54,7 +55,7 @@ def batches_for(args: argparse.Namespace, tokenizer: Any, seq_len: int, device: 
     from smallm.text.tokenizer import Tokenizer
 
     data = [Path(d) for d in args.data]
-    if len(data) == 1 and (data[0] / "manifest.json").is_file():
+    if len(data) == 1 and (data[0] / MANIFEST).is_file():
         shards = ShardSet.open(data[0], args.split)
         if Tokenizer.load(data[0]).to_json() != tokenizer.to_json():
             raise ValueError(f"{data[0]}: its shards were made with another tokenizer than the model's")
@@ -90,7 +91,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     # A mixture's sources as smallm-train takes them (DIR:WEIGHT) are its directories here.
     plain = [d.rpartition(":")[0] if has_weight(d) and not Path(d).exists() else d for d in args.data]
-    shard_dirs = [Path(d) for d in plain if (Path(d) / "manifest.json").is_file()]
+    shard_dirs = [Path(d) for d in plain if (Path(d) / MANIFEST).is_file()]
     if len(args.data) > 1 and len(shard_dirs) == len(args.data):
         return evaluate_sources(args, model, tokenizer, seq_len, shard_dirs)
     args.data = plain

@@ -28,6 +28,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from smallm.data.shards import MANIFEST
 from smallm.errors import SmallmError
 from smallm.files.atomic import sha256_file
 
@@ -94,7 +95,7 @@ class ShardSet:
         ``vocab_size`` and a BOS at every document start. Raises :class:`ShardError` naming the file.
         """
         directory = Path(directory)
-        manifest_path = directory / "manifest.json"
+        manifest_path = directory / MANIFEST
         manifest = _read_manifest(manifest_path)
         _check_tokenizer(directory, manifest_path, manifest["tokenizer"])
         if split not in manifest["splits"]:

@@ -34,7 +34,7 @@ from smallm.errors import listing
 from smallm.model.config import ModelConfig
 from smallm.options import default_of
 from smallm.run.layout import CONFIG_FILE, read_json
-from smallm.run.load import find_tokenizer, read_config, resolve_checkpoint
+from smallm.run.load import find_tokenizer, read_config, resolve_checkpoint, run_dir_of
 from smallm.text.chat import with_chat_format
 from smallm.text.tokenizer import Tokenizer
 from smallm.train.config import FinetuneConfig, RunConfig, TrainConfig, normalised_stages, validate
@@ -195,8 +195,23 @@ def model_config_of(cfg: RunConfig) -> ModelConfig:
     if not sources or not Path(sources[0][0]).is_dir():
         where = sources[0][0] if sources else None
         raise ValueError(f"--data {where}: not a directory; make one with smallm-tokenize CORPUS --out DIR")
+    tokenizer = Tokenizer.load(sources[0][0])
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
-    return model_config_for(cfg, Tokenizer.load(sources[0][0]), init)
+    if init is not None:
+        check_same_tokenizer(init, tokenizer, sources[0][0])
+    return model_config_for(cfg, tokenizer, init)
+
+
+def check_same_tokenizer(init: Path, tokenizer: Tokenizer, data: str) -> None:
+    """Refuses to continue the model of ``init`` on shards packed with another tokenizer: its ids would mean
+    other tokens (the loss starts where a fresh model's does)."""
+    theirs = find_tokenizer(init, read_config(init))
+    if theirs.to_json() != tokenizer.to_json():
+        raise ValueError(
+            f"--init-from {init} was trained with another tokenizer ({theirs.vocab_size} ids) than the one --data "
+            f"{data} was packed with ({tokenizer.vocab_size} ids): its ids would mean other tokens. Pack the corpus "
+            f"with the model's tokenizer: smallm-tokenize CORPUS --tokenizer {run_dir_of(init)} --out DIR"
+        )
 
 
 def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer, init: Path | None = None) -> ModelConfig:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from smallm.data.loader import TokenLoader, ValidationLoader
+from smallm.data.shards import MANIFEST
 from smallm.data.shardset import ShardSet
 from smallm.data.sources import data_sources
 from smallm.inference.evaluate import byte_length_table, metrics_from_sums
@@ -209,7 +210,7 @@ def check_one_tokenizer(paths: list[str]) -> None:
     seen: list[tuple[str, str]] = []
     for path in paths:
         try:
-            digest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]["sha256"]
+            digest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))["tokenizer"]["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # ShardSet.open says what is wrong with it
         for other, other_digest in seen:
