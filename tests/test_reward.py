@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from smallm import Tokenizer
-from smallm.data.conversations import encode_conversation
+from smallm.data.conversations import DataError, encode_conversation
 from smallm.inference.scoring import reward_tensors, score_conversations
 from smallm.interop.hf_export import HFError
 from smallm.model.reward import RewardModel
@@ -282,3 +283,53 @@ def test_best_of_n_with_a_reward_model_from_the_command_line(
     assert best_of_n(args) == 0 and "resuming: 5 of 5 prompts" in capsys.readouterr().err
     assert best_of_n([str(base), "--reward", str(base), *args[3:], "--force"]) == 1
     assert "is a language model, not a reward model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("return float('nan')", "gave nan for a reply to the prompt of .*prompts.jsonl:1: a score is a finite number"),
+        ("return None", "gave None for a reply to the prompt of .*prompts.jsonl:1"),
+        ("raise KeyError('answer')", "raised KeyError on the prompt of .*prompts.jsonl:1: 'answer'"),
+    ],
+)
+def test_a_scoring_function_that_fails_is_one_line_naming_it_and_the_prompt(
+    body: str, message: str, base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from smallm.cli.best_of_n import main as best_of_n
+
+    module = f"broken_scorer_{abs(hash(body))}"  # one module name per body: imported modules are cached by name
+    (tmp_path / f"{module}.py").write_text(f"def score(record, reply):\n    {body}\n")
+    monkeypatch.chdir(tmp_path)  # a module of the current directory, as the README's checks.py
+    args = [str(base), "--reward-fn", f"{module}:score", "--prompts", str(prompts), "--n", "2", "--out",
+            str(tmp_path / "best.jsonl"), "--max-new-tokens", "2", "--device", "cpu"]  # fmt: skip
+    assert best_of_n(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(f"--reward-fn score {message}", err) and "Traceback" not in err, err
+    assert not (tmp_path / "best.jsonl").exists() or "nan" not in (tmp_path / "best.jsonl").read_text().lower()
+
+
+def test_best_of_n_resumes_only_the_same_prompts_and_settings(
+    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smallm.files.destination import DestinationError
+    from smallm.files.lock import Lock
+    from smallm.inference.rejection import run_best_of_n
+
+    policy, tok, options = verified_sampling(base, tmp_path, monkeypatch)
+    out = tmp_path / "best.jsonl"
+    run_best_of_n(policy, tok, prompts, out, 2, **options)
+    with pytest.raises(DataError, match=r"other prompts or settings \(--n 2 then, 3 now\).*--force"):
+        run_best_of_n(policy, tok, prompts, out, 3, **options)
+    with pytest.raises(DataError, match=r"--seed 3 then, 4 now"):
+        run_best_of_n(policy, tok, prompts, out, 2, **{**options, "seed": 4})
+    others = tmp_path / "others.jsonl"  # as many prompts, other ones
+    others.write_text(prompts.read_text().replace("1+1=?", "9+9=?"))
+    with pytest.raises(DataError, match=r"its prompt 0 is not the one on .*others.jsonl:1"):
+        run_best_of_n(policy, tok, others, out, 2, **options)
+    with pytest.raises(ValueError, match="overlap: give each its own file"):
+        run_best_of_n(policy, tok, prompts, tmp_path / "new.jsonl", 2, pairs_out=tmp_path / "new.jsonl", **options)
+    busy = pytest.raises(DestinationError, match=r"in use by smallm-best-of-n \(process")
+    with Lock(out, "smallm-best-of-n", directory=False), busy:  # a second run on the --out one writes
+        run_best_of_n(policy, tok, prompts, out, 2, **options)
+    assert run_best_of_n(policy, tok, prompts, out, 3, force=True, **options)["prompts"] == 5  # --force: start over

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -181,48 +182,111 @@ def run_best_of_n(
                     continuing=not force, flag=flag,
                 ))  # fmt: skip
                 destination.clear()  # --force: start it over
-        return _run(policy, tokenizer, prompts, out, below, pairs_path, n, reward_model, score_function,
-                    sampling or SamplingConfig(), max_new_tokens, seed, min_score, log)  # fmt: skip
+        job = _Job(policy, tokenizer, Path(prompts_file), prompts, n, sampling or SamplingConfig(), max_new_tokens,
+                   seed, min_score, reward_model, score_function)  # fmt: skip
+        return job.run(out, below, pairs_path, log)
 
 
-def _run(
-    policy: Any, tokenizer: Any, prompts: list[tuple[dict[str, Any], Messages]], out: Path, below: Path,
-    pairs_path: Path | None, n: int, reward_model: Any, score_function: ScoreFunction | None,
-    sampling: SamplingConfig, max_new_tokens: int, seed: int, min_score: float | None, log: Callable[[str], None],
-) -> dict[str, float]:  # fmt: skip
-    """:func:`run_best_of_n` once its outputs are claimed."""
-    done = {int(r["index"]) for r in _complete_lines(out)} | {int(r["index"]) for r in _complete_lines(below)}
-    if pairs_path is not None and pairs_path.is_file():  # a pair written just before an interruption: redone
-        kept = [r for r in _complete_lines(pairs_path) if int(r["index"]) in done]
-        write_text_atomic(pairs_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    if done:
-        log(f"resuming: {len(done)} of {len(prompts)} prompts are in {out} already")
+@dataclass
+class _Job:
+    """One best-of-N run's model, prompts and settings, once its outputs are claimed."""
 
-    def score(record: dict[str, Any], messages: Messages, replies: list[str]) -> list[float]:
-        if score_function is not None:
-            return [score_function(record, reply) for reply in replies]
-        conversations = [[*messages, {"role": "assistant", "content": r}] for r in replies]
-        return score_conversations(reward_model, tokenizer, conversations)
+    policy: Any
+    tokenizer: Any
+    prompts_file: Path
+    prompts: list[tuple[dict[str, Any], Messages]]
+    n: int
+    sampling: SamplingConfig
+    max_new_tokens: int
+    seed: int
+    min_score: float | None
+    reward_model: Any
+    score_function: ScoreFunction | None
 
-    best, mean, count, kept = 0.0, 0.0, 0, 0
-    for index, prompt in enumerate(prompts):
-        if index in done:
-            continue
-        choice = best_of_n(policy, tokenizer, [prompt], n, score=score, sampling=sampling,
-                           max_new_tokens=max_new_tokens, seed=seed, first_index=index)[0]  # fmt: skip
-        best += choice.scores[choice.best]
-        mean += sum(choice.scores) / n
-        count += 1
-        if min_score is not None and choice.scores[choice.best] < min_score:
-            _append(below, {"index": index, "messages": choice.messages, "replies": choice.replies,
-                            "scores": choice.scores})  # fmt: skip
-            continue
-        pair = choice.pair()
-        if pairs_path is not None and pair is not None:
-            _append(pairs_path, pair)
-        _append(out, choice.conversation())  # last: a prompt counts as done once both are written
-        kept += 1
-    return {"prompts": count, "kept": kept, "mean_best": best / max(count, 1), "mean_score": mean / max(count, 1)}
+    def __post_init__(self) -> None:
+        self.lines = [number for number, _ in json_lines(self.prompts_file)]  # one prompt per line
+
+    def where(self, index: int) -> str:
+        """The prompt file's line of prompt ``index``, for messages."""
+        return f"{self.prompts_file}:{self.lines[index]}"
+
+    def run(self, out: Path, below: Path, pairs_path: Path | None, log: Callable[[str], None]) -> dict[str, float]:
+        done = self.done_in(out) | self.done_in(below)
+        if pairs_path is not None and pairs_path.is_file():  # a pair written just before an interruption: redone
+            kept = [r for r in _complete_lines(pairs_path) if int(r["index"]) in done]
+            write_text_atomic(pairs_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        if done:
+            log(f"resuming: {len(done)} of {len(self.prompts)} prompts are in {out} already")
+        best, mean, count, kept_count = 0.0, 0.0, 0, 0
+        settings = {"n": self.n, "seed": self.seed}
+        for index, prompt in enumerate(self.prompts):
+            if index in done:
+                continue
+            choice = best_of_n(self.policy, self.tokenizer, [prompt], self.n, score=self.scorer(index),
+                               sampling=self.sampling, max_new_tokens=self.max_new_tokens, seed=self.seed,
+                               first_index=index)[0]  # fmt: skip
+            best += choice.scores[choice.best]
+            mean += sum(choice.scores) / self.n
+            count += 1
+            if self.min_score is not None and choice.scores[choice.best] < self.min_score:
+                _append(below, {"index": index, "messages": choice.messages, "replies": choice.replies,
+                                "scores": choice.scores, **settings})  # fmt: skip
+                continue
+            pair = choice.pair()
+            if pairs_path is not None and pair is not None:
+                _append(pairs_path, pair)
+            _append(out, {**choice.conversation(), **settings})  # last: a prompt is done once both are written
+            kept_count += 1
+        return {"prompts": count, "kept": kept_count, "mean_best": best / max(count, 1),
+                "mean_score": mean / max(count, 1)}  # fmt: skip
+
+    def done_in(self, path: Path) -> set[int]:
+        """The prompts an earlier run of the same prompts and settings wrote to ``path``; refuses lines of
+        another prompts file, ``--n`` or ``--seed``, which would mix two runs' results in one file."""
+        done = set()
+        for record in _complete_lines(path):
+            index = int(record["index"])
+            prompt = self.prompts[index][1] if 0 <= index < len(self.prompts) else None
+            same_prompt = prompt is not None and record.get("messages", [])[: len(prompt)] == prompt
+            changed = [f"--{k} {record[k]} then, {getattr(self, k)} now" for k in ("n", "seed")
+                       if k in record and record[k] != getattr(self, k)]  # fmt: skip
+            if not same_prompt or changed:
+                line = self.where(index) if prompt is not None else f"no line of {self.prompts_file}"
+                why = ", ".join(changed) or f"its prompt {index} is not the one on {line}"
+                raise DataError(
+                    f"{path} was written by a run with other prompts or settings ({why}): continue it with the same "
+                    "--prompts, --n and --seed, or start over with --force"
+                )
+            done.add(index)
+        return done
+
+    def scorer(self, index: int) -> Callable[[dict[str, Any], Messages, list[str]], list[float]]:
+        """The scores of one prompt's replies, each checked to be a finite number."""
+        function = self.score_function
+        name = f"--reward-fn {getattr(function, '__name__', 'function')}" if function else "the reward model"
+
+        def score(record: dict[str, Any], messages: Messages, replies: list[str]) -> list[float]:
+            if function is None:
+                conversations = [[*messages, {"role": "assistant", "content": r}] for r in replies]
+                values: list[Any] = score_conversations(self.reward_model, self.tokenizer, conversations)
+            else:
+                values = []
+                for reply in replies:
+                    try:
+                        values.append(function(record, reply))
+                    except Exception as e:  # the user's function: any error, told in one line
+                        raise DataError(
+                            f"{name} raised {type(e).__name__} on the prompt of {self.where(index)}: {e}"
+                        ) from e
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise DataError(
+                        f"{name} gave {value!r} for a reply to the prompt of {self.where(index)}: a score is a "
+                        "finite number"
+                    )
+            return [float(v) for v in values]
+
+        return score
 
 
 def _first_record(path: Path) -> Any:
