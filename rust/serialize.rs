@@ -218,6 +218,8 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
         }
         merges.push((l.to_owned(), r.to_owned()));
     }
+    let key_of_id: std::collections::HashMap<u32, &str> =
+        id_of_key.iter().map(|(k, id)| (*id, *k)).collect();
     let mut added: Vec<(String, u32)> = Vec::new();
     for (i, t) in doc
         .get("added_tokens")
@@ -242,7 +244,26 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
             }
         }
         // `tokenizers` gives an added token that is also a vocab entry the vocab's id.
-        let id = id_of_key.get(content).copied().unwrap_or(id);
+        let in_vocab = id_of_key.get(content).copied();
+        let id = in_vocab.unwrap_or(id);
+        let taken = match in_vocab {
+            Some(_) => None,
+            None => key_of_id
+                .get(&id)
+                .map(|other| format!("the vocab's {other:?}")),
+        }
+        .or_else(|| {
+            added
+                .iter()
+                .find(|(other, other_id)| *other_id == id && other != content)
+                .map(|(other, _)| format!("added_tokens' {other:?}"))
+        });
+        if let Some(other) = taken {
+            return Err(bad(format!(
+                "added_tokens[{i}] ({content:?}) has id {id}, which is {other}'s: two tokens cannot share an id \
+                 (they would decode differently from `tokenizers`); fix the file"
+            )));
+        }
         added.push((content.to_owned(), id));
     }
 

@@ -5,6 +5,7 @@ and encode to exactly the ids ``tokenizers`` gives; SentencePiece-style files ar
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -249,3 +250,18 @@ def test_an_imported_model_keeps_its_tokenizer_packs_a_corpus_and_continues_pret
             "--seq-len", "32", "--batch-tokens", "64", "--device", "cpu", "--sample-tokens", "2"]  # fmt: skip
     assert train_cli.main(args) == 0
     assert (out / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("taken_by", ["vocab", "added"])
+def test_an_added_token_on_another_tokens_id_is_refused_naming_both(taken_by: str, tmp_path: Path) -> None:
+    doc = llama3_style()
+    first = doc["added_tokens"][0]
+    if taken_by == "vocab":
+        other, clash = next(iter(doc["model"]["vocab"].items()))[0], next(iter(doc["model"]["vocab"].values()))
+    else:
+        other, clash = first["content"], first["id"]
+    doc["added_tokens"].append({**first, "content": "<|mine|>", "id": clash})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    message = rf"\(\"<\|mine\|>\"\) has id {clash}, which is .*{re.escape(json.dumps(other))}'s: two tokens"
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.load(tmp_path)
