@@ -750,6 +750,17 @@ def test_hub_dataset_offline_suggests_local_files(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_missing_data_file_of_a_dataset_is_named_not_blamed_on_the_hub(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    missing = tmp_path / "missing.jsonl"
+    argv = ["--hf-dataset", "json", "--hf-data-files", str(missing), "--out", str(tmp_path / "o")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and f"--hf-data-files {missing}: no such file" in err and "Hub" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_corpus_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["--out", str(tmp_path / "out")], capsys)
     assert code == 1 and "--hf-dataset" in err

@@ -238,6 +238,9 @@ def load_hf_dataset(
 ) -> Iterable[dict[str, Any]]:
     """Streams a dataset with ``datasets.load_dataset``; local builders (``json``, ``parquet``,
     ``text`` with ``data_files``) work offline, hub datasets need the network."""
+    for file in data_files or []:  # local files: say a missing one is missing (not that the Hub is offline)
+        if "://" not in file and not glob.has_magic(file) and not Path(file).exists():
+            raise CorpusError(f"--hf-data-files {file}: no such file")
     try:
         import datasets
     except ImportError as e:
