@@ -457,3 +457,15 @@ def test_a_lora_run_refuses_a_base_that_was_replaced_since(
         merge_run(run, tmp_path / "merged")
     with pytest.raises(CheckpointError, match="trained on a base with other weights"):
         build_trainer(config(base, data[0], run, lora_r=4, max_steps=4, val_fraction=0.0, resume=True))
+
+
+def test_a_lora_rank_above_a_layers_dimensions_is_refused_before_anything_runs(
+    base: Path, data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from smallm.cli.finetune import sft_main
+
+    out = tmp_path / "lora"
+    assert sft_main([str(base), "--data", str(data[0]), "--out", str(out), "--lora-r", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "--lora-r 100000 is above the rank a layer it adapts can have: k_proj of this model is 128 x 64" in err
+    assert not out.exists()

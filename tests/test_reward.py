@@ -333,3 +333,17 @@ def test_best_of_n_resumes_only_the_same_prompts_and_settings(
     with Lock(out, "smallm-best-of-n", directory=False), busy:  # a second run on the --out one writes
         run_best_of_n(policy, tok, prompts, out, 2, **options)
     assert run_best_of_n(policy, tok, prompts, out, 3, force=True, **options)["prompts"] == 5  # --force: start over
+
+
+def test_best_of_n_refuses_an_n_that_cannot_fit_before_allocating_it(
+    base: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from smallm.cli.best_of_n import main as best_of_n
+
+    scorer = scorer_module(tmp_path, monkeypatch)
+    args = [str(base), "--reward-fn", scorer, "--prompts", str(prompts), "--n", "300000", "--out",
+            str(tmp_path / "best.jsonl"), "--device", "cpu"]  # fmt: skip
+    assert best_of_n(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"generating 300000 sequence\(s\) of up to \d+ tokens needs about [\d.]+ GiB", err), err
+    assert "fewer at a time (--n, --batch-size)" in err and "Traceback" not in err

@@ -47,6 +47,7 @@ from smallm.text.tokenizer import Tokenizer
 
 __all__ = [
     "STOP_TOKENS",
+    "GenerationMemoryError",
     "PromptTooLongError",
     "PromptTruncatedWarning",
     "SamplingConfig",
@@ -54,11 +55,13 @@ __all__ = [
     "apply_repetition_penalty",
     "apply_top_k",
     "apply_top_p",
+    "check_memory",
     "encode_prompt",
     "fit_to_context",
     "generate_batch",
     "generate_ids",
     "generate_text",
+    "generation_bytes",
     "presence_mask",
     "process_logits",
     "sample_categorical",
@@ -250,6 +253,7 @@ def _decode(
     device = model.lm_head.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
     L = max(lengths)
+    check_memory(model, B, L, max_new_tokens, device)
     tokens = torch.zeros(B, L + max_new_tokens, dtype=torch.long)
     full_mask = torch.zeros(B, L + max_new_tokens, dtype=torch.long)
     for row, ids in enumerate(prompts):
@@ -293,6 +297,48 @@ def _decode(
                 logits = model(tokens[:, :end], attention_mask=mask, last_only=True)
     finally:
         model.train(was_training)
+
+
+class GenerationMemoryError(SmallmError, MemoryError):
+    """A generation would need more memory than the device has free; the message says what to lower."""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (the GPU's, or the host's available memory), or None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def generation_bytes(config: Any, rows: int, prompt: int, new: int, dtype: torch.dtype) -> int:
+    """About the memory a generation of ``rows`` sequences allocates: their ids and masks, the KV cache of
+    every position, the prefill's activations and attention scores over the prompt, and the logits of each
+    step in fp32."""
+    width = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    ids = 2 * rows * (prompt + new) * 8
+    cache = ids + 2 * config.n_layer * rows * (prompt + new) * config.n_kv_head * config.head_dim * width
+    prefill = rows * prompt * (4 * config.n_embd + 3 * config.intermediate_size) * width
+    scores = rows * config.n_head * prompt * prompt * 4
+    return cache + prefill + scores + 3 * rows * config.vocab_size * 4
+
+
+def check_memory(model: SmallLM, rows: int, prompt: int, new: int, device: torch.device) -> None:
+    """Refuses a generation that cannot fit in the memory free on ``device``, before allocating it."""
+    need = generation_bytes(model.config, rows, prompt, new, next(model.parameters()).dtype)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise GenerationMemoryError(
+            f"generating {rows} sequence(s) of up to {prompt + new} tokens needs about {need / 2**30:.1f} GiB (their "
+            f"KV cache and the prompt's activations), more than the {free / 2**30:.1f} GiB free on {device}: generate "
+            "fewer at a time (--n, --batch-size) or fewer tokens (--max-new-tokens)"
+        )
 
 
 def generate_batch(

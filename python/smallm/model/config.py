@@ -143,6 +143,19 @@ class ModelConfig:
                     "runs Mistral models within their window"
                 )
 
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """Each linear layer of a block by its name: (input width, output width)."""
+        d, q, kv, inner = (
+            self.n_embd,
+            self.n_head * self.head_dim,
+            self.n_kv_head * self.head_dim,
+            self.intermediate_size,
+        )
+        return {
+            "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, inner), "up_proj": (d, inner), "down_proj": (inner, d),
+        }  # fmt: skip
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """The config of preset ``name`` (see :data:`PRESETS`), with any field overridden, e.g. vocab_size."""

@@ -139,9 +139,8 @@ def mfu(flops_per_token: float, tokens_per_second: float, peak: float | None) ->
 def matmul_weight_count(config: ModelConfig) -> int:
     """Elements of every linear layer's weight: each block's seven projections and lm_head (counted
     even when tied to the embedding, since the matmul still happens)."""
-    d, kv, inner = config.n_embd, config.n_kv_head * config.head_dim, config.intermediate_size
-    per_layer = 2 * d * config.n_head * config.head_dim + 2 * d * kv + 3 * d * inner  # q, o; k, v; gate, up, down
-    return config.n_layer * per_layer + config.vocab_size * d
+    per_layer = sum(rows * cols for rows, cols in config.projections().values())
+    return config.n_layer * per_layer + config.vocab_size * config.n_embd
 
 
 def parameter_count(config: ModelConfig, exclude_embeddings: bool = False) -> int:

@@ -98,6 +98,8 @@ def resolve_training(cfg: Config, device: torch.device, world_size: int, model: 
     if isinstance(cfg, TrainConfig):
         values["batch_tokens"] = cfg.step_tokens()
     resolved = dataclasses.replace(cfg, **values)
+    if isinstance(resolved, FinetuneConfig):
+        check_lora_rank(resolved, model)
     if resolved.seq_len > model.max_seq_len:
         raise ValueError(f"seq_len {resolved.seq_len} exceeds the model's context {model.max_seq_len}")
     resolved.micro_batches(resolved.seq_len, world_size)  # refuses a batch that does not split
@@ -127,6 +129,21 @@ def _optimization(cfg: RunConfig, model: ModelConfig, device: torch.device) -> d
         "norm_lr": rate(cfg.norm_lr, rates.norm),
         "beta1": cfg.beta1 if cfg.beta1 is not None else (0.8 if muon else 0.9),
     }
+
+
+def check_lora_rank(cfg: FinetuneConfig, model: ModelConfig) -> None:
+    """Refuses a LoRA rank above the smaller side of a layer it adapts: an update of that rank does not exist
+    (and its adapters would be larger than the layer)."""
+    settings = cfg.lora()
+    if settings is None:
+        return
+    shapes = model.projections()
+    name, smallest = min(((t, min(shapes[t])) for t in settings.targets), key=lambda item: item[1])
+    if settings.r > smallest:
+        raise ValueError(
+            f"--lora-r {settings.r} is above the rank a layer it adapts can have: {name} of this model is "
+            f"{shapes[name][0]} x {shapes[name][1]}; choose --lora-r {smallest} or less (8 to 64 is usual)"
+        )
 
 
 def is_resolved(cfg: RunConfig) -> bool:
