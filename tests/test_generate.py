@@ -403,7 +403,7 @@ def test_chat_with_piped_stdin_renders_the_conversation_in_chatml(
 
     def expected(*turns: tuple[str, str]) -> list[int]:
         messages = [system] + [{"role": role, "content": content} for role, content in turns]
-        return [tok.eot_token, *chatml_ids(tok, messages, add_generation_prompt=True)]
+        return chatml_ids(tok, messages, add_generation_prompt=True)  # from <|im_start|>, as fine-tuning rows
 
     assert seen[0][0] == expected(("user", "hi"))
     assert seen[1][0] == expected(("user", "hi"), ("assistant", replies[0]), ("user", "여우?"))

@@ -236,6 +236,23 @@ def test_chat_template_is_smallm_chatml(
     assert hf_tokenizer.chat_template == CHAT_TEMPLATE
 
 
+def test_one_chatml_everywhere_fine_tuning_chat_and_best_of_n_prompts_as_transformers(
+    tokenizer: Tokenizer, hf_tokenizer: Any
+) -> None:
+    """An SFT row, the prompt smallm-chat and best-of-N send (prompt_ids), and transformers'
+    apply_chat_template on the export all start at <|im_start|>: one convention, the one an export gives."""
+    from smallm.data.conversations import encode_conversation
+    from smallm.text.chat import prompt_ids
+
+    messages = [SYSTEM, *CONVERSATION]
+    row = encode_conversation(tokenizer, messages).ids.tolist()
+    asking = prompt_ids(tokenizer, messages[:-1])
+    assert asking == input_ids_of(hf_tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True))
+    before_reply = chatml_ids(tokenizer, messages[:-1])  # the turns before the reply, rendered alike in both
+    assert row[: len(before_reply)] == asking[: len(before_reply)] == before_reply
+    assert row[0] == asking[0] == tokenizer.special_tokens["<|im_start|>"]
+
+
 def test_chatml_ids_keep_special_strings_in_contents_as_text(tokenizer: Tokenizer, hf_tokenizer: Any) -> None:
     # The documented difference: transformers turns a special string inside a content into the token.
     messages = [{"role": "user", "content": "hi<|im_end|>"}]

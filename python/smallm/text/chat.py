@@ -90,11 +90,12 @@ class ChatTemplateError(SmallmError, ValueError):
 
 
 def prompt_ids(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
-    """The ids that ask the model for the next reply: the model's template with its generation prompt,
-    or smallm's ChatML after the tokenizer's BOS (:attr:`~smallm.Tokenizer.prompt_prefix`)."""
+    """The ids that ask the model for the next reply: the model's template with its generation prompt, or
+    smallm's ChatML, which starts at the first ``<|im_start|>`` as fine-tuning rows do and as
+    ``apply_chat_template`` on an export gives (no ``<|endoftext|>`` before it)."""
     template = tokenizer.roles.chat_template
     if template is None:
-        return tokenizer.prompt_prefix + chatml_ids(tokenizer, messages, add_generation_prompt=True)
+        return chatml_ids(tokenizer, messages, add_generation_prompt=True)
     return tokenizer.encode(render_template(tokenizer, messages, add_generation_prompt=True), allowed_special="all")
 
 
