@@ -198,6 +198,22 @@ def test_opening_a_run_shows_its_curves_and_settings_ready_to_resume(shard_dir: 
         Dashboard.of_run(tmp_path / "nothing-here")
 
 
+def test_a_torn_last_metrics_line_is_left_out_when_a_run_is_shown_or_resumed(shard_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    build_trainer(config(shard_dir, out, max_steps=4)).fit()
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        metrics.write('{"step": 5, "loss": 3.')  # a kill in the middle of an append
+    dash = show_run(str(out))
+    assert "step 4" in dash.status.value
+    session = TrainingSession(config(shard_dir, out, max_steps=6, resume=True))
+    session.start()
+    assert session.wait(timeout=60) == "finished", session.error
+    assert [r["step"] for r in session.records if "loss" in r][-1] == 6
+    (out / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # not torn: damaged
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+        show_run(str(out))
+
+
 def test_generation_panel_streams_what_generate_text_returns(shard_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     build_trainer(config(shard_dir, out, max_steps=4)).fit()

@@ -29,9 +29,9 @@ import ipywidgets as w
 
 from smallm.notebook.session import TrainingSession, error_message
 from smallm.options import default_of, field_type
-from smallm.run.layout import CONFIG_FILE, METRICS_FILE
+from smallm.run.layout import CONFIG_FILE, read_metrics
 from smallm.train.config import RunConfig, TrainConfig, build_config
-from smallm.train.metrics import LossCurves, loss_figure, read_metrics
+from smallm.train.metrics import LossCurves, loss_figure
 from smallm.train.resolve import NOT_INHERITED
 
 __all__ = ["TRAIN_FIELDS", "Dashboard", "SettingsForm"]
@@ -201,7 +201,7 @@ class Dashboard(w.VBox):
     def _show_existing_run(self) -> None:
         shown = self.form.widgets.get("out")
         out = Path(str(shown.value if shown is not None else self.form.extra.get("out", "")))
-        records = read_metrics(out / METRICS_FILE) if str(out) else []
+        records = read_metrics(out) if str(out) else []
         if not records:
             return
         self._draw(records)

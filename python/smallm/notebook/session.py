@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from smallm.errors import SmallmError
-from smallm.run.layout import METRICS_FILE
+from smallm.run.layout import read_metrics
 from smallm.train.config import RunConfig
-from smallm.train.metrics import read_metrics
 
 __all__ = ["Progress", "TrainingSession", "error_message"]
 
@@ -161,7 +160,7 @@ class TrainingSession:
         with _console_of_this_thread(self._console_line):
             try:
                 if self.cfg.resume:  # the curves start with the steps before
-                    self.records = read_metrics(Path(self.cfg.out) / METRICS_FILE)
+                    self.records = read_metrics(Path(self.cfg.out))
                 trainer = build_trainer(self.cfg)
                 self.cfg = trainer.cfg  # the settings in force, as config.json records them
                 trainer.progress_bar = False

@@ -39,7 +39,7 @@ from smallm.text.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 __all__ = [
     "ADAPTER_DIR", "BEST", "CHECKPOINTS_DIR", "CONFIG_FILE", "LATEST", "METRICS_FILE", "PLOT_FILE", "RUN",
     "RUN_ENTRIES", "STATE_FILE", "TENSORBOARD_DIR", "WEIGHTS_FILE", "RunDirectory", "held_run", "is_run_config",
-    "read_json", "trim_metrics", "write_run_config",
+    "read_json", "read_metrics", "trim_metrics", "write_run_config",
 ]  # fmt: skip
 
 CONFIG_FILE = "config.json"
@@ -145,6 +145,31 @@ def write_run_config(out: Path, config: dict[str, Any]) -> None:
 
 def has_tokenizer(folder: Path) -> bool:
     return (folder / TOKENIZER_FILE).is_file()
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The records of ``out/metrics.jsonl`` in order (none when it is missing). A last line cut short by a
+    kill (an append is synced line by line, so only the last can be torn) is left out; any other line that
+    is not a JSON object raises ``ValueError`` naming the file and the line."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines) and not text.endswith("\n"):  # torn by an interruption
+                break
+            raise ValueError(f"{path}:{number}: not a metrics record (a JSON object per line)")
+        records.append(record)
+    return records
 
 
 def trim_metrics(out: Path, step: int) -> int:

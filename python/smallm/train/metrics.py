@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smallm.files.atomic import write_bytes_atomic
-from smallm.run.layout import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR
+from smallm.run.layout import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, read_metrics
 
 
 class MetricsLogger:
@@ -98,19 +98,14 @@ class MetricsLogger:
         """Writes ``loss_curve.png`` (training and validation loss per step) from ``metrics.jsonl``."""
         if not self.enabled:
             return None
-        return plot_losses(self.out / METRICS_FILE, self.out / PLOT_FILE)
+        return plot_losses(self.out)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``, in order (none when the file is missing)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def plot_losses(metrics: Path, target: Path) -> Path:
-    """Plots training and validation loss from a ``metrics.jsonl``; a resumed run's later lines win."""
-    write_bytes_atomic(target, loss_figure(LossCurves.of(read_metrics(metrics))))
+def plot_losses(run: Path) -> Path:
+    """Plots a run's training and validation loss (``loss_curve.png``) from its ``metrics.jsonl``; a resumed
+    run's later lines win."""
+    target = run / PLOT_FILE
+    write_bytes_atomic(target, loss_figure(LossCurves.of(read_metrics(run))))
     return target
 
 
