@@ -426,3 +426,29 @@ def test_chat_command_in_a_real_pipe(run_dir: Path) -> None:
     result = subprocess.run(argv, input="hello\n/reset\nhi\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert ">>>" not in result.stdout and result.stdout.endswith("\n")
+
+
+def test_a_config_that_does_not_describe_the_weights_is_one_line_in_every_command(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from smallm.cli.eval import main as evaluate
+    from smallm.cli.export import main as export
+
+    broken = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    step = next((broken / "checkpoints").glob("step_*"))
+    config = json.loads((step / "config.json").read_text())
+    config["model"]["vocab_size"] += 64  # the weights keep their 448 rows
+    (step / "config.json").write_text(json.dumps(config))
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 20)
+    for command in (
+        lambda: generate_cli.main([str(broken), "--prompt", "the", "--max-new-tokens", "2", "--device", "cpu"]),
+        lambda: export([str(broken), "--out", str(tmp_path / "hf")]),
+        lambda: evaluate([str(broken), "--data", str(text), "--device", "cpu", "--no-progress"]),
+    ):
+        assert command() == 1
+        err = capsys.readouterr().err
+        assert "do not have the shapes config.json gives them" in err and "model.embed_tokens.weight is" in err
+        assert "Traceback" not in err and str(step) in err

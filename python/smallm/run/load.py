@@ -121,7 +121,17 @@ def _plain_model(checkpoint: Path, config: dict[str, Any]) -> SmallLM:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{checkpoint / CONFIG_FILE}: the model section is not valid here: {e}") from e
     model = _model_class(config)(model_config)
-    result = model.load_state_dict(load_weights(checkpoint), strict=False)
+    weights = load_weights(checkpoint)
+    expected = model.state_dict()
+    wrong = [f"{key} is {list(weights[key].shape)} there, {list(t.shape)} by the model section"
+             for key, t in expected.items() if key in weights and weights[key].shape != t.shape]  # fmt: skip
+    if wrong:
+        raise CheckpointError(
+            f"{checkpoint}: the weights in {WEIGHTS_FILE} do not have the shapes {CONFIG_FILE} gives them "
+            f"({listing(wrong, 3)}): its model section (vocab_size, n_embd, n_head, n_kv_head, head_dim, "
+            "intermediate_size, n_layer) does not describe these weights"
+        )
+    result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{checkpoint}: weights do not fit the configured model "
