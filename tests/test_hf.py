@@ -333,6 +333,21 @@ def test_export_refuses_a_non_empty_folder_without_force_and_keeps_the_users_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folders left beside it
 
 
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import safetensors
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert export_cli.main([str(run), "--out", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert "could not write" in err and "(the disk is full)" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no temporaries
+
+
 def test_export_into_an_empty_folder_needs_no_force(run: Path, tmp_path: Path) -> None:
     (tmp_path / "hf").mkdir()
     assert (export_hf(run, tmp_path / "hf") / "model.safetensors").is_file()

@@ -19,6 +19,7 @@ Rust core writes the shards with the same discipline (``rust/atomic.rs``). What 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "sha256_file",
     "write_bytes_atomic",
     "write_entries_atomic",
+    "write_failure",
     "write_file_atomic",
     "write_folder_atomic",
     "write_json_atomic",
@@ -156,6 +158,17 @@ def write_folder_atomic(final: PathLike, fill: Callable[[Path], None]) -> Path:
     if displaced is not None:
         shutil.rmtree(displaced, ignore_errors=True)
     return final
+
+
+def write_failure(path: PathLike, error: BaseException) -> str:
+    """What to tell the user when writing ``path`` failed with ``error``: the error, and whether the disk is
+    full (libraries report that in their own words: ``ENOSPC``, ``No space left``, fewer bytes written than
+    asked)."""
+    text = f"{type(error).__name__}: {error}" if not isinstance(error, OSError) else str(error)
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
+        sign in str(error) for sign in ("No space left", "StorageFull", "written")
+    )
+    return f"could not write {path}{' (the disk is full)' if full else ''}: {text}; nothing was left half written"
 
 
 def write_entries_atomic(folder: PathLike, fill: Callable[[Path], None], displace: Iterable[str]) -> Path:

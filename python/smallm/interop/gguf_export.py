@@ -35,6 +35,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from smallm.files.atomic import write_failure
 from smallm.files.destination import Artifact, claim
 from smallm.interop.hf_export import HFError, tokenizer_json
 from smallm.model.lm import SmallLM
@@ -102,7 +103,10 @@ def export_gguf(
             writer.write_tensors_to_file()
             writer.close()
 
-        return destination.write_file(fill)
+        try:
+            return destination.write_file(fill)
+        except Exception as error:  # gguf and the OS report a full disk in their own words
+            raise HFError(write_failure(destination.path, error)) from error
 
 
 def is_gguf_file(path: Path) -> bool:

@@ -44,6 +44,7 @@ import safetensors.torch
 import torch
 
 from smallm.errors import SmallmError
+from smallm.files.atomic import write_failure
 from smallm.files.destination import Artifact, claim
 from smallm.model.config import ModelConfig
 from smallm.model.lm import SmallLM
@@ -119,7 +120,10 @@ def export_hf(
             for name, text in files.items():
                 (folder / name).write_text(text, encoding="utf-8")
 
-        return destination.write_folder(fill)
+        try:
+            return destination.write_folder(fill)
+        except Exception as error:  # safetensors and the OS report a full disk in their own types
+            raise HFError(write_failure(destination.path, error)) from error
 
 
 def hf_folder(
