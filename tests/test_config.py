@@ -147,3 +147,22 @@ def test_config_json_of_a_default_run_names_the_rates_and_the_batch_it_used(
     assert [train["lr"], train["embedding_lr"], train["head_lr"], train["norm_lr"]] == peaks
     assert (train["optimizer"], train["seq_len"], train["batch_tokens"]) == ("muon", 32, 2048)  # the tiny preset's
     assert batch == {"rows": 2, "seq_len": 32, "micro_batches": 32, "ranks": 1, "tokens_per_step": 2048, "steps": 1}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("stage = 5", r"stage must be a list of \[\[stage\]\] tables \(each with steps or tokens\), got 5"),
+        ("model = 5", r"run.toml: model must be a table of the model's settings \(\[model\] with .*, got 5"),
+        ('model = "abc"', r"run.toml: model must be a table of the model's settings .*got 'abc'"),
+    ],
+)
+def test_a_scalar_where_a_table_belongs_is_one_line_naming_it(
+    line: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(f"max_steps = 3\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        train_cli.parse_config(["--config", str(config)])
+    assert train_cli.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 1
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -49,7 +49,11 @@ def parse_config(argv: Sequence[str] | None) -> TrainConfig:
     config_file = args.pop("config", None)
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     source = str(config_file) if config_file else "command line"
-    model = dict(values.pop("model", {}) or {})
+    model = values.pop("model", {})
+    if not isinstance(model, dict):
+        raise ValueError(f"{source}: model must be a table of the model's settings ([model] with n_layer = 8, ...), "
+                         f"got {model!r}")  # fmt: skip
+    model = dict(model)
     for key in list(args):
         if key.startswith("model_"):
             model[key[len("model_") :]] = args.pop(key)

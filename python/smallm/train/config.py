@@ -246,6 +246,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.resume and cfg.force:
         raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
     if isinstance(cfg, TrainConfig):
+        if not isinstance(cfg.stage, list):
+            raise ValueError(f"stage must be a list of [[stage]] tables (each with steps or tokens), got {cfg.stage!r}")
+        if not isinstance(cfg.model, dict):
+            raise ValueError(f"model must be a table of the model's settings ([model] with n_layer = 8, ...), got "
+                             f"{cfg.model!r}")  # fmt: skip
         normalise_data(cfg.data)
         stages = normalised_stages(cfg)
         decays = [s["lr"] == "decay" for s in stages]
