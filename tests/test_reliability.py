@@ -113,6 +113,22 @@ def test_train_cli_refuses_an_existing_run_naming_resume_and_force(
     assert "give one of them" in capsys.readouterr().err
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_started_over_with_force(
+    shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--data", str(shard_dir), "--out", str(tmp_path), "--max-steps", "2", *TRAIN_FLAGS]
+    assert train_cli.main(args) == 0
+    shutil.rmtree(tmp_path / "checkpoints")  # what a run killed before its first save leaves: config, metrics
+    capsys.readouterr()
+    assert train_cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "it stopped before its first checkpoint, so pass --force to replace it" in err and "--resume" not in err
+    assert train_cli.main([*args, "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint to continue from; the run there stopped before its first: start it over with --force" in err
+    assert train_cli.main([*args, "--force"]) == 0
+
+
 # ----- 2. two processes on one directory ----------------------------------------------------------
 
 HOLD_LOCK = """

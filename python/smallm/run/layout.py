@@ -106,9 +106,10 @@ class RunDirectory:
 
     def claim(self, *, resume: bool, force: bool) -> Destination:
         """The run's directory claimed for writing (see the module docstring); locked until released."""
+        steps = list((self.out / CHECKPOINTS_DIR).glob("step_*")) if (self.out / CHECKPOINTS_DIR).is_dir() else []
+        advice = "continue it with --resume, " if steps else "it stopped before its first checkpoint, so "
         return claim(
-            self.out, RUN, force=force, command=self.command, inputs=self.inputs, continuing=resume,
-            advice="continue it with --resume, ",
+            self.out, RUN, force=force, command=self.command, inputs=self.inputs, continuing=resume, advice=advice,
         )  # fmt: skip
 
     def check(self, *, resume: bool, force: bool) -> None:

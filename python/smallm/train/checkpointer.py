@@ -25,7 +25,7 @@ from smallm.run.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from smallm.run.layout import WEIGHTS_FILE
+from smallm.run.layout import WEIGHTS_FILE, held_run
 from smallm.run.load import read_config
 from smallm.train.distributed import Runtime, gather_to_replica, scatter_from_replica
 from smallm.train.resolve import resume_changes
@@ -79,7 +79,11 @@ class Checkpointer:
         changes it may make are logged."""
         path = latest_checkpoint(self.out)
         if path is None:
-            raise ValueError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; train without --resume first")
+            stopped = "the run there stopped before its first: start it over with --force instead of --resume"
+            raise ValueError(
+                f"--resume: {self.out} has no checkpoint to continue from; "
+                + (stopped if held_run(self.out) else "train without --resume first")
+            )
         newest = latest_checkpoint(self.out, needs=(WEIGHTS_FILE,))
         if newest is not None and newest != path:
             self.runtime.log(f"{newest} lacks the training state --resume needs; resuming from {path}")
