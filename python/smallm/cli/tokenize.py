@@ -8,8 +8,10 @@ reuses one), and packs every document into token shards for training.
 
 DIR receives ``tokenizer.json``, ``tokenizer.tiktoken`` (and, for a tokenizer trained elsewhere, the roles
 of its special tokens as ``tokenizer_config.json``: :mod:`smallm.text.roles`), the shards
-``train_*.bin``/``val_*.bin`` with
-their ``.idx`` document indexes, and ``manifest.json``. An interrupted run resumes when run again.
+``train_*.bin``/``val_*.bin`` with their ``.idx`` document indexes, and ``manifest.json``
+(:data:`smallm.data.shards.TOKENIZED`, claimed by the rule of :mod:`smallm.files.destination`: ``--force``
+replaces only an earlier ``smallm-tokenize``'s output). An interrupted run resumes when run again; a
+``--tokenizer`` that is ``--out`` itself is packed with in place.
 """
 
 from __future__ import annotations

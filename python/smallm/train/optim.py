@@ -4,7 +4,7 @@ The default for pretraining is Muon (Jordan et al. 2024; ``torch.optim.Muon``): 
 inside the blocks take orthogonalised momentum updates (Newton-Schulz, 5 steps), while the embedding,
 ``lm_head`` and the norm gains, which Muon does not suit, take AdamW, each at its own learning rate
 (:class:`MuonWithAdamW`, one optimizer to the trainer). The rates transfer across sizes instead of coming
-from a table per preset (:func:`learning_rates`): Muon's matrix rate is width-free (its update is scaled
+from a table per preset (:func:`default_rates`): Muon's matrix rate is width-free (its update is scaled
 by ``sqrt(max(1, rows / cols))``) and the AdamW rates shrink as ``1 / sqrt(width / 768)`` (nanochat's
 rules). The same rates served the ``tiny`` preset at 4096 tokens per step (``benches/quality.py``) and
 nanochat's 768-wide model at 2**19, so they are not scaled with the batch. Muon's momentum warms up
