@@ -210,7 +210,7 @@ def test_a_torn_last_metrics_line_is_left_out_when_a_run_is_shown_or_resumed(sha
     assert session.wait(timeout=60) == "finished", session.error
     assert [r["step"] for r in session.records if "loss" in r][-1] == 6
     (out / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')  # not torn: damaged
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a line of JSON"):
         show_run(str(out))
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "copy_file_atomic",
     "delete_entry",
     "fsync_dir",
+    "read_appended",
     "sha256_file",
     "write_bytes_atomic",
     "write_entries_atomic",
@@ -106,6 +107,29 @@ def append_text_durable(path: PathLike, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_appended(path: PathLike) -> tuple[list[tuple[int, Any]], bool]:
+    """The JSON value of each line of a file :func:`append_text_durable` writes, with its line number (none
+    when the file is missing), and whether its last line was cut short by an interruption (left out: only
+    the last line can be). Raises ``ValueError`` naming the file and the line for any other line that is
+    not JSON. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return [], False
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    values = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except ValueError:
+            if number == len(lines) and not text.endswith("\n"):
+                return values, True
+            raise ValueError(f"{path}:{number}: not a line of JSON") from None
+    return values, False
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

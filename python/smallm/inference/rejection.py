@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from smallm.data.conversations import DataError, Messages, json_lines, turns_of
-from smallm.files.atomic import append_text_durable, write_text_atomic
+from smallm.files.atomic import append_text_durable, read_appended, write_text_atomic
 from smallm.files.destination import Artifact, claim
 from smallm.inference.generate import SamplingConfig, generate_batch, stop_ids_of
 from smallm.inference.scoring import score_conversations
@@ -321,23 +321,16 @@ def below_path(out: PathLike) -> Path:
 
 def _complete_lines(path: Path) -> list[dict[str, Any]]:
     """The records of a file this module appends to; a last line cut short by an interruption is removed."""
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines) and not text.endswith("\n"):  # torn by an interruption: drop it
-                write_text_atomic(path, "".join(f"{kept}\n" for kept in lines[:-1]))
-                break
-            raise DataError(f"{path}:{number}: not a line this command wrote; choose another output file") from None
+    try:
+        lines, torn = read_appended(path)
+    except ValueError as e:
+        raise DataError(f"{e}: not a line this command wrote; choose another output file") from None
+    if torn:  # redone by this run: the file keeps its whole lines only
+        write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for _, record in lines))
+    for number, record in lines:
         if not isinstance(record, dict) or "index" not in record:
             raise DataError(f"{path}:{number}: has no 'index'; not a file this command wrote: choose another one")
-        records.append(record)
-    return records
+    return [record for _, record in lines]
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:

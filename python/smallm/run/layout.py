@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from smallm.files.atomic import DEBRIS, delete_entry, write_json_atomic, write_text_atomic
+from smallm.files.atomic import DEBRIS, delete_entry, read_appended, write_json_atomic, write_text_atomic
 from smallm.files.destination import Artifact, Destination, claim
 from smallm.text.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 
@@ -153,24 +153,11 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
     kill (an append is synced line by line, so only the last can be torn) is left out; any other line that
     is not a JSON object raises ``ValueError`` naming the file and the line."""
     path = out / METRICS_FILE
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
+    lines, _ = read_appended(path)
+    for number, record in lines:
         if not isinstance(record, dict):
-            if number == len(lines) and not text.endswith("\n"):  # torn by an interruption
-                break
             raise ValueError(f"{path}:{number}: not a metrics record (a JSON object per line)")
-        records.append(record)
-    return records
+    return [record for _, record in lines]
 
 
 def trim_metrics(out: Path, step: int) -> int:
