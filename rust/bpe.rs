@@ -16,7 +16,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
-use crate::pretokenize::PreTokenizer;
+use crate::pretokenize::{PreTokenizer, GPT4_PATTERN};
+use crate::sentencepiece::{token_text_bytes, Parts as SpParts, SentencePiece, Spaces};
 use crate::{Error, Result};
 
 /// Documents are cut into units of about this size so that one big document uses every core.
@@ -117,6 +118,8 @@ pub struct Foreign {
     pub is_special: Vec<bool>,
     /// The file it was read from, written back as it was.
     pub source: String,
+    /// A SentencePiece-style BPE (Llama 2, Mistral...): encoded by it instead of the byte-level merges.
+    pub sentencepiece: Option<SentencePiece>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -294,6 +297,7 @@ impl Tokenizer {
             vocab_size,
             is_special,
             source,
+            sentencepiece: None,
         };
         let parts = Parts {
             merges: pairs,
@@ -305,6 +309,79 @@ impl Tokenizer {
             special_ids,
         };
         Self::assemble(pretokenizer, parts, Some(Box::new(foreign)))
+    }
+
+    /// A SentencePiece-style BPE vocabulary trained elsewhere (see [`crate::sentencepiece`]), with its own
+    /// ids: `vocab` maps each token to its id, `merges` are pairs of tokens in priority order, `added` the
+    /// added tokens with their ids.
+    pub fn sentencepiece(
+        vocab: Vec<(String, u32)>,
+        merges: &[(String, String)],
+        added: Vec<(String, u32)>,
+        sp_options: (Option<&str>, bool, bool, Spaces),
+        source: String,
+    ) -> std::result::Result<Self, String> {
+        let (unk, fuse_unk, byte_fallback, spaces) = sp_options;
+        let sp = SentencePiece::new(&SpParts {
+            vocab: &vocab,
+            merges,
+            unk,
+            fuse_unk,
+            byte_fallback,
+            spaces,
+        })?;
+        let id_of: FxHashMap<&str, u32> = vocab.iter().map(|(t, id)| (t.as_str(), *id)).collect();
+        let vocab_size = vocab
+            .iter()
+            .chain(added.iter())
+            .map(|(_, id)| *id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut token_bytes = vec![Vec::new(); vocab_size];
+        for (token, id) in &vocab {
+            token_bytes[*id as usize] = token_text_bytes(token, byte_fallback);
+        }
+        let mut pairs = Vec::with_capacity(merges.len());
+        let mut merge_result = Vec::with_capacity(merges.len());
+        for (left, right) in merges {
+            pairs.push((id_of[left.as_str()], id_of[right.as_str()]));
+            merge_result.push(id_of[format!("{left}{right}").as_str()]);
+        }
+        let mut is_special = vec![false; vocab_size];
+        let (mut specials, mut special_ids) = (Vec::new(), Vec::new());
+        for (content, id) in added {
+            if content.is_empty() {
+                return Err("an added token is the empty string".into());
+            }
+            is_special[id as usize] = true;
+            token_bytes[id as usize] = content.as_bytes().to_vec();
+            specials.push(content);
+            special_ids.push(id);
+        }
+        let foreign = Foreign {
+            whole: None,
+            nfc: false,
+            vocab_size,
+            is_special,
+            source,
+            sentencepiece: Some(sp),
+        };
+        let parts = Parts {
+            merges: pairs,
+            merge_index: FxHashMap::default(),
+            merge_result,
+            byte_ids: Box::new([NO_ID; 256]),
+            token_bytes,
+            specials,
+            special_ids,
+        };
+        let unused = PreTokenizer::new(GPT4_PATTERN).map_err(|e| e.to_string())?;
+        Self::assemble(unused, parts, Some(Box::new(foreign)))
+    }
+
+    /// The SentencePiece-style encoder of such a vocabulary; None for a byte-level one.
+    pub fn sentencepiece_parts(&self) -> Option<&SentencePiece> {
+        self.foreign.as_ref().and_then(|f| f.sentencepiece.as_ref())
     }
 
     /// The parts a vocabulary trained elsewhere adds; None for smallm's own.
@@ -320,8 +397,11 @@ impl Tokenizer {
         }
     }
 
-    /// The pre-tokenization regex.
+    /// The pre-tokenization regex (empty for a SentencePiece-style BPE, which splits no text by one).
     pub fn pattern(&self) -> &str {
+        if self.sentencepiece_parts().is_some() {
+            return "";
+        }
         self.pretokenizer.pattern()
     }
 
@@ -394,11 +474,19 @@ impl Tokenizer {
         }
     }
 
-    /// Concatenated bytes of `ids`.
+    /// Concatenated bytes of `ids` (for a SentencePiece-style BPE, without the one space encoding put in
+    /// front, as `tokenizers` decodes).
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(ids.len() * 4);
         for &id in ids {
             out.extend_from_slice(self.token_bytes(id)?);
+        }
+        if self
+            .sentencepiece_parts()
+            .is_some_and(SentencePiece::strips_first_space)
+            && out.first() == Some(&b' ')
+        {
+            out.remove(0);
         }
         Ok(out)
     }
@@ -407,7 +495,7 @@ impl Tokenizer {
     pub fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
         let mut cache = PieceCache::default();
-        self.encode_ordinary_into(text, &mut cache, &mut out)?;
+        self.encode_ordinary_into(text, true, &mut cache, &mut out)?;
         Ok(out)
     }
 
@@ -434,8 +522,11 @@ impl Tokenizer {
             .enumerate()
             .flat_map(|(i, t)| {
                 match policy {
-                    None => self.pretokenizer.chunks(t.as_ref(), CHUNK_BYTES),
-                    Some(_) => vec![t.as_ref()],
+                    // A SentencePiece-style text is not cut: where a `▁` goes depends on the text's start.
+                    None if self.sentencepiece_parts().is_none() => {
+                        self.pretokenizer.chunks(t.as_ref(), CHUNK_BYTES)
+                    }
+                    _ => vec![t.as_ref()],
                 }
                 .into_iter()
                 .map(move |c| (i, c))
@@ -462,7 +553,7 @@ impl Tokenizer {
                 let mut ends = Vec::with_capacity(group.len());
                 for &(_, text) in group {
                     match policy {
-                        None => self.encode_ordinary_into(text, &mut cache, &mut ids)?,
+                        None => self.encode_ordinary_into(text, true, &mut cache, &mut ids)?,
                         Some(p) => self.encode_into(text, p, &mut cache, &mut ids)?,
                     }
                     ends.push(ids.len());
@@ -500,7 +591,7 @@ impl Tokenizer {
         out: &mut Vec<u32>,
     ) -> Result<()> {
         let Some(matcher) = &self.special_matcher else {
-            return self.encode_ordinary_into(text, cache, out);
+            return self.encode_ordinary_into(text, true, cache, out);
         };
         let listed = |list: &Option<Vec<String>>, token: &str, default: bool| match list {
             None => default,
@@ -518,20 +609,27 @@ impl Tokenizer {
                 });
             }
             if allowed {
-                self.encode_ordinary_into(&text[start..m.start()], cache, out)?;
+                self.encode_ordinary_into(&text[start..m.start()], start == 0, cache, out)?;
                 out.push(self.special_ids[m.pattern().as_usize()]);
                 start = m.end();
             }
         }
-        self.encode_ordinary_into(&text[start..], cache, out)
+        self.encode_ordinary_into(&text[start..], start == 0, cache, out)
     }
 
+    /// Encodes plain text; `at_start`: it begins the input (a SentencePiece-style BPE puts its `▁` in front
+    /// of the first text only, with `prepend_scheme` "first").
     fn encode_ordinary_into<'t>(
         &self,
         text: &'t str,
+        at_start: bool,
         cache: &mut PieceCache<'t>,
         out: &mut Vec<u32>,
     ) -> Result<()> {
+        if let Some(sp) = self.sentencepiece_parts() {
+            sp.encode(text, at_start, &mut cache.words, out);
+            return Ok(());
+        }
         if let Some(f) = &self.foreign {
             if f.nfc && !matches!(is_nfc_quick(text.chars()), IsNormalized::Yes) {
                 let normal: String = text.nfc().collect();
@@ -738,6 +836,8 @@ struct PieceCache<'t> {
     short: FxHashMap<u128, InlineIds>,
     long: FxHashMap<&'t [u8], (u32, u32)>,
     arena: Vec<u32>,
+    /// The words of a SentencePiece-style BPE.
+    words: FxHashMap<String, Vec<u32>>,
 }
 
 impl PieceCache<'_> {

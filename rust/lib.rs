@@ -14,6 +14,7 @@ pub mod corpus;
 pub mod error;
 pub mod pack;
 pub mod pretokenize;
+pub mod sentencepiece;
 pub mod serialize;
 pub mod threads;
 pub mod train;

@@ -209,6 +209,12 @@ impl PyTokenizer {
         self.inner.foreign_parts().is_some()
     }
 
+    /// Whether it is a SentencePiece-style BPE (byte fallback, `▁` for spaces: Llama 2, Mistral...).
+    #[getter]
+    fn sentencepiece(&self) -> bool {
+        self.inner.sentencepiece_parts().is_some()
+    }
+
     fn special_id(&self, token: &str) -> Option<u32> {
         self.inner.special_id(token)
     }

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::bpe::Tokenizer;
 use crate::pretokenize::GPT2_PATTERN;
+use crate::sentencepiece::{Prepend, Spaces, SPACE};
 use crate::{Error, Result};
 
 /// The GPT-2 byte-to-unicode table: printable bytes map to themselves, the others to code
@@ -100,8 +101,12 @@ pub fn to_hf_json(tok: &Tokenizer) -> String {
     serde_json::to_string_pretty(&doc).expect("a JSON value always serializes")
 }
 
-/// The `tokenizer.tiktoken` rank file for `tok` (special tokens are not in it).
+/// The `tokenizer.tiktoken` rank file for `tok` (special tokens are not in it); empty for a
+/// SentencePiece-style BPE, which tiktoken cannot run.
 pub fn to_tiktoken(tok: &Tokenizer) -> String {
+    if tok.sentencepiece_parts().is_some() {
+        return String::new(); // tiktoken runs byte-level BPE only
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut out = String::with_capacity(tok.n_ordinary() * 16);
     for id in 0..tok.vocab_size() as u32 {
@@ -119,10 +124,11 @@ pub fn to_tiktoken(tok: &Tokenizer) -> String {
     out
 }
 
-/// Reads a byte-level BPE `tokenizer.json`: smallm's own, or one trained elsewhere (GPT-2, Llama 3,
-/// Qwen2/3 and the like), which keeps its ids and encodes as the `tokenizers` library does. Another
-/// kind of tokenizer (WordPiece, Unigram, SentencePiece-style BPE), an option smallm does not
-/// implement, or a corrupt file is an error saying which field is wrong.
+/// Reads a BPE `tokenizer.json`: smallm's own; a byte-level one trained elsewhere (GPT-2, Llama 3,
+/// Qwen2/3 and the like); or a SentencePiece-style one (Llama 2, TinyLlama, Mistral: [`crate::sentencepiece`]).
+/// Those trained elsewhere keep their ids and encode as the `tokenizers` library does. Another kind of
+/// tokenizer (WordPiece, Unigram), an option smallm does not implement, or a corrupt file is an error
+/// saying which field is wrong.
 pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     let bad = |reason: String| Error::Format {
         path: path.to_path_buf(),
@@ -144,12 +150,31 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
         other => {
             let found = other.map_or("missing".to_string(), |t| format!("\"{t}\""));
             return Err(bad(format!(
-                "model.type is {found}, not \"BPE\": only byte-level BPE tokenizers can be loaded"
+                "model.type is {found}, not \"BPE\": only BPE tokenizers can be loaded"
             )));
         }
     }
-    refuse_sentencepiece(&doc, model).map_err(bad)?;
     refuse_options(model).map_err(bad)?;
+    let keys = vocab_keys(model).map_err(bad)?;
+    let merges = merge_pairs(model).map_err(bad)?;
+    let added = added_tokens(&doc, &keys).map_err(bad)?;
+    if is_sentencepiece(&doc, model) {
+        if model.get("ignore_merges").and_then(Value::as_bool) == Some(true) {
+            return Err(bad("model.ignore_merges is set on a SentencePiece-style BPE, which smallm does not implement".into()));
+        }
+        let spaces = sentencepiece_spaces(&doc).map_err(bad)?;
+        let unk = model.get("unk_token").and_then(Value::as_str);
+        let fuse_unk = model.get("fuse_unk").and_then(Value::as_bool) == Some(true);
+        let byte_fallback = model.get("byte_fallback").and_then(Value::as_bool) == Some(true);
+        return Tokenizer::sentencepiece(
+            keys,
+            &merges,
+            added,
+            (unk, fuse_unk, byte_fallback, spaces),
+            text.to_owned(),
+        )
+        .map_err(bad);
+    }
     let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool) == Some(true);
     let nfc = normalizer_is_nfc(doc.get("normalizer")).map_err(bad)?;
     let pattern = split_pattern(&doc).map_err(bad)?;
@@ -163,117 +188,19 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     let to_bytes = |key: &str| -> Option<Vec<u8>> {
         key.chars().map(|c| char_to_byte.get(&c).copied()).collect()
     };
-    let vocab_json = model
-        .get("vocab")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("model.vocab is missing or not an object".into()))?;
-    let mut vocab: Vec<(Vec<u8>, u32)> = Vec::with_capacity(vocab_json.len());
-    let mut id_of_key = std::collections::HashMap::with_capacity(vocab_json.len());
-    let mut seen_ids = std::collections::HashSet::with_capacity(vocab_json.len());
-    for (key, id) in vocab_json {
-        let id = id
-            .as_u64()
-            .filter(|&i| i < u32::MAX as u64)
-            .ok_or_else(|| bad(format!("model.vocab[{key:?}] = {id} is not an id")))?
-            as u32;
+    let mut vocab: Vec<(Vec<u8>, u32)> = Vec::with_capacity(keys.len());
+    for (key, id) in &keys {
         let bytes = to_bytes(key)
             .ok_or_else(|| bad(format!("model.vocab key {key:?} is not byte-level encoded")))?;
-        if !seen_ids.insert(id) {
-            return Err(bad(format!("model.vocab: id {id} is given twice")));
-        }
-        id_of_key.insert(key.as_str(), id);
-        vocab.push((bytes, id));
+        vocab.push((bytes, *id));
     }
-    let merges_json = model
-        .get("merges")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("model.merges is missing or not a list".into()))?;
-    let mut merges: Vec<(String, String)> = Vec::with_capacity(merges_json.len());
-    for (i, m) in merges_json.iter().enumerate() {
-        let (l, r) = match m {
-            Value::String(s) => s
-                .split_once(' ')
-                .filter(|(_, r)| !r.contains(' '))
-                .ok_or_else(|| bad(format!("model.merges[{i}] = {s:?} is not two tokens")))?,
-            Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => (
-                a[0].as_str().unwrap_or_default(),
-                a[1].as_str().unwrap_or_default(),
-            ),
-            other => {
-                return Err(bad(format!(
-                    "model.merges[{i}] = {other} is not a pair of tokens"
-                )))
-            }
-        };
-        for t in [l, r] {
-            if !id_of_key.contains_key(t) {
-                return Err(bad(format!("model.merges[{i}]: {t:?} is not in the vocab")));
-            }
-        }
-        if !id_of_key.contains_key(format!("{l}{r}").as_str()) {
-            return Err(bad(format!(
-                "model.merges[{i}]: {:?} (the two joined) is not in the vocab",
-                format!("{l}{r}")
-            )));
-        }
-        merges.push((l.to_owned(), r.to_owned()));
-    }
-    let key_of_id: std::collections::HashMap<u32, &str> =
-        id_of_key.iter().map(|(k, id)| (*id, *k)).collect();
-    let mut added: Vec<(String, u32)> = Vec::new();
-    for (i, t) in doc
-        .get("added_tokens")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let id =
-            t.get("id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| bad(format!("added_tokens[{i}].id is missing")))? as u32;
-        let content = t
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("added_tokens[{i}].content is missing")))?;
-        for flag in ["single_word", "lstrip", "rstrip"] {
-            if t.get(flag).and_then(Value::as_bool) == Some(true) {
-                return Err(bad(format!(
-                    "added_tokens[{i}] ({content:?}) sets {flag}, which smallm does not implement"
-                )));
-            }
-        }
-        // `tokenizers` gives an added token that is also a vocab entry the vocab's id.
-        let in_vocab = id_of_key.get(content).copied();
-        let id = in_vocab.unwrap_or(id);
-        let taken = match in_vocab {
-            Some(_) => None,
-            None => key_of_id
-                .get(&id)
-                .map(|other| format!("the vocab's {other:?}")),
-        }
-        .or_else(|| {
-            added
-                .iter()
-                .find(|(other, other_id)| *other_id == id && other != content)
-                .map(|(other, _)| format!("added_tokens' {other:?}"))
-        });
-        if let Some(other) = taken {
-            return Err(bad(format!(
-                "added_tokens[{i}] ({content:?}) has id {id}, which is {other}'s: two tokens cannot share an id \
-                 (they would decode differently from `tokenizers`); fix the file"
-            )));
-        }
-        added.push((content.to_owned(), id));
-    }
-
-    if let Some(native) = native_layout(&vocab, &merges, &added, &id_of_key) {
+    let key_bytes = |k: &str| to_bytes(k).expect("checked with the vocab");
+    if let Some(native) = native_layout(&vocab, &merges, &added, &keys) {
         if !ignore_merges && !nfc {
             let (merge_ids, specials) = native;
             return Tokenizer::new(&pattern, merge_ids, specials).map_err(|e| bad(e.to_string()));
         }
     }
-    let key_bytes = |k: &str| to_bytes(k).expect("checked with the vocab");
     let merges: Vec<(Vec<u8>, Vec<u8>)> = merges
         .iter()
         .map(|(l, r)| (key_bytes(l), key_bytes(r)))
@@ -290,6 +217,126 @@ pub fn from_hf_json(text: &str, path: &Path) -> Result<Tokenizer> {
     .map_err(bad)
 }
 
+/// `model.vocab` as (token, id), each id once.
+fn vocab_keys(model: &Value) -> std::result::Result<Vec<(String, u32)>, String> {
+    let vocab_json = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or("model.vocab is missing or not an object")?;
+    let mut keys = Vec::with_capacity(vocab_json.len());
+    let mut seen_ids = std::collections::HashSet::with_capacity(vocab_json.len());
+    for (key, id) in vocab_json {
+        let id = id
+            .as_u64()
+            .filter(|&i| i < u32::MAX as u64)
+            .ok_or_else(|| format!("model.vocab[{key:?}] = {id} is not an id"))?
+            as u32;
+        if !seen_ids.insert(id) {
+            return Err(format!("model.vocab: id {id} is given twice"));
+        }
+        keys.push((key.clone(), id));
+    }
+    Ok(keys)
+}
+
+/// `model.merges` as pairs of tokens of the vocabulary (whose join is one too), in priority order.
+fn merge_pairs(model: &Value) -> std::result::Result<Vec<(String, String)>, String> {
+    let in_vocab = |t: &str| model.get("vocab").and_then(|v| v.get(t)).is_some();
+    let merges_json = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or("model.merges is missing or not a list")?;
+    let mut merges: Vec<(String, String)> = Vec::with_capacity(merges_json.len());
+    for (i, m) in merges_json.iter().enumerate() {
+        let (l, r) = match m {
+            Value::String(s) => s
+                .split_once(' ')
+                .filter(|(_, r)| !r.contains(' '))
+                .ok_or_else(|| format!("model.merges[{i}] = {s:?} is not two tokens"))?,
+            Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => (
+                a[0].as_str().unwrap_or_default(),
+                a[1].as_str().unwrap_or_default(),
+            ),
+            other => {
+                return Err(format!(
+                    "model.merges[{i}] = {other} is not a pair of tokens"
+                ))
+            }
+        };
+        for t in [l, r] {
+            if !in_vocab(t) {
+                return Err(format!("model.merges[{i}]: {t:?} is not in the vocab"));
+            }
+        }
+        if !in_vocab(&format!("{l}{r}")) {
+            return Err(format!(
+                "model.merges[{i}]: {:?} (the two joined) is not in the vocab",
+                format!("{l}{r}")
+            ));
+        }
+        merges.push((l.to_owned(), r.to_owned()));
+    }
+    Ok(merges)
+}
+
+/// `added_tokens` as (content, id): an added token that is also a vocab entry takes the vocab's id, as in
+/// `tokenizers`; two tokens on one id are refused naming both.
+fn added_tokens(
+    doc: &Value,
+    keys: &[(String, u32)],
+) -> std::result::Result<Vec<(String, u32)>, String> {
+    let id_of_key: std::collections::HashMap<&str, u32> =
+        keys.iter().map(|(k, id)| (k.as_str(), *id)).collect();
+    let key_of_id: std::collections::HashMap<u32, &str> =
+        keys.iter().map(|(k, id)| (*id, k.as_str())).collect();
+    let mut added: Vec<(String, u32)> = Vec::new();
+    for (i, t) in doc
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let id = t
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("added_tokens[{i}].id is missing"))? as u32;
+        let content = t
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("added_tokens[{i}].content is missing"))?;
+        for flag in ["single_word", "lstrip", "rstrip"] {
+            if t.get(flag).and_then(Value::as_bool) == Some(true) {
+                return Err(format!(
+                    "added_tokens[{i}] ({content:?}) sets {flag}, which smallm does not implement"
+                ));
+            }
+        }
+        let in_vocab = id_of_key.get(content).copied();
+        let id = in_vocab.unwrap_or(id);
+        let taken = match in_vocab {
+            Some(_) => None,
+            None => key_of_id
+                .get(&id)
+                .map(|other| format!("the vocab's {other:?}")),
+        }
+        .or_else(|| {
+            added
+                .iter()
+                .find(|(other, other_id)| *other_id == id && other != content)
+                .map(|(other, _)| format!("added_tokens' {other:?}"))
+        });
+        if let Some(other) = taken {
+            return Err(format!(
+                "added_tokens[{i}] ({content:?}) has id {id}, which is {other}'s: two tokens cannot share an id \
+                 (they would decode differently from `tokenizers`); fix the file"
+            ));
+        }
+        added.push((content.to_owned(), id));
+    }
+    Ok(added)
+}
+
 /// A smallm-layout file's merges (as id pairs) and special tokens.
 type NativeParts = (Vec<(u32, u32)>, Vec<String>);
 
@@ -299,11 +346,13 @@ fn native_layout(
     vocab: &[(Vec<u8>, u32)],
     merges: &[(String, String)],
     added: &[(String, u32)],
-    id_of_key: &std::collections::HashMap<&str, u32>,
+    keys: &[(String, u32)],
 ) -> Option<NativeParts> {
     if vocab.len() != 256 + merges.len() {
         return None;
     }
+    let id_of_key: std::collections::HashMap<&str, u32> =
+        keys.iter().map(|(k, id)| (k.as_str(), *id)).collect();
     let by_id: std::collections::HashMap<u32, &[u8]> =
         vocab.iter().map(|(b, id)| (*id, b.as_slice())).collect();
     if (0..256u32).any(|b| by_id.get(&b) != Some(&&[b as u8][..])) {
@@ -329,18 +378,74 @@ fn native_layout(
     Some((ids, sorted.into_iter().map(|(c, _)| c).collect()))
 }
 
-/// SentencePiece-style BPE (byte fallback, `▁` for spaces) is another algorithm: refuse it by name.
-fn refuse_sentencepiece(doc: &Value, model: &Value) -> std::result::Result<(), String> {
+/// Whether a file is a SentencePiece-style BPE: byte fallback, or `▁` for spaces.
+fn is_sentencepiece(doc: &Value, model: &Value) -> bool {
     let text = |v: Option<&Value>| v.map(Value::to_string).unwrap_or_default();
     let metaspace = ["normalizer", "pre_tokenizer", "decoder"]
         .iter()
         .any(|f| text(doc.get(*f)).contains('\u{2581}') || text(doc.get(*f)).contains("Metaspace"));
-    let byte_fallback = model.get("byte_fallback").and_then(Value::as_bool) == Some(true)
-        || model.get("vocab").and_then(|v| v.get("<0x00>")).is_some();
-    if metaspace || byte_fallback {
-        return Err("a SentencePiece-style BPE tokenizer (byte fallback and \u{2581} for spaces, as in Llama 2, TinyLlama and Mistral), which smallm does not read; smallm reads byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2/3, SmolLM)".into());
+    metaspace
+        || model.get("byte_fallback").and_then(Value::as_bool) == Some(true)
+        || model.get("vocab").and_then(|v| v.get("<0x00>")).is_some()
+}
+
+/// How a SentencePiece-style file writes spaces: Llama 2's normalizer (`Prepend` a `▁`, `Replace` spaces
+/// by `▁`, no pre-tokenizer) or the `Metaspace` pre-tokenizer (no normalizer). Anything else is refused,
+/// naming the field.
+fn sentencepiece_spaces(doc: &Value) -> std::result::Result<Spaces, String> {
+    let marker = SPACE.to_string();
+    let kind = |v: &Value| {
+        v.get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let normalizer = doc.get("normalizer").filter(|n| !n.is_null());
+    let pre = doc.get("pre_tokenizer").filter(|p| !p.is_null());
+    match (normalizer, pre) {
+        (Some(n), None) => {
+            let steps: Vec<&Value> = match kind(n).as_str() {
+                "Sequence" => n.get("normalizers").and_then(Value::as_array).into_iter().flatten().collect(),
+                _ => vec![n],
+            };
+            let prepend = steps.iter().any(|s| {
+                kind(s) == "Prepend" && s.get("prepend").and_then(Value::as_str) == Some(marker.as_str())
+            });
+            let replace = steps.iter().any(|s| {
+                kind(s) == "Replace"
+                    && s.get("pattern").and_then(|p| p.get("String")).and_then(Value::as_str) == Some(" ")
+                    && s.get("content").and_then(Value::as_str) == Some(marker.as_str())
+            });
+            let kinds: Vec<String> = steps.iter().map(|s| kind(s)).collect();
+            if !(prepend && replace && steps.len() == 2) {
+                return Err(format!(
+                    "normalizer is {kinds:?}; smallm reads a SentencePiece-style BPE whose normalizer prepends \"\u{2581}\" \
+                     and replaces \" \" by it (Llama 2's), or whose pre_tokenizer is Metaspace"
+                ));
+            }
+            Ok(Spaces { prepend: Prepend::Always, split: false, prepend_always: true })
+        }
+        (None, Some(p)) if kind(p) == "Metaspace" => {
+            if p.get("replacement").and_then(Value::as_str) != Some(marker.as_str()) {
+                return Err("pre_tokenizer Metaspace has another replacement than \"\u{2581}\"".into());
+            }
+            let prepend = match p.get("prepend_scheme").and_then(Value::as_str) {
+                _ if p.get("add_prefix_space").and_then(Value::as_bool) == Some(false) => Prepend::Never,
+                None | Some("always") => Prepend::Always,
+                Some("first") => Prepend::First,
+                Some("never") => Prepend::Never,
+                Some(other) => return Err(format!("pre_tokenizer Metaspace prepend_scheme {other:?} is not known")),
+            };
+            let split = p.get("split").and_then(Value::as_bool) != Some(false);
+            Ok(Spaces { prepend, split, prepend_always: false })
+        }
+        (n, p) => Err(format!(
+            "a SentencePiece-style BPE with normalizer {} and pre_tokenizer {}: smallm reads Llama 2's normalizer \
+             (Prepend and Replace, no pre_tokenizer) or a Metaspace pre_tokenizer (no normalizer)",
+            n.map_or("null".into(), kind),
+            p.map_or("null".into(), kind),
+        )),
     }
-    Ok(())
 }
 
 /// BPE options that change the ids and that smallm does not implement.

@@ -1,6 +1,7 @@
 """Tokenizers others trained: byte-level BPE ``tokenizer.json`` files in the layouts of the common model
 families (GPT-2, Llama 3, Qwen2/3, SmolLM), built here with the ``tokenizers`` library, load in smallm
-and encode to exactly the ids ``tokenizers`` gives; SentencePiece-style files are refused by name."""
+and encode to exactly the ids ``tokenizers`` gives; SentencePiece-style files load too (more of them in
+test_sentencepiece.py)."""
 
 from __future__ import annotations
 
@@ -157,14 +158,16 @@ def test_saving_writes_the_file_back_as_it_was(pair: tuple[Tokenizer, object], t
     assert len(ranks) == ours.vocab_size - len(ours.special_tokens)
 
 
-def test_sentencepiece_style_bpe_is_refused_by_name(tmp_path: Path) -> None:
+def test_a_sentencepiece_style_bpe_trained_by_tokenizers_loads_to_its_ids(tmp_path: Path) -> None:
     hf = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     hf.pre_tokenizer = pre_tokenizers.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
     hf.train_from_iterator(CORPUS, trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match=r"SentencePiece-style BPE tokenizer .* Llama 2, TinyLlama and Mistral"):
-        Tokenizer.load(tmp_path)
+    ours = Tokenizer.load(tmp_path)
+    assert ours.sentencepiece
+    for line in CORPUS[:200]:
+        assert ours.encode_ordinary(line) == hf.encode(line, add_special_tokens=False).ids, repr(line)
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@
 
 The run holds one checkpoint (``checkpoints/step_00000000``: the weights, step 0, a fresh optimizer
 state) that ``smallm.run.load.load_model`` and the generation and export tools open, and the folder's
-byte-level BPE ``tokenizer.json`` with the roles of its special tokens (a SentencePiece one stays
-behind: only the weights come, with a warning). Configurations smallm does not implement (other
+BPE ``tokenizer.json`` (byte-level, or SentencePiece-style as Llama 2's) with the roles of its special
+tokens (a folder without one gives the weights only, with a warning). Configurations smallm does not implement (other
 rotary scalings, other biases, other model types) are refused, naming the field. The checkpoint holds
 no training state, so ``smallm-train --resume`` does not continue from it.
 """

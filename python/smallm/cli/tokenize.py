@@ -165,13 +165,15 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool, in_p
                 "another tokenizer?); delete it, and it is written anew from tokenizer.json"
             )
         copy_file_atomic(args.tokenizer / TOKENIZER_FILE, args.out / TOKENIZER_FILE)
-        write_text_atomic(args.out / TIKTOKEN_FILE, ranks)
+        if ranks:  # none for a SentencePiece-style BPE
+            write_text_atomic(args.out / TIKTOKEN_FILE, ranks)
         if tokenizer.foreign:  # the roles of its special tokens, read from the files beside it
             write_json_atomic(args.out / TOKENIZER_CONFIG_FILE, tokenizer.roles.to_config())
             print(f"documents start with {tokenizer.roles.document} (from {tokenizer.roles.source})", file=sys.stderr)
     else:
         tokenizer.save(args.out)
-    print(f"saved {args.out / TOKENIZER_FILE} and {args.out / TIKTOKEN_FILE}", file=sys.stderr)
+    ranks = "" if tokenizer.sentencepiece else f" and {args.out / TIKTOKEN_FILE}"  # tiktoken runs byte-level BPE only
+    print(f"saved {args.out / TOKENIZER_FILE}{ranks}", file=sys.stderr)
     return tokenizer
 
 

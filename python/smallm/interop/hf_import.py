@@ -41,8 +41,8 @@ def import_hf(hf_dir: PathLike, out_run_dir: PathLike, *, force: bool = False) -
     """Reads a local ``LlamaForCausalLM`` folder into a new smallm run directory ``out_run_dir``
     (:func:`smallm.run.write.write_run`: one checkpoint of the weights in fp32 at step 0, no optimizer state)
     that :func:`smallm.run.load.load_model` opens and ``smallm-train --init-from`` starts from, with the
-    folder's byte-level BPE ``tokenizer.json`` and its roles (a SentencePiece-style one, or none: a
-    warning that only the weights are imported). Configurations smallm does not implement are refused,
+    folder's BPE ``tokenizer.json`` (byte-level or SentencePiece-style) and its roles (one smallm cannot
+    read, or none: a warning that only the weights are imported). Configurations smallm does not implement are refused,
     naming the field. Returns the run directory."""
     source = Path(hf_dir)
     if not source.is_dir():

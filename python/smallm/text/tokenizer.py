@@ -5,12 +5,14 @@ tokenizer smallm trains, ids 0..255 are the raw bytes, merge ``i`` gets id ``256
 tokens take the ids after the merges. :meth:`Tokenizer.load` also opens byte-level BPE files trained
 elsewhere (GPT-2, Llama 3, Qwen2/3, SmolLM layouts), which keep their own ids, added tokens,
 ``ignore_merges`` and NFC normalizer, and encode to the ids the ``tokenizers`` library gives
-(:attr:`Tokenizer.foreign`); SentencePiece-style BPE (Llama 2, TinyLlama, Mistral) is refused by name.
+(:attr:`Tokenizer.foreign`), and SentencePiece-style BPE files (Llama 2, TinyLlama, Mistral: byte fallback,
+``▁`` for spaces; :attr:`Tokenizer.sentencepiece`), which the core runs with a BPE over characters.
 Special tokens follow tiktoken's policy: :meth:`Tokenizer.encode` refuses text that contains a special
 token string it was not told to allow, and :meth:`Tokenizer.encode_ordinary` treats such
 strings as plain text. ``save`` writes ``tokenizer.json`` (Hugging Face ``tokenizers``) and
-``tokenizer.tiktoken`` (tiktoken ranks); both give the same ids as smallm (the ranks file for smallm's
-own layout, where an id's rank is its merge's place; a foreign file is written back as it was).
+``tokenizer.tiktoken`` (tiktoken ranks; none for a SentencePiece-style BPE, which tiktoken cannot run);
+both give the same ids as smallm (the ranks file for smallm's own layout, where an id's rank is its merge's
+place; a foreign file is written back as it was).
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ class Tokenizer:
         directory = Path(dir)
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / TOKENIZER_FILE, self.to_json())
-        write_text_atomic(directory / TIKTOKEN_FILE, self._core.to_tiktoken())
+        if not self.sentencepiece:
+            write_text_atomic(directory / TIKTOKEN_FILE, self._core.to_tiktoken())
         if self.foreign:
             write_json_atomic(directory / TOKENIZER_CONFIG_FILE, self.roles.to_config())
 
@@ -264,6 +267,13 @@ class Tokenizer:
         """Whether the vocabulary was trained elsewhere (a Hugging Face ``tokenizer.json`` of GPT-2,
         Llama 3, Qwen...): its ids are the file's, and saving writes that file back as it was."""
         return self._core.foreign
+
+    @property
+    def sentencepiece(self) -> bool:
+        """Whether it is a SentencePiece-style BPE trained elsewhere (Llama 2, TinyLlama, Mistral): spaces as
+        ``▁``, a ``▁`` in front of each text, characters it lacks as ``<0xNN>`` byte tokens. Its ``▁`` counts
+        as one byte in :meth:`token_byte_lengths` (so a text's tokens add up to one byte more than the text)."""
+        return self._core.sentencepiece
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes token ``id`` stands for (a special token: its string)."""
