@@ -121,3 +121,9 @@ def sources(make_shards: MakeShards, shared_tokenizer: Tokenizer) -> dict[str, P
     texts = {"en": ENGLISH * 40, "ko": KOREAN * 40, "code": [c.replace("\n", " ") for c in CODE] * 40}
     numbered = {name: [f"{line} {i}" for i, line in enumerate(lines)] for name, lines in texts.items()}  # all distinct
     return {name: make_shards(lines, tokenizer=shared_tokenizer, val_fraction=0.2) for name, lines in numbered.items()}
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> object:
+    """The ``llama_cpp`` module (llama-cpp-python), or the test skips naming the extra that installs it."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llamacpp]')")

@@ -181,11 +181,6 @@ def test_the_export_command_writes_gguf(run: Path, tmp_path: Path, capsys: pytes
 # ----- llama.cpp itself -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_cpp() -> Any:
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[llamacpp]')")
-
-
 def open_llama(llama_cpp: Any, path: Path) -> Any:
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1, seed=0)
 

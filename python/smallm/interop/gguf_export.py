@@ -14,7 +14,9 @@
   form of ``tokenizer.json``, the merges, token types (special tokens as control tokens, the added
   tokens that are not special as user-defined, the embedding's padding rows as unused ``[PADn]``),
   BOS (the document start), EOS, end of turn (``<|im_end|>``), padding, whether to add the BOS, and the
-  chat template (the model's own, else ChatML).
+  chat template (the model's own, else ChatML); a SentencePiece-style tokenizer (Llama 2's kind) as
+  llama.cpp's ``llama`` vocabulary instead: its ``▁`` pieces, byte tokens, the unknown token, the prefix
+  space, and scores that make llama.cpp join pieces in the order of the merges.
 
 llama.cpp does not read the split regex: it picks a built-in pre-tokenizer by name. smallm's default
 (GPT-4's pattern) and Llama 3's are its ``llama-bpe``, GPT-2's its ``gpt-2``, Qwen2's its ``qwen2``.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Union
@@ -48,6 +51,7 @@ __all__ = ["GGUF_DTYPES", "GGUF_FILE", "PRE_TOKENIZERS", "export_gguf", "interle
 
 PathLike = Union[str, "os.PathLike[str]"]
 GGUF_MAGIC = b"GGUF"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 GGUF_DTYPES = ("fp32", "fp16", "bf16", "q8_0")
 """The ``--dtype`` names of a GGUF file's matrices."""
 
@@ -90,7 +94,7 @@ def export_gguf(
     with claim(out_file, GGUF_FILE, force=force, command="smallm-export", inputs=inputs_of(checkpoint)) as destination:
         model, tokenizer, _ = load_model(checkpoint)
         _check_architecture(model)
-        pre = _pre_tokenizer(tokenizer, allow_other_pattern)
+        pre = None if tokenizer.sentencepiece else _pre_tokenizer(tokenizer, allow_other_pattern)
 
         def fill(path: Path) -> None:
             writer = gguf.GGUFWriter(str(path), "llama")
@@ -176,7 +180,7 @@ def _write_metadata(writer: Any, model: SmallLM, dtype: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_tokenizer(writer: Any, model: SmallLM, tokenizer: Tokenizer, pre: str) -> None:
+def _write_tokenizer(writer: Any, model: SmallLM, tokenizer: Tokenizer, pre: str | None) -> None:
     import gguf
 
     document = json.loads(tokenizer_json(tokenizer))
@@ -185,13 +189,25 @@ def _write_tokenizer(writer: Any, model: SmallLM, tokenizer: Tokenizer, pre: str
     kinds = [gguf.TokenType.UNUSED] * size
     for text, i in document["model"]["vocab"].items():
         tokens[i], kinds[i] = text, gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in document["model"]["merges"]]
+    if tokenizer.sentencepiece:
+        for i, text in enumerate(tokens):
+            if _BYTE_TOKEN.fullmatch(text):
+                kinds[i] = gguf.TokenType.BYTE
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores(_merge_scores(tokens, merges))
+        writer.add_add_space_prefix(_prepends_space(tokenizer))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
     for added in document.get("added_tokens") or []:
         i = added["id"]
         tokens[i] = added["content"]
         kinds[i] = gguf.TokenType.CONTROL if added.get("special", True) else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in document["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
+    unknown = document["model"].get("unk_token")
+    if tokenizer.sentencepiece and unknown is not None:
+        kinds[document["model"]["vocab"][unknown]] = gguf.TokenType.UNKNOWN
+        writer.add_unk_token_id(document["model"]["vocab"][unknown])
     writer.add_token_list(tokens)
     writer.add_token_types([int(k) for k in kinds])
     writer.add_token_merges(merges)
@@ -212,6 +228,36 @@ def _write_tokenizer(writer: Any, model: SmallLM, tokenizer: Tokenizer, pre: str
         template = CHAT_TEMPLATE
     if template is not None:
         writer.add_chat_template(template)
+
+
+def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """A score per token for llama.cpp's SentencePiece tokenizer, which joins the adjacent pair whose joined
+    text is the vocabulary token of highest score: minus the rank of the merge that makes the token, so that it
+    joins in the order of the merges, as ``tokenizers`` does. Tokens no merge makes (characters, bytes,
+    special tokens) score 0; llama.cpp never reaches them by joining."""
+    rank = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), r)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+
+
+def _prepends_space(tokenizer: Tokenizer) -> bool:
+    """Whether the tokenizer puts a ``▁`` in front of a text (llama.cpp's ``add_space_prefix``). llama.cpp
+    then puts it in front of every text, and of the text after each special token, as SentencePiece itself
+    and the ``Prepend`` normalizer of Llama 2's file do; a ``Metaspace`` pre-tokenizer puts none before a
+    text that starts with a space, and with ``prepend_scheme: first`` none after a special token. Such a
+    tokenizer is written with a warning saying so."""
+
+    def spelled(text: str) -> bytes:
+        return b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode_ordinary(text))
+
+    prepends = spelled("x") == b" x"
+    if prepends and spelled(" x") == b" x":
+        warnings.warn("llama.cpp puts a space (▁) in front of every text and after every special token, which "
+                      "this tokenizer (a Metaspace pre-tokenizer) does not do before a text that starts with a "
+                      "space (nor, with prepend_scheme 'first', after a special token): llama.cpp's ids differ "
+                      "from smallm's on such text", stacklevel=4)  # fmt: skip
+    return prepends
 
 
 def _tensors(model: SmallLM, dtype: str) -> list[tuple[str, np.ndarray, Any]]:
