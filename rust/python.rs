@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::bpe::{SpecialPolicy, Tokenizer};
 use crate::corpus::ReadOptions;
+use crate::extend::{extend, ExtendOptions};
 use crate::pack::{PackOptions, PackProgress, Packer, ShardInfo, JOURNAL};
 use crate::pretokenize::{GPT2_PATTERN, GPT4_PATTERN};
 use crate::serialize;
@@ -219,6 +220,24 @@ impl PyTokenizer {
         self.inner.special_id(token)
     }
 
+    /// The ids of one piece as the merges leave it, with no normalisation or splitting: bytes for a
+    /// byte-level BPE, the UTF-8 text of a word with `▁` for its spaces for a SentencePiece-style one.
+    fn encode_piece(&self, piece: &[u8]) -> PyResult<Vec<u32>> {
+        let mut out = Vec::new();
+        match self.inner.sentencepiece_parts() {
+            Some(sp) => {
+                let word = std::str::from_utf8(piece).map_err(|e| {
+                    PyValueError::new_err(format!(
+                        "a SentencePiece-style piece must be UTF-8 text: {e}"
+                    ))
+                })?;
+                sp.encode_word(word, &mut out);
+            }
+            None => self.inner.encode_piece(piece, &mut out),
+        }
+        Ok(out)
+    }
+
     fn encode_ordinary(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<u32>> {
         py.detach(|| self.inner.encode_ordinary(&text))
             .map_err(Into::into)
@@ -318,6 +337,14 @@ impl PyTrainer {
         })
     }
 
+    /// A trainer that counts text as `tokenizer` cuts it, for [`PyTrainer::extend`].
+    #[staticmethod]
+    fn for_tokenizer(tokenizer: &PyTokenizer) -> Self {
+        PyTrainer {
+            counts: Some(WordCounts::for_tokenizer(&tokenizer.inner)),
+        }
+    }
+
     #[getter]
     fn unique_pieces(&self) -> usize {
         self.counts.as_ref().map_or(0, WordCounts::unique_pieces)
@@ -389,6 +416,44 @@ impl PyTrainer {
         dict.set_item("total_bytes", report.total_bytes)?;
         dict.set_item("documents", report.documents)?;
         Ok((PyTokenizer { inner }, dict))
+    }
+
+    #[pyo3(signature = (tokenizer, new_tokens, min_frequency=2, character_coverage=0.9995, progress=None, num_threads=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn extend<'py>(
+        &mut self,
+        py: Python<'py>,
+        tokenizer: &PyTokenizer,
+        new_tokens: usize,
+        min_frequency: u64,
+        character_coverage: f64,
+        progress: Option<Py<PyAny>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let counts = self
+            .counts
+            .take()
+            .ok_or_else(|| PyValueError::new_err("this Trainer has already trained"))?;
+        let options = ExtendOptions {
+            new_tokens,
+            min_frequency,
+            character_coverage,
+        };
+        let inner = &tokenizer.inner;
+        let ext = ProgressBridge::new(progress).run(py, num_threads, |bridge| {
+            extend(counts, inner, &options, &mut |p| bridge.report(p))
+        })?;
+        let dict = PyDict::new(py);
+        dict.set_item("first_id", ext.first_id)?;
+        dict.set_item("tokens", ext.tokens)?;
+        dict.set_item("merges", ext.merges)?;
+        dict.set_item("characters", ext.characters)?;
+        dict.set_item("chars", ext.chars)?;
+        dict.set_item("tokens_before", ext.tokens_before)?;
+        dict.set_item("tokens_after", ext.tokens_after)?;
+        dict.set_item("documents", ext.documents)?;
+        dict.set_item("unique_pieces", ext.unique_pieces)?;
+        Ok(dict)
     }
 }
 

@@ -18,7 +18,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::bpe::NO_ID;
 
@@ -84,6 +84,23 @@ pub fn byte_token(token: &str) -> Option<u8> {
     (hex.len() == 2 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| u8::from_str_radix(hex, 16).ok())
         .flatten()
+}
+
+/// Calls `f` with the words of a normalised text: a word starts at every `▁` (`split`), or at every `▁` that
+/// follows another character, so that runs of `▁` start the word after them. A merge never joins two words.
+pub fn cut_words<'a>(normal: &'a str, split: bool, mut f: impl FnMut(&'a str)) {
+    let mut start = 0;
+    let mut previous: Option<char> = None;
+    for (i, c) in normal.char_indices() {
+        if c == SPACE && i > start && (split || previous.is_some_and(|p| p != SPACE)) {
+            f(&normal[start..i]);
+            start = i;
+        }
+        previous = Some(c);
+    }
+    if start < normal.len() {
+        f(&normal[start..]);
+    }
 }
 
 /// The bytes a token stands for in decoded text: a `<0xNN>` token its byte (with byte fallback), any
@@ -197,20 +214,37 @@ impl SentencePiece {
         out: &mut Vec<u32>,
     ) {
         let normal = self.normalize(text, at_start);
-        let cut = self.spaces.split || self.cut_at_spaces;
-        let mut start = 0;
-        let mut previous: Option<char> = None;
-        for (i, c) in normal.char_indices() {
-            let cut_here = c == SPACE
-                && i > start
-                && (self.spaces.split || previous.is_some_and(|p| p != SPACE));
-            if cut && cut_here {
-                self.encode_word_cached(&normal[start..i], cache, out);
-                start = i;
-            }
-            previous = Some(c);
+        if self.spaces.split || self.cut_at_spaces {
+            cut_words(&normal, self.spaces.split, |word| {
+                self.encode_word_cached(word, cache, out)
+            });
+        } else {
+            self.encode_word_cached(&normal, cache, out);
         }
-        self.encode_word_cached(&normal[start..], cache, out);
+    }
+
+    /// Whether the vocabulary has a token for the character `c`.
+    pub fn has_char(&self, c: char) -> bool {
+        self.char_ids.contains_key(&c)
+    }
+
+    /// This encoder with tokens for more characters (`(character, id)`), merged by nothing yet.
+    pub fn with_chars(&self, chars: &[(char, u32)]) -> SentencePiece {
+        let mut grown = self.clone();
+        grown.char_ids.extend(chars.iter().copied());
+        grown
+    }
+
+    /// The ids no merge may join: the `<0xNN>` byte tokens and the unknown token.
+    pub fn unmergeable(&self) -> FxHashSet<u32> {
+        let mut ids: FxHashSet<u32> = self
+            .byte_ids
+            .iter()
+            .copied()
+            .filter(|&id| id != NO_ID)
+            .collect();
+        ids.extend(self.unk);
+        ids
     }
 
     fn encode_word_cached(

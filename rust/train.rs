@@ -21,9 +21,12 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use unicode_normalization::UnicodeNormalization;
+
 use crate::bpe::{pair_key, Tokenizer};
 use crate::corpus::{file_sizes, for_each_batch, ReadOptions};
 use crate::pretokenize::PreTokenizer;
+use crate::sentencepiece::{cut_words, SentencePiece};
 use crate::{Error, Result};
 
 /// Files are read and counted in batches of about this many bytes of text, which bounds memory.
@@ -75,10 +78,20 @@ pub struct TrainReport {
 /// Counts of the distinct pre-tokenized pieces of a corpus, fed in as documents or files.
 pub struct WordCounts {
     pretokenizer: PreTokenizer,
-    counts: FxHashMap<Box<str>, u64>,
+    normalize: Normalize,
+    pub(crate) counts: FxHashMap<Box<str>, u64>,
     total_pieces: u64,
     total_bytes: u64,
-    documents: u64,
+    pub(crate) total_chars: u64,
+    pub(crate) documents: u64,
+}
+
+/// How text is prepared before it is cut into pieces: as it is, in Unicode normal form C (Qwen's
+/// tokenizers), or as a SentencePiece-style BPE writes it (spaces as `▁`), cut into its words.
+enum Normalize {
+    None,
+    Nfc,
+    SentencePiece(Box<SentencePiece>),
 }
 
 impl WordCounts {
@@ -86,11 +99,43 @@ impl WordCounts {
     pub fn new(pattern: &str) -> Result<Self> {
         Ok(WordCounts {
             pretokenizer: PreTokenizer::new(pattern)?,
+            normalize: Normalize::None,
             counts: FxHashMap::default(),
             total_pieces: 0,
             total_bytes: 0,
+            total_chars: 0,
             documents: 0,
         })
+    }
+
+    /// An empty count that cuts text into the pieces `tokenizer` merges within: its pre-tokenizer's (after
+    /// its normalisation), or a SentencePiece-style BPE's words.
+    pub fn for_tokenizer(tokenizer: &Tokenizer) -> Self {
+        let normalize = match (tokenizer.sentencepiece_parts(), tokenizer.foreign_parts()) {
+            (Some(sp), _) => Normalize::SentencePiece(Box::new(sp.clone())),
+            (None, Some(f)) if f.nfc => Normalize::Nfc,
+            _ => Normalize::None,
+        };
+        WordCounts {
+            pretokenizer: tokenizer.pretokenizer().clone(),
+            normalize,
+            counts: FxHashMap::default(),
+            total_pieces: 0,
+            total_bytes: 0,
+            total_chars: 0,
+            documents: 0,
+        }
+    }
+
+    /// Calls `f` with the pieces of one unit of (normalised) text.
+    fn split<'t>(&self, unit: &'t str, f: impl FnMut(&'t str)) -> Result<()> {
+        match &self.normalize {
+            Normalize::SentencePiece(sp) => {
+                cut_words(unit, sp.spaces().split, f);
+                Ok(())
+            }
+            _ => self.pretokenizer.split(unit, f),
+        }
     }
 
     /// Number of distinct pieces so far.
@@ -105,16 +150,33 @@ impl WordCounts {
 
     /// Counts the pieces of each document (in parallel).
     pub fn add_documents<S: AsRef<str> + Sync>(&mut self, docs: &[S]) -> Result<()> {
+        let normal: Vec<String> = match &self.normalize {
+            Normalize::None => Vec::new(),
+            Normalize::Nfc => docs
+                .par_iter()
+                .map(|d| d.as_ref().nfc().collect())
+                .collect(),
+            Normalize::SentencePiece(sp) => docs
+                .par_iter()
+                .map(|d| sp.normalize(d.as_ref(), true))
+                .collect(),
+        };
+        let texts: Vec<&str> = match &self.normalize {
+            Normalize::None => docs.iter().map(AsRef::as_ref).collect(),
+            _ => normal.iter().map(String::as_str).collect(),
+        };
         // Big documents are cut where the pre-tokenizer allows, so one file can use every core.
-        let units: Vec<&str> = docs
-            .iter()
-            .flat_map(|d| self.pretokenizer.chunks(d.as_ref(), 1 << 20))
-            .collect();
+        let units: Vec<&str> = match &self.normalize {
+            Normalize::SentencePiece(_) => texts,
+            _ => texts
+                .iter()
+                .flat_map(|d| self.pretokenizer.chunks(d, 1 << 20))
+                .collect(),
+        };
         let local = units
             .par_iter()
             .try_fold(FxHashMap::<&str, u64>::default, |mut m, unit| {
-                self.pretokenizer
-                    .split(unit, |piece| *m.entry(piece).or_insert(0) += 1)?;
+                self.split(unit, |piece| *m.entry(piece).or_insert(0) += 1)?;
                 Ok::<_, Error>(m)
             })
             .try_reduce(FxHashMap::default, |a, b| {
@@ -139,6 +201,10 @@ impl WordCounts {
             }
         }
         self.total_bytes += docs.iter().map(|d| d.as_ref().len() as u64).sum::<u64>();
+        self.total_chars += docs
+            .par_iter()
+            .map(|d| d.as_ref().chars().count() as u64)
+            .sum::<u64>();
         self.documents += docs.len() as u64;
         Ok(())
     }
@@ -192,7 +258,8 @@ impl WordCounts {
         let unique_pieces = self.counts.len();
         let wanted = options.vocab_size - smallest;
         let mut merger = Merger::new(self.counts);
-        let merges = merger.run(wanted, options.min_frequency.max(1), progress)?;
+        let bytes = (0..=255u8).map(|b| vec![b]).collect();
+        let (merges, _) = merger.run(wanted, options.min_frequency.max(1), bytes, progress)?;
         let vocab_size = smallest + merges.len();
         let tokenizer = Tokenizer::new(
             self.pretokenizer.pattern(),
@@ -211,8 +278,11 @@ impl WordCounts {
     }
 }
 
+/// The merges made, in order, and the bytes of every id after them.
+pub(crate) type Merged = (Vec<(u32, u32)>, Vec<Vec<u8>>);
+
 /// The state of the merge phase: every distinct piece of two or more symbols, stored flat.
-struct Merger {
+pub(crate) struct Merger {
     /// Symbols of all words, word `w` at `start[w]..start[w] + len[w]`; merges shrink words in place.
     symbols: Vec<u32>,
     start: Vec<usize>,
@@ -274,16 +344,63 @@ impl Merger {
         }
     }
 
-    /// Performs up to `wanted` merges and returns them in order.
-    fn run(
+    /// The symbols of all its words, weighted by their counts (words of fewer than two symbols are not
+    /// kept).
+    pub(crate) fn total(&self) -> u64 {
+        self.len
+            .iter()
+            .zip(&self.count)
+            .map(|(&l, &n)| u64::from(l) * n)
+            .sum()
+    }
+
+    /// The merge state of words that start as any symbols: `(symbols, count)`.
+    pub(crate) fn from_words(words: impl IntoIterator<Item = (Vec<u32>, u64)>) -> Self {
+        let mut merger = Merger {
+            symbols: Vec::new(),
+            start: Vec::new(),
+            len: Vec::new(),
+            count: Vec::new(),
+            pair_count: FxHashMap::default(),
+            pair_words: FxHashMap::default(),
+        };
+        for (word, n) in words {
+            if word.len() < 2 {
+                continue;
+            }
+            let w = merger.start.len() as u32;
+            merger.start.push(merger.symbols.len());
+            merger.len.push(word.len() as u32);
+            merger.count.push(n);
+            for pair in word.windows(2) {
+                let key = pair_key(pair[0], pair[1]);
+                *merger.pair_count.entry(key).or_insert(0) += n as i64;
+                let list = merger.pair_words.entry(key).or_default();
+                if list.last() != Some(&w) {
+                    list.push(w);
+                }
+            }
+            merger.symbols.extend(word);
+        }
+        merger
+    }
+
+    /// Performs up to `wanted` merges and returns them in order, with the bytes of every id: those of
+    /// the ids there are (`token_bytes`, indexed by id; empty for an id no merge may make), then one new
+    /// id per merge. A merge whose bytes are an existing token's is never made.
+    pub(crate) fn run(
         &mut self,
         wanted: usize,
         min_frequency: u64,
+        mut token_bytes: Vec<Vec<u8>>,
         progress: &mut ProgressFn,
-    ) -> Result<Vec<(u32, u32)>> {
+    ) -> Result<Merged> {
         let mut merges: Vec<(u32, u32)> = Vec::with_capacity(wanted);
-        let mut token_bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-        let mut known: FxHashSet<Vec<u8>> = token_bytes.iter().cloned().collect();
+        let mut known: FxHashSet<Vec<u8>> = token_bytes
+            .iter()
+            .filter(|b| !b.is_empty())
+            .cloned()
+            .collect();
         let mut banned: FxHashSet<u64> = FxHashSet::default();
         // Max-heap of (count, Reverse(pair)): highest count first, then the smaller pair.
         let mut heap: BinaryHeap<(i64, std::cmp::Reverse<u64>)> = self
@@ -355,7 +472,7 @@ impl Merger {
         }) {
             return Err(Error::Cancelled);
         }
-        Ok(merges)
+        Ok((merges, token_bytes))
     }
 
     /// Replaces every (left, right) in word `w` by `new_id`, left to right, recording the change

@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Sequence
 from os import PathLike
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,11 +54,17 @@ class Tokenizer:
         num_threads: int | None = None,
     ) -> tuple[npt.NDArray[np.uint16] | npt.NDArray[np.uint32], npt.NDArray[np.int64]]: ...
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+    def encode_piece(self, piece: bytes) -> list[int]:
+        """The ids of one piece as the merges leave it, with no normalisation or splitting: bytes for a
+        byte-level BPE, the UTF-8 text of a word with ``▁`` for its spaces for a SentencePiece-style one."""
     def token_bytes(self, id: int) -> bytes: ...
     def token_byte_lengths(self) -> npt.NDArray[np.int64]: ...
 
 class Trainer:
     def __init__(self, pattern: str) -> None: ...
+    @staticmethod
+    def for_tokenizer(tokenizer: Tokenizer) -> Trainer:
+        """A trainer that counts text as ``tokenizer`` cuts it, for :meth:`extend`."""
     @property
     def unique_pieces(self) -> int: ...
     @property
@@ -80,6 +87,19 @@ class Trainer:
         progress: ProgressCallback | None = None,
         num_threads: int | None = None,
     ) -> tuple[Tokenizer, dict[str, int]]: ...
+    def extend(
+        self,
+        tokenizer: Tokenizer,
+        new_tokens: int,
+        min_frequency: int = 2,
+        character_coverage: float = 0.9995,
+        progress: ProgressCallback | None = None,
+        num_threads: int | None = None,
+    ) -> dict[str, Any]:
+        """Up to ``new_tokens`` tokens learned on top of ``tokenizer`` from the counted text: ``first_id``,
+        ``tokens`` (their ``tokenizer.json`` spelling, by id), ``merges`` (pairs of spellings), ``characters``
+        (how many are single characters), ``chars``, ``tokens_before``, ``tokens_after``, ``documents``,
+        ``unique_pieces``."""
 
 class Packer:
     def __init__(

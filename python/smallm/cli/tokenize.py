@@ -3,6 +3,7 @@ reuses one), and packs every document into token shards for training.
 
     smallm-tokenize CORPUS... --vocab 32000 --out DIR
     smallm-tokenize CORPUS... --tokenizer TOKDIR --out DIR        # reuse a tokenizer
+    smallm-tokenize CORPUS... --tokenizer RUN --extend 3000 --out DIR   # add 3000 tokens learned on CORPUS
     smallm-tokenize --hf-dataset json --hf-data-files a.jsonl --out DIR
     smallm-tokenize @stdlib --vocab 8000 --out DIR                 # the Python standard library
 
@@ -28,6 +29,7 @@ from smallm.data.shards import JOURNAL, TOKENIZED, PackOptions, pack_corpus
 from smallm.files.atomic import copy_file_atomic, write_json_atomic, write_text_atomic
 from smallm.files.destination import claim
 from smallm.text.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
+from smallm.text.extension import extend_tokenizer
 from smallm.text.roles import TOKENIZER_CONFIG_FILE
 from smallm.text.tokenizer import TIKTOKEN_FILE, TOKENIZER_FILE, TOKENIZER_FILES, Tokenizer
 from smallm.text.training import DEFAULT_SPECIAL_TOKENS
@@ -46,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens")
     p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer in this directory instead of training")
+    p.add_argument(
+        "--extend",
+        type=int,
+        metavar="N",
+        help="add N tokens learned on the corpus to --tokenizer's, after its last id (no id or merge changes)",
+    )
     p.add_argument("--no-shards", action="store_true", help="only train and save the tokenizer")
 
     g = p.add_argument_group("documents")
@@ -71,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated special tokens, given the ids after the merges (default: %(default)s)",
     )
     g.add_argument("--min-frequency", type=int, default=2, help="do not merge pairs seen fewer times")
+    g.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="with --extend on a SentencePiece-style tokenizer: the share of the corpus's characters its "
+        "vocabulary should cover (missing characters get tokens first; default %(default)s)",
+    )
 
     g = p.add_argument_group("shards")
     defaults = PackOptions()
@@ -133,6 +148,13 @@ def check_options(args: argparse.Namespace) -> None:
                                ("--threads", args.threads, 1)):  # fmt: skip
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if args.extend is not None:
+        if args.extend < 1:
+            raise ValueError(f"--extend must be at least 1, got {args.extend}")
+        if args.tokenizer is None:
+            raise ValueError("--extend adds tokens to a tokenizer: name it with --tokenizer (a run or its folder)")
+        if same_path(args.tokenizer, args.out):
+            raise ValueError("--extend writes a new tokenizer: give an --out other than --tokenizer")
     if args.no_shards:
         return
     PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
@@ -147,15 +169,18 @@ def check_options(args: argparse.Namespace) -> None:
 def get_tokenizer(args: argparse.Namespace, corpus: Corpus, resuming: bool, in_place: bool) -> Tokenizer:
     """Loads --tokenizer, or the tokenizer of the run being resumed, or trains one; saves it to --out."""
     if args.tokenizer is not None or resuming:
-        source = args.tokenizer if args.tokenizer is not None else args.out
+        source = args.tokenizer if args.tokenizer is not None and not (resuming and args.extend) else args.out
         tokenizer = Tokenizer.load(source)
-        note = "resuming an interrupted run with" if resuming and args.tokenizer is None else "using"
+        note = "resuming an interrupted run with" if resuming and source == args.out else "using"
         print(f"{note} the tokenizer in {source} (vocab {tokenizer.vocab_size})", file=sys.stderr)
     else:
         tokenizer = train_tokenizer(args, corpus)
     if resuming or in_place:
         return tokenizer  # already in --out
-    if args.tokenizer is not None:
+    if args.extend:
+        tokenizer = extend(args, corpus, tokenizer)
+        tokenizer.save(args.out)
+    elif args.tokenizer is not None:
         # tokenizer.json as it is (the shards' manifest records its sha256); the tiktoken ranks from it.
         ranks = tokenizer.core.to_tiktoken()
         given = args.tokenizer / TIKTOKEN_FILE
@@ -207,6 +232,34 @@ def train_tokenizer(args: argparse.Namespace, corpus: Corpus) -> Tokenizer:
             file=sys.stderr,
         )
     return tokenizer
+
+
+def extend(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer) -> Tokenizer:
+    start = time.perf_counter()
+    extended, report = extend_tokenizer(
+        tokenizer,
+        corpus,
+        args.extend,
+        min_frequency=args.min_frequency,
+        character_coverage=args.character_coverage,
+        progress=not args.quiet,
+        num_threads=args.threads,
+    )
+    last = report.first_id + report.new_tokens - 1
+    characters = f"{report.characters} characters and " if tokenizer.sentencepiece else ""
+    print(
+        f"extended in {time.perf_counter() - start:.1f} s by {report.new_tokens} tokens ({characters}"
+        f"{report.new_tokens - report.characters} merges) on ids {report.first_id}-{last}; characters per token "
+        f"on this corpus: {report.chars_per_token_before:.3f} before, {report.chars_per_token_after:.3f} after",
+        file=sys.stderr,
+    )
+    if report.new_tokens < args.extend:
+        print(
+            f"warning: the corpus ran out of pairs seen at least {args.min_frequency} times; "
+            f"{report.new_tokens} tokens were added, not the {args.extend} asked for",
+            file=sys.stderr,
+        )
+    return extended
 
 
 def write_shards(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -77,26 +78,39 @@ class SmallLM(nn.Module):
                 nn.init.ones_(module.weight)
 
     @torch.no_grad()
-    def grow_vocab(self, vocab_size: int) -> None:
+    def grow_vocab(self, vocab_size: int, sources: Mapping[int, Sequence[int]] | None = None) -> None:
         """Grows the embedding table (and an untied lm_head) to ``vocab_size`` rows, each new row the mean
         of the old ones (as ``transformers``' ``resize_token_embeddings`` starts them: a new token begins as
-        an average one, so the old tokens' logits barely move), and sets ``config.vocab_size``."""
+        an average one, so the old tokens' logits barely move), and sets ``config.vocab_size``.
+
+        ``sources`` maps a token id (new, or a padding row the vocabulary now uses) to the old tokens its
+        text was spelled with: its embedding row becomes the mean of theirs, and its row of an untied head
+        the first one's (EEVE's rule: the model predicts the new token where it predicted the start of its
+        text, and reads it as the sum of its parts)."""
         old = self.config.vocab_size
         if vocab_size < old:
             raise ValueError(f"the vocabulary only grows: {vocab_size} < {old}")
-        if vocab_size == old:
-            return
 
         def grown(weight: Tensor) -> nn.Parameter:
             rows = weight.mean(0, keepdim=True).expand(vocab_size - old, -1)
             return nn.Parameter(torch.cat([weight, rows.to(weight.dtype)]), requires_grad=weight.requires_grad)
 
-        embed = self.model.embed_tokens
-        embed.weight = grown(embed.weight)
-        embed.num_embeddings = vocab_size
-        self.lm_head.weight = embed.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
-        self.lm_head.out_features = vocab_size
-        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+        embed, head = self.model.embed_tokens, self.lm_head
+        sources = dict(sources or {})
+        first = min(sources, default=vocab_size)
+        for token, parts in sources.items():  # read before any row is written: parts lie below every token
+            if not parts or max(parts) >= first or not 0 <= token < vocab_size:
+                raise ValueError(f"token {token}: its sources {list(parts)} must be ids below {first}")
+        if vocab_size > old:
+            embed.weight = grown(embed.weight)
+            embed.num_embeddings = vocab_size
+            head.weight = embed.weight if self.config.tie_embeddings else grown(head.weight)
+            head.out_features = vocab_size
+            self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+        for token, parts in sources.items():
+            embed.weight[token] = embed.weight[list(parts)].mean(0)
+            if not self.config.tie_embeddings:
+                head.weight[token] = head.weight[parts[0]]
 
     def forward(
         self,

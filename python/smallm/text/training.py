@@ -24,6 +24,7 @@ __all__ = [
     "PATTERN_PRESETS",
     "ProgressBars",
     "TrainingOptions",
+    "count_corpus",
     "resolve_pattern",
     "train_on_corpus",
     "train_on_texts",
@@ -66,14 +67,20 @@ def train_on_corpus(corpus: Corpus, options: TrainingOptions) -> Trained:
     and its training report."""
     trainer = _core.Trainer(resolve_pattern(options.pattern))
     with ProgressBars(options.progress) as report:
-        for source in corpus.sources():
-            if isinstance(source, FileGroup):
-                paths = [os.fspath(p) for p in source.paths]
-                trainer.add_files(paths, corpus.doc_mode, corpus.text_field, corpus.lossy, report, options.num_threads)
-            else:
-                for batch in source.batches():
-                    trainer.add_texts(batch, options.num_threads)
+        count_corpus(trainer, corpus, report, options.num_threads)
         return _merge(trainer, options, report)
+
+
+def count_corpus(trainer: _core.Trainer, corpus: Corpus, report: Report | None, num_threads: int | None) -> None:
+    """Feeds every document of ``corpus`` to the core's ``trainer``: files it reads itself, the rest in
+    batches of texts."""
+    for source in corpus.sources():
+        if isinstance(source, FileGroup):
+            paths = [os.fspath(p) for p in source.paths]
+            trainer.add_files(paths, corpus.doc_mode, corpus.text_field, corpus.lossy, report, num_threads)
+        else:
+            for batch in source.batches():
+                trainer.add_texts(batch, num_threads)
 
 
 def train_on_texts(texts: Iterable[str], options: TrainingOptions, batch_size: int = 4096) -> Trained:

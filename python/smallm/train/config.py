@@ -269,14 +269,16 @@ def normalised_stages(cfg: TrainConfig) -> list[dict[str, Any]]:
     return [normalise_stage(s, i, cfg) for i, s in enumerate(cfg.stage)]
 
 
-STAGE_KEYS = ("name", "steps", "tokens", "data", "batch_tokens", "lr")
+STAGE_KEYS = ("name", "steps", "tokens", "data", "batch_tokens", "lr", "train")
 
 
 def normalise_stage(stage: Any, index: int, cfg: TrainConfig) -> dict[str, Any]:
     """A ``[[stage]]`` table with every key filled: ``name`` (default ``stageN``), ``steps`` (given, or the
     ``tokens`` over the stage's ``batch_tokens``, rounded up), ``data`` (default: the run's), ``batch_tokens``
-    (default: the run's) and ``lr`` (``stable``, or ``decay``: the schedule's decay spans the decay stages).
-    Raises ``ValueError`` naming the stage and the key."""
+    (default: the run's), ``lr`` (``stable``, or ``decay``: the schedule's decay spans the decay stages) and
+    ``train`` (``all``, or ``new-tokens``: only the embedding and head rows of the tokens the data's tokenizer
+    adds to the ``init_from`` model's, :mod:`smallm.train.new_rows`). Raises ``ValueError`` naming the stage
+    and the key."""
     where = f"stage[{index}]"
     if not isinstance(stage, dict):
         raise ValueError(f"{where}: expected a table of {', '.join(STAGE_KEYS)}, got {stage!r}")
@@ -297,7 +299,13 @@ def normalise_stage(stage: Any, index: int, cfg: TrainConfig) -> dict[str, Any]:
     data = normalise_data(stage.get("data", cfg.data))
     if data is None:
         raise ValueError(f"{where} ({name}): no data: give the stage's data or the run's --data")
-    return {"name": name, "steps": steps, "data": data, "batch_tokens": batch_tokens, "lr": lr}
+    train = stage.get("train", "all")
+    if train not in ("all", "new-tokens"):
+        raise ValueError(f"{where} ({name}): train must be all or new-tokens, got {train!r}")
+    if train == "new-tokens" and not cfg.init_from:
+        raise ValueError(f"{where} ({name}): train = new-tokens trains the rows a vocabulary extension adds to the "
+                         "--init-from model; give --init-from")  # fmt: skip
+    return {"name": name, "steps": steps, "data": data, "batch_tokens": batch_tokens, "lr": lr, "train": train}
 
 
 def _validate_model_section(preset: str, overrides: dict[str, Any]) -> None:

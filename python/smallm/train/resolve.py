@@ -36,6 +36,7 @@ from smallm.options import default_of
 from smallm.run.layout import CONFIG_FILE, read_json
 from smallm.run.load import find_tokenizer, read_config, resolve_checkpoint, run_dir_of
 from smallm.text.chat import with_chat_format
+from smallm.text.extension import is_extension_of
 from smallm.text.tokenizer import Tokenizer
 from smallm.train.config import FinetuneConfig, RunConfig, TrainConfig, normalised_stages, validate
 from smallm.train.distributed import autocast_dtype
@@ -215,27 +216,42 @@ def model_config_of(cfg: RunConfig) -> ModelConfig:
     tokenizer = Tokenizer.load(sources[0][0])
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
     if init is not None:
-        check_same_tokenizer(init, tokenizer, sources[0][0])
+        base = check_init_tokenizer(init, tokenizer, sources[0][0])
+        restricted = [s.get("name", i) for i, s in enumerate(cfg.stage) if s.get("train") == "new-tokens"]
+        if restricted and tokenizer.vocab_size <= base.vocab_size:
+            raise ValueError(
+                f"stage {restricted[0]}: train = new-tokens, but the data's tokenizer adds no token to {init}'s; "
+                "pack the data with an extension of it (smallm-tokenize CORPUS --tokenizer RUN --extend N)"
+            )
+        if restricted and cfg.fsdp:
+            raise ValueError(f"stage {restricted[0]}: train = new-tokens does not run under --fsdp; use DDP")
     return model_config_for(cfg, tokenizer, init)
 
 
-def check_same_tokenizer(init: Path, tokenizer: Tokenizer, data: str) -> None:
-    """Refuses to continue the model of ``init`` on shards packed with another tokenizer: its ids would mean
-    other tokens (the loss starts where a fresh model's does)."""
+def check_init_tokenizer(init: Path, tokenizer: Tokenizer, data: str) -> Tokenizer:
+    """The tokenizer of ``init``. Refuses to continue its model on shards packed with another tokenizer that
+    does not extend it (:func:`smallm.text.extension.is_extension_of`): its ids would mean other tokens (the
+    loss starts where a fresh model's does). An extension is fine: the model grows to it."""
     theirs = find_tokenizer(init, read_config(init))
-    if theirs.to_json() != tokenizer.to_json():
+    if theirs.to_json() != tokenizer.to_json() and not is_extension_of(tokenizer, theirs):
+        run = run_dir_of(init)
         raise ValueError(
             f"--init-from {init} was trained with another tokenizer ({theirs.vocab_size} ids) than the one --data "
-            f"{data} was packed with ({tokenizer.vocab_size} ids): its ids would mean other tokens. Pack the corpus "
-            f"with the model's tokenizer: smallm-tokenize CORPUS --tokenizer {run_dir_of(init)} --out DIR"
+            f"{data} was packed with ({tokenizer.vocab_size} ids), and that one does not extend it: its ids would "
+            f"mean other tokens. Pack the corpus with the model's tokenizer (smallm-tokenize CORPUS --tokenizer "
+            f"{run} --out DIR) or with an extension of it (add --extend N)"
         )
+    return theirs
 
 
 def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer, init: Path | None = None) -> ModelConfig:
-    """The preset with the run's overrides, or the shape of the ``init`` checkpoint; the vocabulary
-    defaults to the tokenizer's, rounded up to a multiple of 64 for faster matmuls."""
+    """The preset with the run's overrides, or the shape of the ``init`` checkpoint (grown to a tokenizer
+    that extends its own); the vocabulary defaults to the tokenizer's, rounded up to a multiple of 64 for
+    faster matmuls."""
     if init is not None:
         mc = ModelConfig(**read_config(init)["model"])
+        if tokenizer.vocab_size > mc.vocab_size:  # an extension of its tokenizer: the embedding grows
+            mc = dataclasses.replace(mc, vocab_size=-(-tokenizer.vocab_size // 64) * 64)
     else:
         overrides = dict(cfg.model)
         overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from smallm.files.atomic import sha256_file
+from smallm.model.config import ModelConfig
 from smallm.model.lm import SmallLM
 from smallm.model.lora import (
     LoraSettings,
@@ -37,7 +38,8 @@ from smallm.model.lora import (
 )
 from smallm.model.reward import RewardModel
 from smallm.run.layout import ADAPTER_DIR, WEIGHTS_FILE
-from smallm.run.load import load_model, read_config, resolve_checkpoint
+from smallm.run.load import find_tokenizer, load_model, read_config, resolve_checkpoint
+from smallm.text.extension import new_token_sources
 from smallm.text.tokenizer import Tokenizer
 from smallm.train.config import FinetuneConfig, RunConfig, TrainConfig
 from smallm.train.distributed import Runtime
@@ -207,11 +209,13 @@ def _pretraining_model(cfg: TrainConfig, tokenizer: Tokenizer, runtime: Runtime)
     """A fresh model of the preset, or one with the weights of ``init_from`` (a LoRA run: merged into its
     base; a reward model: its language model, without the score head)."""
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
-    model = SmallLM(model_config_for(cfg, tokenizer, init))
+    shape = model_config_for(cfg, tokenizer, init)
     if init is None:
+        model = SmallLM(shape)
         initialise(model, cfg.init)
         return model
     loaded = load_model(init)[0]
+    model = SmallLM(ModelConfig(**read_config(init)["model"]))
     if isinstance(loaded, RewardModel):
         model.load_state_dict(loaded.language_model_state())
         runtime.log(f"initialised from the language model of the reward model {init} (its score head left out)")
@@ -219,4 +223,21 @@ def _pretraining_model(cfg: TrainConfig, tokenizer: Tokenizer, runtime: Runtime)
         model.load_state_dict(loaded.state_dict())
         merged = " merged into its base" if "lora" in read_config(init) else ""
         runtime.log(f"initialised from the weights of {init}{merged}")
+    base = find_tokenizer(init, read_config(init))
+    if tokenizer.vocab_size > base.vocab_size:  # the data's tokenizer extends the model's (resolve checked)
+        _grow(model, shape.vocab_size, tokenizer, base, runtime)
     return model.train()
+
+
+def _grow(model: SmallLM, vocab_size: int, tokenizer: Tokenizer, base: Tokenizer, runtime: Runtime) -> None:
+    """Grows ``model`` (of ``base``'s vocabulary) to ``tokenizer``, an extension of it, saying how."""
+    sources = new_token_sources(tokenizer, base)
+    rows, head = model.config.vocab_size, "" if model.config.tie_embeddings else " and head"
+    model.grow_vocab(vocab_size, sources)
+    grown = f"grown from {rows} to {vocab_size} rows" if vocab_size > rows else f"padding rows ({rows}) reused"
+    runtime.log(
+        f"the data's tokenizer adds {tokenizer.vocab_size - base.vocab_size} tokens (ids {base.vocab_size}-"
+        f"{tokenizer.vocab_size - 1}) to the model's: embedding{head} {grown}; a new token's embedding row is "
+        "the mean of the rows of the old tokens that spell it"
+        + ("" if model.config.tie_embeddings else ", its head row the first of those tokens' (EEVE)")
+    )

@@ -47,6 +47,7 @@ from smallm.train.config import RunConfig, validate
 from smallm.train.distributed import Runtime, all_finite, autocast_dtype, shard_model, wrap_model
 from smallm.train.memory import flops_per_token, mfu, peak_flops, warn_unknown_device
 from smallm.train.metrics import MetricsLogger
+from smallm.train.new_rows import NewRowsOnly
 from smallm.train.optim import build_schedule, describe, restore_schedule
 from smallm.train.resolve import is_resolved, resolve_training
 from smallm.train.tasks import Batch, RunContext, Task
@@ -111,6 +112,7 @@ class Trainer:
 
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
         self.state = TrainingState(step=0, tokens_seen=0)
+        self.new_rows: NewRowsOnly | None = None  # while a stage trains only the rows of new tokens
         self.saved_at: int | None = None  # the step of the last checkpoint this trainer wrote
         self.validated_at: int | None = None  # the step of its last validation
         if cfg.resume:
@@ -181,7 +183,14 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         # The norm of the synchronised gradients (clipped when grad_clip > 0). A GradScaler skips
         # non-finite steps itself; without one, such a step would poison the weights.
-        trainable = [p for p in self.model.module.parameters() if p.requires_grad]
+        first = self.task.new_rows_at(self.state.step)
+        if first is None:
+            self.new_rows = None
+        elif self.new_rows is None or self.new_rows.first != first:
+            self.new_rows = NewRowsOnly(self.model.module, first)
+        if self.new_rows is not None:
+            self.new_rows.restrict_gradients()
+        trainable = [p for p in self.model.module.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.grad_clip or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         if self.scaler is None and not torch.isfinite(norm):
@@ -191,6 +200,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.new_rows is not None:
+            self.new_rows.restore()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 

@@ -132,3 +132,8 @@ class Task(Protocol):
     def stage_ends_at(self, step: int) -> bool:
         """Whether validation runs after step ``step`` besides every ``eval_every`` steps (where a stage ends)."""
         return False
+
+    def new_rows_at(self, step: int) -> int | None:
+        """When the optimizer step after ``step`` steps trains only the embedding and head rows of new tokens
+        (a stage with ``train = "new-tokens"``, :mod:`smallm.train.new_rows`): the first new id. None: all."""
+        return None

@@ -38,6 +38,7 @@ from smallm.data.shardset import ShardSet
 from smallm.data.sources import data_sources
 from smallm.inference.evaluate import byte_length_table, metrics_from_sums
 from smallm.inference.generate import generate_text
+from smallm.run.load import find_tokenizer, read_config, resolve_checkpoint
 from smallm.text.tokenizer import Tokenizer
 from smallm.train.config import TrainConfig
 from smallm.train.tasks import RunContext, Task
@@ -67,6 +68,7 @@ class Pretraining(Task):
         self.tokenizer = Tokenizer.load(paths[0])
         self.loader: TokenLoader | StagedBatches | None = None
         self.validation: ValidationLoader | MixtureValidation | None = None  # made once, iterated per evaluation
+        self.first_new_id: int | None = None  # of the tokens the data's tokenizer adds to init_from's
 
     @property
     def mixture(self) -> bool:
@@ -122,6 +124,18 @@ class Pretraining(Task):
     def stage_ends_at(self, step: int) -> bool:
         """Whether a stage ends with step ``step`` (validation runs there)."""
         return isinstance(self.loader, StagedBatches) and step in self.loader.ends
+
+    def new_rows_at(self, step: int) -> int | None:
+        """The first id of the tokens the data's tokenizer adds to the ``init_from`` model's, when the stage of
+        the step after ``step`` steps has ``train = "new-tokens"``."""
+        if not isinstance(self.loader, StagedBatches):
+            return None
+        if self.stages[self.loader.stage_at(step)].get("train", "all") != "new-tokens":
+            return None
+        if self.first_new_id is None:
+            init = resolve_checkpoint(self.cfg.init_from or "")
+            self.first_new_id = find_tokenizer(init, read_config(init)).vocab_size
+        return self.first_new_id
 
     def validation_batches(self) -> ValidationLoader | MixtureValidation | None:
         if self.validation is None:
