@@ -1,10 +1,13 @@
 """Encoding with a tokenizer trained elsewhere: smallm against the ``tokenizers`` library on the same file.
 
-Trains, with ``tokenizers``, a 16k byte-level BPE on the shared corpora in two families' layouts (Llama 3:
-its split regex and ``ignore_merges``; Qwen2/3: NFC and one digit per piece; both with their special
-tokens after the vocabulary), loads each file in both libraries, encodes every line of the corpora with
-each (2 threads, best of 3), checks that the ids are identical, and prints tokens per second and the
-ratio. Corpora: ``--data`` (default ``../shared/data``: tinyshakespeare.txt and nsmc_reviews_ko.txt).
+Trains, with ``tokenizers``, a 16k BPE on the shared corpora in four families' layouts: byte-level as Llama 3
+(its split regex and ``ignore_merges``) and Qwen2/3 (NFC and one digit per piece), both with their special
+tokens after the vocabulary; SentencePiece-style as Llama 2 (the Prepend normalizer, byte fallback, ``<s>``)
+and as Mistral's newer files (a Metaspace pre-tokenizer splitting at spaces). A 16k tokenizer smallm trains
+itself is the last row, the speed the packer has with its own. Each file is loaded in both libraries, every
+line of the corpora encoded with each (2 threads, best of 3), the ids checked identical, and tokens per second
+and the ratio printed. Corpora: ``--data`` (default ``../shared/data``: tinyshakespeare.txt and
+nsmc_reviews_ko.txt).
 
     python benches/foreign_tokenizer.py
 """
@@ -53,6 +56,41 @@ def build(lines: list[str], pattern: str, nfc: bool, ignore_merges: bool, vocab:
     return folder
 
 
+def build_sentencepiece(lines: list[str], split: bool, vocab: int) -> Path:
+    """A SentencePiece-style BPE as transformers writes Llama 2's file (``split``: Mistral's Metaspace)."""
+    space = "\u2581"
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=1000)
+    hf.train_from_iterator(lines, trainer)
+    doc = json.loads(hf.to_str())
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token, _ in sorted(doc["model"]["vocab"].items(), key=lambda item: item[1]):
+        ids.setdefault(token, len(ids))
+    doc["model"]["vocab"] = ids
+    for added in doc["added_tokens"]:
+        added["id"] = ids[added["content"]]
+    if split:
+        doc["pre_tokenizer"] = {"type": "Metaspace", "replacement": space, "prepend_scheme": "first", "split": True}
+    else:
+        replace = {"type": "Replace", "pattern": {"String": " "}, "content": space}
+        doc["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": space}, replace]}
+        doc["pre_tokenizer"] = None
+    doc["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": space}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ]}  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="sentencepiece-"))
+    (folder / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    return folder
+
+
+def build_smallm(lines: list[str], vocab: int) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="smallm-"))
+    Tokenizer.train_from_iterator(lines, vocab).save(folder)
+    return folder
+
+
 def best_of(repeats: int, fn):
     times, out = [], None
     for _ in range(repeats):
@@ -78,8 +116,12 @@ def main() -> None:
           f"{args.threads} threads, tokenizers {tokenizers.__version__}\n")  # fmt: skip
     print("| layout | smallm tokens/s | tokenizers tokens/s | smallm / tokenizers | ids identical |")
     print("|---|---|---|---|---|")
-    for name, (pattern, nfc, ignore_merges) in LAYOUTS.items():
-        folder = build(lines, pattern, nfc, ignore_merges, args.vocab)
+    folders = {name: lambda p=parts: build(lines, *p, args.vocab) for name, parts in LAYOUTS.items()}
+    folders["llama2 (SentencePiece-style)"] = lambda: build_sentencepiece(lines, False, args.vocab)
+    folders["mistral (SentencePiece-style, Metaspace)"] = lambda: build_sentencepiece(lines, True, args.vocab)
+    folders["smallm's own"] = lambda: build_smallm(lines, args.vocab)
+    for name, make in folders.items():
+        folder = make()
         ours, theirs = Tokenizer.load(folder), tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
         a, mine = best_of(3, lambda: ours.encode_ordinary_batch(lines, num_threads=args.threads))  # noqa: B023
         b, hf = best_of(3, lambda: [e.ids for e in theirs.encode_batch(lines, add_special_tokens=False)])  # noqa: B023

@@ -28,7 +28,7 @@ from smallm.data.loader import TokenDataset, TokenLoader
 from smallm.data.shardset import ShardError, ShardSet
 from smallm.files.destination import DestinationError
 from smallm.files.lock import Lock
-from smallm.interop.hf_export import export_hf
+from smallm.interop.hf_export import HFError, export_hf
 from smallm.model.config import ModelConfig
 from smallm.model.lm import SmallLM
 from smallm.run.checkpoint import CheckpointError, latest_checkpoint, load_weights
@@ -415,7 +415,7 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["hf"] and (tmp_path / "hf" / "mine.txt").read_text() == "kept"
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(HFError, match=r"the disk is full\): \[Errno 28\] No space"):
         export_hf(run, tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
 
