@@ -110,3 +110,23 @@ def test_transformers_reads_the_vocabulary_back_to_smallms_ids(
     prompt = torch.tensor([encode_prompt(tok, KOREAN[0])])
     with torch.no_grad():
         np.testing.assert_allclose(model(prompt).logits.numpy(), ours(prompt).numpy(), atol=1e-4)
+
+
+def test_an_extended_sentencepiece_vocabulary_exports_to_llama_cpps_ids(llama_cpp: Any, tmp_path: Path) -> None:
+    """New characters (tokens no merge makes) and new merges (ranked after the old ones) keep llama.cpp's
+    joins in the order of the extended file's merges."""
+    from smallm.text.corpus import Corpus
+    from smallm.text.extension import extend_tokenizer, new_token_sources
+    from test_vocab_extension import HELD_OUT, TRAIN
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(sentencepiece_style("llama2")), encoding="utf-8")
+    base = Tokenizer.load(tmp_path)
+    (tmp_path / "ko.txt").write_text("\n".join(TRAIN), encoding="utf-8")
+    tok, report = extend_tokenizer(base, Corpus(files=[tmp_path / "ko.txt"], doc_mode="line"), 300)
+    assert report.characters > 0 and report.new_tokens == 300
+    model = trained(base, CORPUS, steps=1)
+    model.grow_vocab(max(model.config.vocab_size, -(-tok.vocab_size // 64) * 64), new_token_sources(tok, base))
+    run = write_run(tmp_path / "run", model, tok, {"train": {}, "model": dataclasses.asdict(model.config)})
+    llm = open_llama(llama_cpp, export_gguf(run, tmp_path / "grown.gguf"))
+    for text in [*HELD_OUT[:50], *TEXTS]:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == tok.encode_ordinary(text), text

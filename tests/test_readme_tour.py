@@ -267,6 +267,17 @@ def imported_instruct(sandbox: Path, assets: Assets) -> None:
     chats(sandbox / "chats.jsonl")
 
 
+def korean_adaptation(sandbox: Path, assets: Assets) -> None:
+    from test_vocab_extension import korean_corpus
+
+    copy(lambda a: a.base, "runs/en")(sandbox, assets)
+    for name, lines in (("corpus_ko", korean_corpus(300, 0)), ("corpus_en", ENGLISH * 10)):
+        (sandbox / name).mkdir()
+        for i in range(3):
+            (sandbox / name / f"part{i}.txt").write_text("\n".join(lines[i::3]), encoding="utf-8")
+    small_toml(REPO / "examples" / "korean_adaptation.toml", sandbox / "examples" / "korean_adaptation.toml")
+
+
 def generation_and_export(sandbox: Path, assets: Assets) -> None:
     fine_tuning(sandbox, assets)
     shutil.copytree(assets.shards, sandbox / "data")
@@ -336,6 +347,12 @@ SCENES = [
         "smallm-sft runs/llama --data chats.jsonl --out runs/llama-qlora --lora-r 16 --quantize nf4",
         "smallm-chat runs/llama-qlora",
     ], imported_instruct),
+    Scene("adapting a model to Korean", [
+        "smallm-tokenize corpus_ko/ --doc-mode line --tokenizer runs/en --extend 4000 --out data/ko-ext",
+        "smallm-tokenize corpus_en/ --tokenizer data/ko-ext --out data/en-ext",
+        "smallm-train --config examples/korean_adaptation.toml",
+        "smallm-export runs/ko-adapted --format gguf --out ko.gguf",
+    ], korean_adaptation),
     Scene("generating, chatting, evaluating, exporting", [
         'smallm-generate runs/124m --prompt "def fibonacci(" --temperature 0.8 --top-p 0.95 --max-new-tokens 200',
         "smallm-generate runs/124m --benchmark",

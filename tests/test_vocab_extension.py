@@ -135,6 +135,8 @@ def test_fewer_pairs_than_asked_stop_early_and_bad_arguments_are_refused(tmp_pat
     base = Tokenizer.train_from_iterator(ENGLISH * 10, 400)
     ext, report = extend_tokenizer(base, corpus_of(["가나 가나 다라"] * 3, tmp_path), 50)
     assert report.new_tokens == ext.vocab_size - base.vocab_size < 50
+    with pytest.raises(ValueError, match="nothing to add: no pair of the corpus's tokens is seen 2 times"):
+        extend_tokenizer(base, corpus_of(["갉걁"], tmp_path), 5)
     with pytest.raises(ValueError, match="at least 1"):
         extend_tokenizer(base, corpus_of(["가나"], tmp_path), 0)
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")

@@ -69,6 +69,11 @@ def extend_tokenizer(
     with ProgressBars(progress) as report:
         count_corpus(trainer, corpus, report, num_threads)
         added = trainer.extend(tokenizer.core, new_tokens, min_frequency, character_coverage, report, num_threads)
+    if not added["tokens"]:
+        raise ValueError(
+            f"nothing to add: no pair of the corpus's tokens is seen {min_frequency} times (--min-frequency) "
+            "that the tokenizer does not already merge; give more text of the new domain"
+        )
     document = json.loads(tokenizer.to_json())
     model = document["model"]
     vocab: dict[str, int] = model["vocab"]
