@@ -197,9 +197,12 @@ def plot(curves: dict[str, list[tuple[float, float, float]]], base: tuple[float,
         flops = [f for f, _, _ in points]
         axes[0].plot(flops, [k for _, k, _ in points], marker="o", label=arm)
         axes[1].plot(flops, [e for _, _, e in points], marker="o", label=arm)
-    for ax, start in zip(axes, base[1:]):
-        ax.axhline(start, color="grey", linestyle="--", linewidth=1, label="the base, before adaptation")
-    for ax, what in zip(axes, ("Korean (held-out reviews)", "English (held-out Shakespeare)")):
+    for ax, start, what in zip(axes, base[1:], ("Korean (held-out reviews)", "English (held-out Shakespeare)")):
+        top = max(v for points in curves.values() for v in (p[1 if ax is axes[0] else 2] for p in points))
+        if start < 1.5 * top:  # off the scale (a base that never saw Korean): said in the title instead
+            ax.axhline(start, color="grey", linestyle="--", linewidth=1, label="the base, before adaptation")
+        else:
+            what += f"; the base: {start:.2f}"
         ax.set_xlabel("adaptation training FLOPs")
         ax.set_ylabel("bits per byte")
         ax.set_title(what)
