@@ -11,7 +11,7 @@ use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::bpe::{SpecialPolicy, Tokenizer};
-use crate::corpus::ReadOptions;
+use crate::corpus::{for_each_batch, ReadOptions};
 use crate::extend::{extend, ExtendOptions};
 use crate::pack::{PackOptions, PackProgress, Packer, ShardInfo, JOURNAL};
 use crate::pretokenize::{GPT2_PATTERN, GPT4_PATTERN};
@@ -589,11 +589,43 @@ fn read_options(doc_mode: &str, text_field: String, lossy: bool) -> PyResult<Rea
     })
 }
 
+/// Reads corpus files as the packer does and calls `consume(docs, sources)` with each batch of documents
+/// and the source (file index, from `first_source`) of each, in order; an exception it raises stops the
+/// reading and propagates.
+#[pyfunction]
+#[pyo3(signature = (paths, consume, doc_mode="file", text_field="text".to_string(), lossy=false, first_source=0))]
+fn read_documents(
+    paths: Vec<PathBuf>,
+    consume: Bound<'_, PyAny>,
+    doc_mode: &str,
+    text_field: String,
+    lossy: bool,
+    first_source: u32,
+) -> PyResult<()> {
+    let options = read_options(doc_mode, text_field, lossy)?;
+    let mut failure: Option<PyErr> = None;
+    let result = for_each_batch(&paths, first_source, &options, 16 << 20, |batch| {
+        let sources: Vec<u32> = batch.positions.iter().map(|p| p.source).collect();
+        match consume.call1((batch.docs, sources)) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                failure = Some(e);
+                Err(Error::Cancelled)
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    result.map_err(Into::into)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTokenizer>()?;
     m.add_class::<PyTrainer>()?;
     m.add_class::<PyPacker>()?;
+    m.add_function(wrap_pyfunction!(read_documents, m)?)?;
     m.add("PACK_JOURNAL", JOURNAL)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;

@@ -53,10 +53,8 @@ SKIPPED = {
     'pip install ".[finetune]"': "an install (CI installs every extra the tour needs)",
     'pip install ".[notebook]"': "an install (CI installs every extra the tour needs)",
     'pip install ".[bench]"': "an install, for the benchmarks",
-    'pip install "lm_eval[hf]"': "lm-evaluation-harness is not one of smallm's dependencies",
-    "lm_eval --model hf --model_args pretrained=hf/124m,dtype=float32 --tasks hellaswag,arc_easy --batch_size 16": (
-        "lm-evaluation-harness downloads its task data from the Hub"
-    ),
+    'pip install ".[eval]"': "an install (CI installs every extra the tour needs)",
+    "smallm-eval runs/124m --tasks smallm_core --limit 500": "its tasks' data comes from the Hub, unreachable here",
     "cargo bench": "a benchmark (minutes; not a test)",
 }
 SKIPPED_PATTERN = re.compile(r"python benches/\w+\.py")
@@ -278,6 +276,25 @@ def korean_adaptation(sandbox: Path, assets: Assets) -> None:
     small_toml(REPO / "examples" / "korean_adaptation.toml", sandbox / "examples" / "korean_adaptation.toml")
 
 
+def benchmark_tasks(sandbox: Path, assets: Assets) -> None:
+    copy(lambda a: a.base, "runs/124m")(sandbox, assets)
+    shutil.copytree(assets.shards, sandbox / "data")
+    shutil.copytree(assets.root / "corpus", sandbox / "corpus")
+    rows = [f"{i}\t{KOREAN[i % len(KOREAN)]}\t{i % 2}\n" for i in range(16)]
+    for name, part in (("ratings_train.txt", rows[:8]), ("ratings_test.txt", rows[8:])):
+        (sandbox / name).write_text("id\tdocument\tlabel\n" + "".join(part), encoding="utf-8")
+    (sandbox / "my_tasks").mkdir()
+    items = [{"q": line.rsplit(" ", 1)[0], "choices": [" " + line.rsplit(" ", 1)[1], " banana"], "answer": 0}
+             for line in ENGLISH]  # fmt: skip
+    (sandbox / "my_tasks" / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
+    (sandbox / "my_tasks" / "my_task.yaml").write_text(
+        "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    train: my_tasks/mc.jsonl\n"
+        "test_split: train\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n",
+        encoding="utf-8",
+    )
+
+
 def generation_and_export(sandbox: Path, assets: Assets) -> None:
     fine_tuning(sandbox, assets)
     shutil.copytree(assets.shards, sandbox / "data")
@@ -353,6 +370,12 @@ SCENES = [
         "smallm-train --config examples/korean_adaptation.toml",
         "smallm-export runs/ko-adapted --format gguf --out ko.gguf",
     ], korean_adaptation),
+    Scene("benchmark tasks", [
+        "smallm-eval runs/124m --tasks nsmc --num-fewshot 5",
+        "smallm-eval runs/124m --tasks my_task --include-path my_tasks/ --data data/",
+        "smallm-train --data data/ --eval-tasks my_task --eval-include-path my_tasks/ --eval-limit 200",
+        "smallm-tokenize corpus/ --tokenizer runs/124m --out tok-report/ --no-shards --report",
+    ], benchmark_tasks),
     Scene("generating, chatting, evaluating, exporting", [
         'smallm-generate runs/124m --prompt "def fibonacci(" --temperature 0.8 --top-p 0.95 --max-new-tokens 200',
         "smallm-generate runs/124m --benchmark",

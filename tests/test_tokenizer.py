@@ -196,7 +196,8 @@ def test_encoding_a_megabyte_without_split_points_is_linear(runs_tok: Tokenizer,
     small = unit * (n // 4)
     t_small = best_time(lambda: runs_tok.encode_ordinary(small))
     t_big = best_time(lambda: runs_tok.encode_ordinary(big))
-    assert t_big < 8 * t_small + 0.02, f"4x the input took {t_big / t_small:.1f}x the time"
+    # Linear is 4x and quadratic 16x; the margin between them absorbs a busy machine's noise.
+    assert t_big < 11 * t_small + 0.05, f"4x the input took {t_big / t_small:.1f}x the time"
 
 
 def test_session_tokenizer_handles_a_megabyte_run(tok: Tokenizer) -> None:

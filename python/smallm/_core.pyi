@@ -133,3 +133,14 @@ class Packer:
         num_threads: int | None = None,
     ) -> None: ...
     def finish(self) -> dict[str, list[dict[str, int | str]]]: ...
+
+def read_documents(
+    paths: Sequence[str | PathLike[str]],
+    consume: Callable[[list[str], list[int]], object],
+    doc_mode: str = "file",
+    text_field: str = "text",
+    lossy: bool = False,
+    first_source: int = 0,
+) -> None:
+    """Reads corpus files as the packer does and calls ``consume(docs, sources)`` with each batch of documents
+    and each one's source (file index from ``first_source``), in order; an exception from it propagates."""

@@ -4,6 +4,7 @@ reuses one), and packs every document into token shards for training.
     smallm-tokenize CORPUS... --vocab 32000 --out DIR
     smallm-tokenize CORPUS... --tokenizer TOKDIR --out DIR        # reuse a tokenizer
     smallm-tokenize CORPUS... --tokenizer RUN --extend 3000 --out DIR   # add 3000 tokens learned on CORPUS
+    smallm-tokenize CORPUS... --tokenizer TOKDIR --out DIR --no-shards --report   # how well it fits CORPUS
     smallm-tokenize --hf-dataset json --hf-data-files a.jsonl --out DIR
     smallm-tokenize @stdlib --vocab 8000 --out DIR                 # the Python standard library
 
@@ -30,6 +31,7 @@ from smallm.files.atomic import copy_file_atomic, write_json_atomic, write_text_
 from smallm.files.destination import claim
 from smallm.text.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
 from smallm.text.extension import extend_tokenizer
+from smallm.text.report import tokenizer_report
 from smallm.text.roles import TOKENIZER_CONFIG_FILE
 from smallm.text.tokenizer import TIKTOKEN_FILE, TOKENIZER_FILE, TOKENIZER_FILES, Tokenizer
 from smallm.text.training import DEFAULT_SPECIAL_TOKENS
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="validation share of documents")
     g.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens, help="most tokens per shard")
 
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print characters and bytes per token per source and script, and the Hangul syllables that are tokens",
+    )
     p.add_argument("--force", action="store_true", help="replace what is already in --out")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -114,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizer = get_tokenizer(args, corpus, resuming, in_place)
             if not args.no_shards:
                 write_shards(args, corpus, tokenizer)
+        if args.report:
+            print(f"\nthe tokenizer of {args.out} on the corpus (vocabulary {tokenizer.vocab_size}):\n")
+            print(tokenizer_report(tokenizer, corpus, num_threads=args.threads).table())
         return 0
 
     return run_command(

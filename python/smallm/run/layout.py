@@ -11,6 +11,7 @@ write a run of one checkpoint) makes::
     RUN/checkpoints/latest, best    one-line files naming a step directory
     RUN/adapter/                    a LoRA run's adapter in peft's layout
     RUN/tensorboard/                with --tensorboard
+    RUN/evals/step_00000300.json    lm-eval task results of that checkpoint (smallm-eval --tasks)
 
 :data:`RUN` is this layout as a :class:`~smallm.files.destination.Artifact`: the rule every writer of a
 destination follows (:mod:`smallm.files.destination`) applies to runs through it. :class:`RunDirectory`
@@ -37,7 +38,7 @@ from smallm.files.destination import Artifact, Destination, claim
 from smallm.text.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 
 __all__ = [
-    "ADAPTER_DIR", "BEST", "CHECKPOINTS_DIR", "CONFIG_FILE", "LATEST", "METRICS_FILE", "PLOT_FILE", "RUN",
+    "ADAPTER_DIR", "BEST", "CHECKPOINTS_DIR", "CONFIG_FILE", "EVALS_DIR", "LATEST", "METRICS_FILE", "PLOT_FILE", "RUN",
     "RUN_ENTRIES", "STATE_FILE", "TENSORBOARD_DIR", "WEIGHTS_FILE", "RunDirectory", "held_run", "is_run_config",
     "read_json", "read_metrics", "trim_metrics", "write_run_config",
 ]  # fmt: skip
@@ -49,6 +50,7 @@ PLOT_FILE = "loss_curve.png"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 TENSORBOARD_DIR = "tensorboard"
+EVALS_DIR = "evals"
 WEIGHTS_FILE = "model.safetensors"
 """A checkpoint's weights, under Hugging Face's names."""
 STATE_FILE = "training_state.pt"
@@ -57,7 +59,7 @@ LATEST, BEST = "latest", "best"
 """The pointer files in ``checkpoints/``."""
 
 RUN_ENTRIES = (
-    CONFIG_FILE, METRICS_FILE, PLOT_FILE, *TOKENIZER_FILES, CHECKPOINTS_DIR, ADAPTER_DIR, TENSORBOARD_DIR,
+    CONFIG_FILE, METRICS_FILE, PLOT_FILE, *TOKENIZER_FILES, CHECKPOINTS_DIR, ADAPTER_DIR, TENSORBOARD_DIR, EVALS_DIR,
 )  # fmt: skip
 """What a run writes in its directory (and all that ``--force`` deletes there)."""
 

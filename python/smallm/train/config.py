@@ -79,6 +79,12 @@ class RunConfig:
     log_every: int = doc(10, "steps between metric lines", minimum=1)
     eval_every: int = doc(100, "steps between validation passes (0: only at the end)", minimum=0)
     eval_batches: int = doc(0, "validation batches per pass (0: the whole split)", minimum=0)
+    eval_tasks: str | None = doc(
+        None, "lm-eval tasks run at each validation, comma-separated (needs lm-eval; a config file's [eval] tasks)"
+    )
+    eval_limit: int | None = doc(None, "items per lm-eval task at each validation (default: all)", minimum=1)
+    eval_fewshot: int | None = doc(None, "few-shot examples of the lm-eval tasks (default: each task's)", minimum=0)
+    eval_include_path: str | None = doc(None, "a folder of lm-eval task YAML files of one's own")
     checkpoint_every: int = doc(100, "steps between checkpoints (the last step is always saved)", minimum=1)
     keep_last: int = doc(3, "checkpoints kept besides the best one", minimum=1)
     resume: bool = doc(False, "continue from the latest checkpoint in --out")
@@ -245,6 +251,7 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.resume and cfg.force:
         raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
+    _validate_eval_tasks(cfg)
     if isinstance(cfg, TrainConfig):
         if not isinstance(cfg.stage, list):
             raise ValueError(f"stage must be a list of [[stage]] tables (each with steps or tokens), got {cfg.stage!r}")
@@ -321,6 +328,19 @@ def _validate_model_section(preset: str, overrides: dict[str, Any]) -> None:
     check_fields(model, "model")
 
 
+def _validate_eval_tasks(cfg: RunConfig) -> None:
+    if not (cfg.eval_tasks or "").strip(",; "):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError('--eval-tasks runs lm-evaluation-harness, which is not installed: pip install "smallm[eval]"')
+    if cfg.fsdp:
+        raise ValueError("--eval-tasks scores the model on one rank: it does not run under --fsdp (use DDP)")
+    if getattr(cfg, "method", "") == "rm":
+        raise ValueError("--eval-tasks scores a language model; a reward model has no next-token distribution")
+
+
 def _validate_finetuning(cfg: FinetuneConfig) -> None:
     if cfg.max_steps == 0 and not cfg.epochs > 0:
         raise ValueError("max_steps must be positive, or 0 with a positive --epochs")
@@ -347,8 +367,23 @@ def _validate_finetuning(cfg: FinetuneConfig) -> None:
             raise ValueError("smallm-dpo does not shard with --fsdp; use DDP, or LoRA for large models")
 
 
+EVAL_TABLE = {"tasks": "eval_tasks", "limit": "eval_limit", "num_fewshot": "eval_fewshot",
+              "include_path": "eval_include_path"}  # fmt: skip
+"""A config file's ``[eval]`` table: its keys and the settings they are."""
+
+
 def build_config(cls: type[RunConfig], values: dict[str, Any], source: str = "config") -> Any:
-    """A validated ``cls`` from a flat dict of settings (unknown keys refused, naming ``source``)."""
+    """A validated ``cls`` from a flat dict of settings (unknown keys refused, naming ``source``); an
+    ``[eval]`` table (:data:`EVAL_TABLE`) gives the ``eval_*`` settings, its ``tasks`` a list or one string."""
+    values = dict(values)
+    table = values.pop("eval", None)
+    if table is not None:
+        if not isinstance(table, dict) or set(table) - set(EVAL_TABLE):
+            raise ValueError(f"{source}: [eval] takes {', '.join(EVAL_TABLE)}, got {table!r}")
+        for key, value in table.items():
+            if key == "tasks" and isinstance(value, list):
+                value = ",".join(map(str, value))
+            values.setdefault(EVAL_TABLE[key], value)
     config = from_mapping(cls, values, source)
     validate(config)
     return config

@@ -118,6 +118,8 @@ class LossCurves:
     val: dict[int, float] = field(default_factory=dict)
     sources: dict[str, dict[int, float]] = field(default_factory=dict)
     stages: dict[int, int] = field(default_factory=dict)
+    tasks: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Accuracies of the lm-eval tasks of ``--eval-tasks`` (``task/NAME_acc``) and their ``task/core``."""
 
     @classmethod
     def of(cls, records: Iterable[dict[str, Any]]) -> LossCurves:
@@ -138,6 +140,8 @@ class LossCurves:
         for key, value in record.items():
             if key.startswith("val/") and key.endswith("_loss"):
                 self.sources.setdefault(key[4:-5], {})[step] = value
+            elif key.startswith("task/") and (key.endswith("_acc") or key == "task/core"):
+                self.tasks.setdefault(key[5:].removesuffix("_acc"), {})[step] = value
 
     def stage_starts(self) -> list[int]:
         """The last step of each stage that another one follows."""
@@ -169,8 +173,16 @@ def loss_figure(curves: LossCurves, *, size: tuple[float, float] = (7, 4), dpi: 
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    if curves.train or curves.val:
-        ax.legend()
+    lines, labels = ax.get_legend_handles_labels()
+    if curves.tasks:  # benchmark accuracies on a right-hand axis
+        right = ax.twinx()
+        for name, points in sorted(curves.tasks.items()):
+            right.plot(sorted(points), [points[s] for s in sorted(points)], "s:", label=f"task: {name}")
+        right.set_ylabel("task accuracy (core: centered on chance)")
+        more, names = right.get_legend_handles_labels()
+        lines, labels = lines + more, labels + names
+    if lines:
+        ax.legend(lines, labels, fontsize="small")
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png")

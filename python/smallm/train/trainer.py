@@ -11,7 +11,8 @@ optimizer builder (:mod:`smallm.train.optim`); it owns what every run does alike
   synchronisation; a non-finite step stops the run with advice;
 * mixed precision by autocast (bf16, or fp16 with a GradScaler) over fp32 weights; DDP or FSDP2 under
   torchrun; ``torch.compile`` with a fallback to the plain model;
-* validation every ``eval_every`` steps, the best checkpoint kept by validation loss, checkpoints that
+* validation every ``eval_every`` steps (with the lm-eval tasks of ``eval_tasks``, :mod:`smallm.train.task_eval`),
+  the best checkpoint kept by validation loss, checkpoints that
   resume bitwise-identically (:mod:`smallm.train.checkpointer`), ``metrics.jsonl`` and the plot;
 * a stop asked for from another thread (:meth:`Trainer.request_stop`, the notebook's Stop button): the
   step under way finishes, a checkpoint is written, and ``--resume`` continues as if never stopped;
@@ -50,6 +51,7 @@ from smallm.train.metrics import MetricsLogger
 from smallm.train.new_rows import NewRowsOnly
 from smallm.train.optim import build_schedule, describe, restore_schedule
 from smallm.train.resolve import is_resolved, resolve_training
+from smallm.train.task_eval import TaskEvaluation
 from smallm.train.tasks import Batch, RunContext, Task
 from smallm.train.trainable import Trainable
 
@@ -113,6 +115,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out, runtime, cfg.keep_last, replica if self.sharded else None)
         self.state = TrainingState(step=0, tokens_seen=0)
         self.new_rows: NewRowsOnly | None = None  # while a stage trains only the rows of new tokens
+        self.task_evaluation = TaskEvaluation(cfg, task.tokenizer, runtime, self.amp_dtype)
         self.saved_at: int | None = None  # the step of the last checkpoint this trainer wrote
         self.validated_at: int | None = None  # the step of its last validation
         if cfg.resume:
@@ -235,7 +238,7 @@ class Trainer:
         """The objective's validation metrics over the task's validation batches (all ranks)."""
         batches = self.task.validation_batches()
         if batches is None:
-            return {}
+            return self.task_evaluation(self.model.module) if self.task_evaluation else {}
         n_batches = len(batches) if not self.cfg.eval_batches else min(len(batches), self.cfg.eval_batches)
         if self.sharded:
             # Every rank must run as many forwards as the others (each gathers the shards); ranks
@@ -247,7 +250,10 @@ class Trainer:
         padding = (x_pad, torch.full_like(x_pad, IGNORE_INDEX))
         it = iter(batches)
         sums = self.objective.evaluate(self.model.module, (next(it, padding) for _ in range(n_batches)))
-        return self.objective.validation_metrics(self.runtime.all_reduce(sums))
+        metrics = self.objective.validation_metrics(self.runtime.all_reduce(sums))
+        if self.task_evaluation:  # the lm-eval tasks of --eval-tasks
+            metrics.update(self.task_evaluation(self.model.module))
+        return metrics
 
     def save(self, is_best: bool = False) -> None:
         if not all_finite(self.model.module):
@@ -368,7 +374,7 @@ class Trainer:
             return False
         logger.log({"step": self.state.step, **metrics})
         best = self.state.best_val_loss
-        if best is not None and metrics["val_loss"] >= best:
+        if "val_loss" not in metrics or (best is not None and metrics["val_loss"] >= best):
             return False
         self.state.best_val_loss = metrics["val_loss"]
         return True
