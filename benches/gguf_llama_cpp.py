@@ -114,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in DTYPES:
             start = time.perf_counter()
-            path = export_gguf(args.run, Path(tmp) / f"model-{dtype}.gguf", dtype=dtype)
+            path = export_gguf(args.run, Path(tmp) / f"model-{dtype}.gguf", dtype=dtype, modelfile=False)
             seconds = time.perf_counter() - start
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.config.max_seq_len, logits_all=True, verbose=False,
                                   n_threads=usable_cores())  # fmt: skip

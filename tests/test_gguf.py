@@ -30,7 +30,8 @@ TEXTS = [*ENGLISH, *KOREAN, *EMOJI, *CODE, "   leading and trailing   ", "\n\n\n
 
 
 def config(**options: Any) -> ModelConfig:
-    return ModelConfig(vocab_size=1216, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, max_seq_len=256, **options)
+    shape = {"vocab_size": 1216, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "max_seq_len": 256}
+    return ModelConfig(**{**shape, **options})
 
 
 def trained(tok: Tokenizer, corpus_docs: list[str], steps: int = 150, **options: Any) -> SmallLM:
@@ -60,7 +61,8 @@ def run(tok: Tokenizer, corpus_docs: list[str], tmp_path_factory: pytest.TempPat
 @pytest.fixture(scope="module")
 def files(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
-    return {dtype: export_gguf(run, out / f"model-{dtype}.gguf", dtype=dtype) for dtype in ("fp32", "fp16", "q8_0")}
+    dtypes = ("fp32", "fp16", "q8_0")
+    return {dtype: export_gguf(run, out / f"model-{dtype}.gguf", dtype=dtype, modelfile=False) for dtype in dtypes}
 
 
 def field(reader: Any, key: str) -> Any:
@@ -121,16 +123,6 @@ def test_the_tensors_are_the_models_weights_under_llama_cpp_names(files: dict[st
     assert sizes[0] > sizes[1] > sizes[2]
 
 
-def test_what_the_llama_architecture_cannot_hold_is_refused(tok: Tokenizer, tmp_path: Path) -> None:
-    for options, named in (({"qk_norm": True}, "qk_norm"), ({"qkv_bias": True}, "qkv_bias"),
-                           ({"hidden_act": "relu2"}, "hidden_act")):  # fmt: skip
-        model = SmallLM(config(**options))
-        run = write_run(tmp_path / named, model, tok, {"train": {}, "model": dataclasses.asdict(model.config)})
-        with pytest.raises(HFError, match=f"the llama architecture, which has no {named}"):
-            export_gguf(run, tmp_path / f"{named}.gguf")
-        assert not (tmp_path / f"{named}.gguf").exists()
-
-
 def test_a_split_pattern_llama_cpp_lacks_is_refused_or_forced_with_a_warning(
     corpus_docs: list[str], tmp_path: Path
 ) -> None:
@@ -166,7 +158,7 @@ def test_an_existing_file_is_kept_without_force_and_a_failed_write_leaves_nothin
     with pytest.raises(HFError, match=r"could not write .*model.gguf \(the disk is full\): 196608 requested"):
         export_gguf(run, target, force=True)
     assert target.read_bytes() == written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "model.gguf"]
 
 
 def test_the_export_command_writes_gguf(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

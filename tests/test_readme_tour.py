@@ -382,7 +382,7 @@ SCENES = [
         'smallm-chat runs/chat --system "You are helpful."',
         "smallm-eval runs/124m --data data/ --json",
         "smallm-export runs/124m --out hf/124m",
-        "smallm-export runs/124m --format gguf --out 124m.gguf --dtype q8_0",
+        "smallm-export runs/124m --format gguf --out gguf/124m.gguf --dtype q4_k_m",
         "smallm-chat HuggingFaceTB/SmolLM2-135M-Instruct",
         "smallm-import path/to/llama --out runs/imported",
         "smallm-push hf/124m --repo-id you/smallm-124m",

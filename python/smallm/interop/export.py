@@ -24,8 +24,8 @@ from typing import Union
 import torch
 
 from smallm.files.destination import claim
-from smallm.interop.gguf_export import export_gguf
-from smallm.interop.hf_export import HF_FOLDER, HFError, export_hf
+from smallm.interop.gguf_export import GGUF_DTYPES, export_gguf
+from smallm.interop.hf_export import DTYPES, HF_FOLDER, HFError, export_hf
 from smallm.model.lora import LoraSettings, adapter_files, apply_lora, load_adapter, write_adapter
 from smallm.run.checkpoint import load_weights
 from smallm.run.load import inputs_of, load_model, read_config, resolve_checkpoint, run_kind
@@ -57,12 +57,15 @@ def export_run(
     adapter: bool = False,
     force: bool = False,
     allow_other_pattern: bool = False,
+    imatrix_data: PathLike | None = None,
+    modelfile: bool = True,
 ) -> Exported:
     """Exports the checkpoint ``source`` names (a checkpoint, or a run's ``prefer`` = latest or best one) to
-    ``out`` as the module docstring says. ``dtype``: the weights' type (fp32, bf16, fp16; q8_0 for GGUF).
-    ``allow_other_pattern``: GGUF only, a tokenizer whose split pattern llama.cpp lacks is written with its
-    default one (and a warning). Raises :class:`~smallm.interop.hf_export.HFError` naming what cannot be
-    exported that way."""
+    ``out`` as the module docstring says. ``dtype``: the weights' type (fp32, bf16, fp16; for GGUF also
+    q8_0, q4_0, q4_k_m, q5_k_m, q6_k). GGUF only: ``allow_other_pattern``, a tokenizer whose split pattern
+    llama.cpp lacks is written with its default one (and a warning); ``imatrix_data``, a calibration text
+    for llama.cpp's quantizer; ``modelfile``, an Ollama ``Modelfile`` beside the file. Raises
+    :class:`~smallm.interop.hf_export.HFError` naming what cannot be exported that way."""
     if format not in FORMATS:
         raise HFError(f"format {format!r} is not one of {', '.join(FORMATS)}")
     checkpoint = resolve_checkpoint(source, prefer=prefer)
@@ -76,10 +79,13 @@ def export_run(
         return Exported(export_adapter(checkpoint, out, force=force), checkpoint, "adapter")
     if format == "gguf":
         chosen = dtype if isinstance(dtype, str) else "fp32" if dtype is None else str(dtype)
-        written = export_gguf(checkpoint, out, dtype=chosen, force=force, allow_other_pattern=allow_other_pattern)
+        written = export_gguf(checkpoint, out, dtype=chosen, force=force, allow_other_pattern=allow_other_pattern,
+                              imatrix_data=imatrix_data, modelfile=modelfile)  # fmt: skip
         return Exported(written, checkpoint, what)
-    if dtype == "q8_0":
-        raise HFError("--dtype q8_0 is for --format gguf; a transformers folder takes fp32, bf16 or fp16")
+    if dtype in GGUF_DTYPES and dtype not in DTYPES:
+        raise HFError(f"--dtype {dtype} is for --format gguf; a transformers folder takes fp32, bf16 or fp16")
+    if imatrix_data is not None:
+        raise HFError("--imatrix-data guides llama.cpp's quantizer: it goes with --format gguf")
     return Exported(export_hf(checkpoint, out, force=force, dtype=dtype), checkpoint, what)
 
 

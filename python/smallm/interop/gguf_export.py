@@ -1,37 +1,32 @@
 """GGUF export: a checkpoint as one file that llama.cpp (and Ollama, LM Studio) runs, written with ``gguf``.
 
-:func:`export_gguf` writes the ``llama`` architecture:
+:func:`export_gguf` writes the llama.cpp architecture the model's shape is: ``llama`` (Llama, Mistral and
+smallm's own), ``qwen2`` (q/k/v biases) or ``qwen3`` (QK-norm):
 
 * metadata: context length, width, layers, MLP width, heads and KV heads, head width, rope theta and
   RMSNorm epsilon, vocabulary size and the file type;
 * tensors under llama.cpp's names (``token_embd``, ``blk.N.attn_q`` ... ``output_norm``, ``output``;
-  no ``output`` when the embeddings are tied, which llama.cpp then reuses). The query and key rows are
+  no ``output`` when the embeddings are tied, which llama.cpp then reuses; ``blk.N.attn_q.bias`` for
+  Qwen2, ``blk.N.attn_q_norm`` for Qwen3; Llama 3.1's rotary scaling as the ``rope_freqs`` tensor of
+  per-frequency divisors, as llama.cpp's own converter writes it). For ``llama`` the query and key rows are
   reordered from Hugging Face's rotary layout (the two halves of each head) to GGML's (interleaved
-  pairs), as llama.cpp's own converter does. Norms stay fp32; matrices take ``dtype``: ``fp32``,
-  ``fp16``, ``bf16`` or ``q8_0`` (blocks of 32 with an fp16 scale; a matrix whose rows are not a
-  multiple of 32 stays fp16);
-* the tokenizer as a byte-level BPE (``gpt2`` model): every token's string in the byte-to-unicode
-  form of ``tokenizer.json``, the merges, token types (special tokens as control tokens, the added
-  tokens that are not special as user-defined, the embedding's padding rows as unused ``[PADn]``),
-  BOS (the document start), EOS, end of turn (``<|im_end|>``), padding, whether to add the BOS, and the
-  chat template (the model's own, else ChatML); a SentencePiece-style tokenizer (Llama 2's kind) as
-  llama.cpp's ``llama`` vocabulary instead: its ``▁`` pieces, byte tokens, the unknown token, the prefix
-  space, and scores that make llama.cpp join pieces in the order of the merges.
+  pairs); ``qwen2`` and ``qwen3`` rotate halves as Hugging Face does. Norms and biases stay fp32;
+  matrices take ``dtype``: ``fp32``, ``fp16``, ``bf16`` or ``q8_0`` (blocks of 32 with an fp16 scale; a
+  matrix whose rows are not a multiple of 32 stays fp16), written by smallm; or ``q4_0``, ``q4_k_m``,
+  ``q5_k_m``, ``q6_k``, quantized from the fp32 file by llama.cpp's own quantizer
+  (:mod:`smallm.interop.gguf_quant`), optionally guided by an importance matrix from a calibration text;
+* the tokenizer (:mod:`smallm.interop.gguf_vocab`);
+* beside the file, an Ollama ``Modelfile`` (:mod:`smallm.interop.modelfile`).
 
-llama.cpp does not read the split regex: it picks a built-in pre-tokenizer by name. smallm's default
-(GPT-4's pattern) and Llama 3's are its ``llama-bpe``, GPT-2's its ``gpt-2``, Qwen2's its ``qwen2``.
-A tokenizer with another pattern is refused, or with ``allow_other_pattern`` written with llama.cpp's
-``default`` pre-tokenizer and a warning that llama.cpp will split text differently. A LoRA run is merged
-into its base first (:func:`smallm.run.load.load_model`). Architectures the ``llama`` GGUF does not
-describe (QK-norm, q/k/v biases, rotary scaling, other activations) are refused naming the setting.
+A LoRA run is merged into its base first (:func:`smallm.run.load.load_model`). What llama.cpp's
+architectures do not describe (QK-norm with biases, rotary scaling on Qwen shapes, activations other than
+SiLU, reward models) is refused naming the setting.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Union
 
@@ -39,31 +34,36 @@ import numpy as np
 import torch
 
 from smallm.files.atomic import write_failure
-from smallm.files.destination import Artifact, claim
-from smallm.interop.hf_export import HFError, tokenizer_json
+from smallm.files.destination import Artifact, DestinationError, claim
+from smallm.interop.gguf_quant import LLAMA_CPP_TYPES, importance_matrix, quantize_file
+from smallm.interop.gguf_vocab import pre_tokenizer, write_tokenizer
+from smallm.interop.hf_export import HFError
+from smallm.interop.modelfile import MODELFILE, MODELFILE_NAME, modelfile_text
+from smallm.model.config import ModelConfig
+from smallm.model.layers import llama3_frequencies
 from smallm.model.lm import SmallLM
 from smallm.run.load import inputs_of, load_model, read_config, resolve_checkpoint, run_kind
-from smallm.text.chat import CHAT_TEMPLATE, IM_END, IM_START
-from smallm.text.tokenizer import Tokenizer
-from smallm.text.training import GPT2_PATTERN, GPT4_PATTERN
 
-__all__ = ["GGUF_DTYPES", "GGUF_FILE", "PRE_TOKENIZERS", "export_gguf", "interleave_rotary", "is_gguf_file"]
+__all__ = [
+    "GGUF_DTYPES", "GGUF_FILE", "architecture", "export_gguf", "interleave_rotary", "is_gguf_file", "rope_factors",
+    "tensor_names",
+]  # fmt: skip
 
 PathLike = Union[str, "os.PathLike[str]"]
 GGUF_MAGIC = b"GGUF"
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
-GGUF_DTYPES = ("fp32", "fp16", "bf16", "q8_0")
-"""The ``--dtype`` names of a GGUF file's matrices."""
-
-_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-PRE_TOKENIZERS = {
-    GPT4_PATTERN: "llama-bpe",
-    _CONTRACTIONS + r"\p{N}{1,3}" + _REST: "llama-bpe",  # Llama 3's tokenizer.json writes it this way
-    GPT2_PATTERN: "gpt-2",
-    _CONTRACTIONS + r"\p{N}" + _REST: "qwen2",
-}
-"""Split patterns and the llama.cpp pre-tokenizer (``tokenizer.ggml.pre``) that splits text the same way."""
+SMALLM_DTYPES = ("fp32", "fp16", "bf16", "q8_0")
+GGUF_DTYPES = (*SMALLM_DTYPES, *LLAMA_CPP_TYPES)
+"""The ``--dtype`` names of a GGUF file's matrices: smallm writes the first four, llama.cpp quantizes the rest."""
+_FILE_TYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+_LAYER_PARTS = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+}  # fmt: skip
 
 
 def export_gguf(
@@ -74,43 +74,79 @@ def export_gguf(
     force: bool = False,
     prefer: str = "latest",
     allow_other_pattern: bool = False,
+    imatrix_data: PathLike | None = None,
+    modelfile: bool = True,
 ) -> Path:
     """Writes the checkpoint (a checkpoint directory, or a run's ``prefer`` = latest or best one) as the
-    GGUF file ``out_file`` and returns its path. The destination follows the rule of
-    :mod:`smallm.files.destination`: an earlier GGUF file is replaced only with ``force``, any other file
-    never; the file is written beside it and renamed into place. Raises
-    :class:`~smallm.interop.hf_export.HFError` naming what the file cannot hold (a reward model, an
-    architecture the ``llama`` GGUF does not describe)."""
-    import gguf
-
+    GGUF file ``out_file`` and, with ``modelfile``, an Ollama ``Modelfile`` beside it; returns the file's
+    path. ``imatrix_data``: a calibration text for llama.cpp's quantizer (the llama.cpp types only). Both
+    destinations follow the rule of :mod:`smallm.files.destination`: an earlier GGUF file (Modelfile
+    written by smallm) is replaced only with ``force``, any other file never; each is written beside
+    and renamed into place. Raises :class:`~smallm.interop.hf_export.HFError` naming what the file cannot
+    hold (a reward model, an architecture llama.cpp does not describe)."""
     if dtype not in GGUF_DTYPES:
         raise HFError(f"dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+    if imatrix_data is not None and dtype not in LLAMA_CPP_TYPES:
+        raise HFError(f"--imatrix-data guides llama.cpp's quantizer: it goes with --dtype {', '.join(LLAMA_CPP_TYPES)}")
     checkpoint = resolve_checkpoint(checkpoint_path, prefer=prefer)
     if run_kind(read_config(checkpoint)) == "reward":
         raise HFError(
             f"{checkpoint} is a reward model (LlamaForSequenceClassification), which llama.cpp does not run: "
             "export it to transformers (smallm-export --format hf)"
         )
-    with claim(out_file, GGUF_FILE, force=force, command="smallm-export", inputs=inputs_of(checkpoint)) as destination:
+    out = Path(out_file)
+    inputs = [*inputs_of(checkpoint), *([Path(imatrix_data)] if imatrix_data is not None else [])]
+    with ExitStack() as stack:
+        destination = stack.enter_context(claim(out, GGUF_FILE, force=force, command="smallm-export", inputs=inputs))
+        side = None
+        if modelfile:
+            try:
+                side = stack.enter_context(
+                    claim(out.parent / MODELFILE_NAME, MODELFILE, force=force, command="smallm-export", inputs=inputs)
+                )
+            except DestinationError as error:
+                raise DestinationError(f"{error} (or pass --no-modelfile to write the GGUF file alone)") from error
         model, tokenizer, _ = load_model(checkpoint)
-        _check_architecture(model)
-        pre = None if tokenizer.sentencepiece else _pre_tokenizer(tokenizer, allow_other_pattern)
+        arch = architecture(model.config)
+        pre = None if tokenizer.sentencepiece else pre_tokenizer(tokenizer, allow_other_pattern)
+        matrix = None
+        if imatrix_data is not None:
+            matrix, _ = importance_matrix(model, tokenizer, Path(imatrix_data), tensor_names(model.config))
 
-        def fill(path: Path) -> None:
-            writer = gguf.GGUFWriter(str(path), "llama")
-            _write_metadata(writer, model, dtype)
-            _write_tokenizer(writer, model, tokenizer, pre)
-            for name, array, kind in _tensors(model, dtype):
-                writer.add_tensor(name, array, raw_dtype=kind)
+        def write(path: Path, kind: str) -> None:
+            import gguf
+
+            writer = gguf.GGUFWriter(str(path), arch)
+            _write_metadata(writer, model.config, kind)
+            write_tokenizer(writer, model.config.vocab_size, tokenizer, pre)
+            for name, array, raw in _tensors(model, kind, arch):
+                writer.add_tensor(name, array, raw_dtype=raw)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
 
+        def fill(path: Path) -> None:
+            if dtype in SMALLM_DTYPES:
+                write(path, dtype)
+                return
+            source = path.with_name(f".{out.name}.fp32.tmp-{os.getpid()}")
+            try:
+                write(source, "fp32")
+                quantize_file(source, path, dtype, matrix)
+            finally:
+                source.unlink(missing_ok=True)
+
         try:
-            return destination.write_file(fill)
+            written = destination.write_file(fill)
+            if side is not None:
+                text = modelfile_text(out.name, tokenizer, model.config.max_seq_len)
+                side.write_file(lambda path: path.write_text(text, encoding="utf-8"))
+        except HFError:
+            raise
         except Exception as error:  # gguf and the OS report a full disk in their own words
             raise HFError(write_failure(destination.path, error)) from error
+        return written
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -126,42 +162,47 @@ GGUF_FILE = Artifact("a GGUF file", is_gguf_file)
 """A GGUF export as an output, for :func:`smallm.files.destination.claim`."""
 
 
-def _check_architecture(model: SmallLM) -> None:
-    c = model.config
+def architecture(config: ModelConfig) -> str:
+    """llama.cpp's architecture for a model of this shape: ``qwen3`` with QK-norm, ``qwen2`` with q/k/v biases,
+    else ``llama``; raises :class:`~smallm.interop.hf_export.HFError` naming a setting none of them has."""
+    arch = "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
     refusals = [
-        (c.qk_norm, "qk_norm (Qwen3's QK-norm)"),
-        (c.qkv_bias, "qkv_bias (Qwen2's biases)"),
-        (c.rope_scaling is not None, "rope_scaling (Llama 3.1's)"),
-        (c.hidden_act != "silu", f"hidden_act {c.hidden_act!r}"),
+        (config.qk_norm and config.qkv_bias, "qk_norm and qkv_bias together"),
+        (config.rope_scaling is not None and arch != "llama", "rope_scaling (Llama 3.1's) on a Qwen shape"),
+        (config.hidden_act != "silu", f"hidden_act {config.hidden_act!r}"),
     ]
     for refused, what in refusals:
         if refused:
             raise HFError(
-                f"the GGUF export writes the llama architecture, which has no {what}; export to transformers "
-                "(smallm-export --format hf) and convert that with llama.cpp's own script"
+                f"llama.cpp's {arch} architecture has no {what}; export to transformers (smallm-export --format hf) "
+                "for the runtimes that take it"
             )
+    return arch
 
 
-def _pre_tokenizer(tokenizer: Tokenizer, allow_other: bool) -> str:
-    name = PRE_TOKENIZERS.get(tokenizer.pattern)
-    if name is not None:
-        return name
-    message = (
-        f"llama.cpp does not run a tokenizer's regex but one of its built-in pre-tokenizers, and none splits "
-        f"like this tokenizer's pattern {tokenizer.pattern!r} (those it has: smallm's gpt4 and gpt2 presets, "
-        "Llama 3's and Qwen2's)"
-    )
-    if not allow_other:
-        raise HFError(f"{message}; pass --force to write it with llama.cpp's default pre-tokenizer anyway")
-    warnings.warn(f"{message}: written with llama.cpp's default pre-tokenizer, which splits text differently, "
-                  "so llama.cpp's token ids will differ from smallm's on some text", stacklevel=3)  # fmt: skip
-    return "default"
+def rope_factors(config: ModelConfig) -> np.ndarray:
+    """Llama 3.1's rotary scaling as llama.cpp holds it (``rope_freqs.weight``): what each rotary frequency
+    is divided by, the unscaled frequency over smallm's scaled one."""
+    assert config.rope_scaling is not None
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).double() / config.head_dim)
+    return (inv_freq / llama3_frequencies(inv_freq, config.rope_scaling)).float().numpy()
 
 
-def _write_metadata(writer: Any, model: SmallLM, dtype: str) -> None:
+def tensor_names(config: ModelConfig) -> dict[str, str]:
+    """smallm's state-dict key -> llama.cpp's tensor name, for every weight the model has (the head only when
+    untied), in the file's order."""
+    names = {"model.embed_tokens.weight": "token_embd.weight"}
+    for i in range(config.n_layer):
+        names.update({f"model.layers.{i}.{ours}": f"blk.{i}.{theirs}" for ours, theirs in _LAYER_PARTS.items()})
+    names["model.norm.weight"] = "output_norm.weight"
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    return names
+
+
+def _write_metadata(writer: Any, c: ModelConfig, dtype: str) -> None:
     import gguf
 
-    c = model.config
     writer.add_name("smallm model")
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.n_embd)
@@ -175,115 +216,28 @@ def _write_metadata(writer: Any, model: SmallLM, dtype: str) -> None:
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    kinds = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-    writer.add_file_type(getattr(gguf.LlamaFileType, kinds[dtype]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _write_tokenizer(writer: Any, model: SmallLM, tokenizer: Tokenizer, pre: str | None) -> None:
+def _tensors(model: SmallLM, dtype: str, arch: str) -> list[tuple[str, np.ndarray, Any]]:
+    """(llama.cpp name, data, GGML type) of every weight, in the file's order."""
     import gguf
 
-    document = json.loads(tokenizer_json(tokenizer))
-    size = model.config.vocab_size
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    kinds = [gguf.TokenType.UNUSED] * size
-    for text, i in document["model"]["vocab"].items():
-        tokens[i], kinds[i] = text, gguf.TokenType.NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in document["model"]["merges"]]
-    if tokenizer.sentencepiece:
-        for i, text in enumerate(tokens):
-            if _BYTE_TOKEN.fullmatch(text):
-                kinds[i] = gguf.TokenType.BYTE
-        writer.add_tokenizer_model("llama")
-        writer.add_token_scores(_merge_scores(tokens, merges))
-        writer.add_add_space_prefix(_prepends_space(tokenizer))
-    else:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-    for added in document.get("added_tokens") or []:
-        i = added["id"]
-        tokens[i] = added["content"]
-        kinds[i] = gguf.TokenType.CONTROL if added.get("special", True) else gguf.TokenType.USER_DEFINED
-    unknown = document["model"].get("unk_token")
-    if tokenizer.sentencepiece and unknown is not None:
-        kinds[document["model"]["vocab"][unknown]] = gguf.TokenType.UNKNOWN
-        writer.add_unk_token_id(document["model"]["vocab"][unknown])
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(k) for k in kinds])
-    writer.add_token_merges(merges)
-    roles, specials = tokenizer.roles, tokenizer.special_tokens
-    if tokenizer.bos_id is not None:
-        writer.add_bos_token_id(tokenizer.bos_id)
-    writer.add_add_bos_token(bool(tokenizer.prompt_prefix))
-    writer.add_add_eos_token(False)
-    if roles.eos is not None:
-        writer.add_eos_token_id(specials[roles.eos])
-    if IM_END in specials:
-        writer.add_eot_token_id(specials[IM_END])
-    pad = roles.extra.get("pad_token", roles.eos)
-    if pad is not None and pad in specials:
-        writer.add_pad_token_id(specials[pad])
-    template = roles.chat_template
-    if template is None and IM_START in specials and IM_END in specials:
-        template = CHAT_TEMPLATE
-    if template is not None:
-        writer.add_chat_template(template)
-
-
-def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
-    """A score per token for llama.cpp's SentencePiece tokenizer, which joins the adjacent pair whose joined
-    text is the vocabulary token of highest score: minus the rank of the merge that makes the token, so that it
-    joins in the order of the merges, as ``tokenizers`` does. Tokens no merge makes (characters, bytes,
-    special tokens) score 0; llama.cpp never reaches them by joining."""
-    rank = {}
-    for r, merge in enumerate(merges):
-        rank.setdefault(merge.replace(" ", "", 1), r)
-    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
-
-
-def _prepends_space(tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer puts a ``▁`` in front of a text (llama.cpp's ``add_space_prefix``). llama.cpp
-    then puts it in front of every text, and of the text after each special token, as SentencePiece itself
-    and the ``Prepend`` normalizer of Llama 2's file do; a ``Metaspace`` pre-tokenizer puts none before a
-    text that starts with a space, and with ``prepend_scheme: first`` none after a special token. Such a
-    tokenizer is written with a warning saying so."""
-
-    def spelled(text: str) -> bytes:
-        return b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode_ordinary(text))
-
-    prepends = spelled("x") == b" x"
-    if prepends and spelled(" x") == b" x":
-        warnings.warn("llama.cpp puts a space (▁) in front of every text and after every special token, which "
-                      "this tokenizer (a Metaspace pre-tokenizer) does not do before a text that starts with a "
-                      "space (nor, with prepend_scheme 'first', after a special token): llama.cpp's ids differ "
-                      "from smallm's on such text", stacklevel=4)  # fmt: skip
-    return prepends
-
-
-def _tensors(model: SmallLM, dtype: str) -> list[tuple[str, np.ndarray, Any]]:
-    """(llama.cpp name, data, GGML type) of every weight, in the file's order."""
     c = model.config
     state = {key: t.detach().to("cpu", torch.float32) for key, t in model.state_dict().items()}
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    if not c.tie_embeddings:
-        names["lm_head.weight"] = "output.weight"
-    parts = {
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    }  # fmt: skip
-    for i in range(c.n_layer):
-        for ours, theirs in parts.items():
-            names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    names = {key: name for key, name in tensor_names(c).items() if key in state}
     unknown = sorted(set(state) - set(names) - ({"lm_head.weight"} if c.tie_embeddings else set()))
     if unknown:
         raise HFError(f"the GGUF export has no place for {', '.join(unknown)}")
     out = []
+    if c.rope_scaling is not None:
+        out.append(("rope_freqs.weight", rope_factors(c), gguf.GGMLQuantizationType.F32))
     for key, name in names.items():
         tensor = state[key]
-        if key.endswith("q_proj.weight"):
+        if arch == "llama" and key.endswith("q_proj.weight"):
             tensor = interleave_rotary(tensor, c.n_head)
-        elif key.endswith("k_proj.weight"):
+        elif arch == "llama" and key.endswith("k_proj.weight"):
             tensor = interleave_rotary(tensor, c.n_kv_head)
         out.append((name, *_encode(tensor.numpy(), dtype)))
     return out
