@@ -47,6 +47,7 @@ import numpy as np
 import smallm
 from _machine import cpu_model, load_average, usable_cores
 from smallm import Tokenizer
+from smallm.data.cleaning import GOPHER, CleanSettings
 from smallm.data.shards import MANIFEST, PackOptions, pack_corpus
 from smallm.text.corpus import Corpus, stdlib_sources
 
@@ -183,6 +184,23 @@ def run_benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         shutil.rmtree(out)
         return seconds
 
+    def with_cleaning(clean: CleanSettings) -> Callable[[], float]:
+        """pack_corpus in-process with cleaning on: the same documents read, some of them not packed."""
+
+        def run() -> float:
+            out = fresh_dir("clean")
+            tok.save(out)
+            start = time.perf_counter()
+            manifest = pack_corpus(Corpus(files=files), tok, out, PackOptions(clean=clean), progress=False)
+            seconds = time.perf_counter() - start
+            read = sum(r["read"]["documents"] for r in manifest["cleaning"]["sources"].values())
+            if read != len(docs):
+                raise SystemExit(f"cleaning read {read} documents of {len(docs)}")
+            shutil.rmtree(out)
+            return seconds
+
+        return run
+
     command = console_script()
     packed_in: list[float] = []
 
@@ -214,7 +232,10 @@ def run_benchmark(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         shutil.rmtree(out)
         return seconds
 
-    runs = {"bare_encode": bare_encode, "pack_corpus": in_process, "cli_wall": end_to_end}
+    runs = {"bare_encode": bare_encode, "pack_corpus": in_process, "cli_wall": end_to_end,
+            "pack_dedup_exact": with_cleaning(CleanSettings(dedup="exact")),
+            "pack_dedup_near": with_cleaning(CleanSettings(dedup="near")),
+            "pack_dedup_near_gopher": with_cleaning(CleanSettings(dedup="near", filters=dict(GOPHER)))}  # fmt: skip
     fixed = {"interpreter_start_import": startup, "tokenizer_load_save": tokenizer_load_save}
     seconds = interleaved(args.repeats, {**runs, **fixed})
 
@@ -262,6 +283,9 @@ def render_report(f: dict[str, Any]) -> str:
 
     row("bare `encode_ordinary_batch(docs, return_numpy=True)`, docs in memory", bare)
     row("`smallm.data.shards.pack_corpus` in-process (reads files, writes shards)", s["pack_corpus"][0])
+    row("  the same with `--dedup exact`", s["pack_dedup_exact"][0])
+    row("  the same with `--dedup near` (word 5-grams, 14 x 8)", s["pack_dedup_near"][0])
+    row("  the same with `--dedup near --quality gopher`", s["pack_dedup_near_gopher"][0])
     row(f"`{f['command']} FILES --tokenizer TOK --out OUT --quiet` wall (subprocess)", s["cli_wall"][0])
     if s["cli_packed_in"]:
         row('  the same runs\' own "packed in" time (printed to 0.1 s)', s["cli_packed_in"][0])

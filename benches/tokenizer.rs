@@ -181,6 +181,9 @@ fn benches(c: &mut Criterion) {
                 val_fraction: 0.005,
                 fingerprint: "bench".into(),
                 bos: BOS.into(),
+                clean: Default::default(),
+                dedup_against: Vec::new(),
+                dry_run: None,
             };
             let mut packer = Packer::new(tokenizer.clone(), options).unwrap();
             packer.add_documents(&docs, 0, 0).unwrap();

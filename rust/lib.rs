@@ -11,9 +11,11 @@
 
 pub mod atomic;
 pub mod bpe;
+pub mod clean;
 pub mod corpus;
 pub mod error;
 pub mod extend;
+pub mod filters;
 pub mod pack;
 pub mod pretokenize;
 pub mod sentencepiece;

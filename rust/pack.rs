@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic::{write_atomic, write_atomic_with};
 use crate::bpe::Tokenizer;
+use crate::clean::{CleanOptions, Cleaner, Sample, SourceReport, Verdict};
 pub use crate::corpus::Position;
 use crate::corpus::{file_sizes, for_each_batch, ReadOptions};
 use crate::{Error, Result};
@@ -108,6 +109,27 @@ pub struct PackOptions {
     pub fingerprint: String,
     /// The special token that starts every document ([`BOS`] for smallm's tokenizers).
     pub bos: String,
+    /// Filters and deduplication ([`crate::clean`]); nothing is checked by default.
+    pub clean: CleanOptions,
+    /// Packed directories whose documents count as earlier ones for deduplication.
+    pub dedup_against: Vec<PathBuf>,
+    /// Judge the documents only: nothing is encoded or written, and the report keeps this many removed
+    /// documents per rule as samples.
+    pub dry_run: Option<usize>,
+}
+
+/// A filter of the caller's: its name in the report and a function from a batch of texts to whether each
+/// is kept.
+pub type ExternalFilter = (
+    String,
+    Box<dyn FnMut(&[&str]) -> Result<Vec<bool>> + Send + Sync>,
+);
+
+/// What cleaning did: per source, and samples of what each rule removed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CleanReport {
+    pub sources: std::collections::BTreeMap<u32, SourceReport>,
+    pub samples: Vec<Sample>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -261,6 +283,8 @@ pub struct Packer {
     bos: u32,
     train: SplitWriter,
     val: SplitWriter,
+    cleaner: Option<Cleaner>,
+    external: Option<ExternalFilter>,
 }
 
 impl Packer {
@@ -285,6 +309,34 @@ impl Packer {
                 options.val_fraction
             )));
         }
+        let cleaner = if options.clean.active() || !options.dedup_against.is_empty() {
+            let mut cleaner = Cleaner::new(options.clean.clone(), options.dry_run.unwrap_or(0))?;
+            if !options.dedup_against.is_empty() && options.clean.dedup == crate::clean::Dedup::Off
+            {
+                return Err(Error::Config(
+                    "--dedup-against needs --dedup exact or near: which duplicates of it to remove"
+                        .into(),
+                ));
+            }
+            for dir in &options.dedup_against {
+                cleaner.load_against(dir)?;
+            }
+            Some(cleaner)
+        } else {
+            None
+        };
+        let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
+        if options.dry_run.is_some() {
+            return Ok(Packer {
+                tokenizer,
+                options,
+                bos,
+                train: SplitWriter::new("train", dtype, Vec::new()),
+                val: SplitWriter::new("val", dtype, Vec::new()),
+                cleaner,
+                external: None,
+            });
+        }
         std::fs::create_dir_all(&options.dir).map_err(|e| Error::io(&options.dir, e))?;
         let journal_path = options.dir.join(JOURNAL);
         let (train, val) = match std::fs::read_to_string(&journal_path) {
@@ -304,18 +356,44 @@ impl Packer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), Vec::new()),
             Err(e) => return Err(Error::io(&journal_path, e)),
         };
-        let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
         let packer = Packer {
             tokenizer,
             options,
             bos,
             train: SplitWriter::new("train", dtype, train),
             val: SplitWriter::new("val", dtype, val),
+            cleaner,
+            external: None,
         };
         // The journal exists from the start, so a run interrupted before its first shard is
         // still recognised as one to resume.
         packer.write_journal()?;
         Ok(packer)
+    }
+
+    /// Sets a filter of the caller's, applied after the built-in ones and before deduplication.
+    pub fn set_external_filter(&mut self, filter: ExternalFilter) {
+        if self.cleaner.is_none() {
+            self.cleaner = Some(
+                Cleaner::new(
+                    self.options.clean.clone(),
+                    self.options.dry_run.unwrap_or(0),
+                )
+                .expect("checked options"),
+            );
+        }
+        self.external = Some(filter);
+    }
+
+    /// What cleaning did so far (empty when nothing is checked).
+    pub fn clean_report(&self) -> CleanReport {
+        match &self.cleaner {
+            Some(c) => CleanReport {
+                sources: c.reports().clone(),
+                samples: c.samples().to_vec(),
+            },
+            None => CleanReport::default(),
+        }
     }
 
     /// Numbers of train and validation shards finished by an earlier run.
@@ -360,13 +438,44 @@ impl Packer {
 
     /// [`Packer::add_documents`] with the position of every document given.
     fn add_at<S: AsRef<str> + Sync>(&mut self, docs: &[S], positions: &[Position]) -> Result<()> {
+        // Every document is judged, those of finished shards too: the cleaner remembers their keys.
+        let verdicts = match self.cleaner.as_mut() {
+            Some(cleaner) => {
+                let all: Vec<&str> = docs.iter().map(|d| d.as_ref()).collect();
+                let external = match self.external.as_mut() {
+                    Some((name, filter)) => {
+                        let keep = filter(&all)?;
+                        if keep.len() != all.len() {
+                            return Err(Error::Config(format!(
+                                "the filter {name} returned {} verdicts for {} documents",
+                                keep.len(),
+                                all.len()
+                            )));
+                        }
+                        Some((name.clone(), keep))
+                    }
+                    None => None,
+                };
+                let sources: Vec<u32> = positions.iter().map(|p| p.source).collect();
+                let documents: Vec<u64> = positions.iter().map(|p| p.document).collect();
+                let external = external
+                    .as_ref()
+                    .map(|(name, keep)| (name.as_str(), keep.as_slice()));
+                Some(cleaner.judge(&all, &sources, &documents, external))
+            }
+            None => None,
+        };
+        if self.options.dry_run.is_some() {
+            return Ok(());
+        }
+        let kept = |i: usize| verdicts.as_ref().map_or(true, |v| v[i] == Verdict::Keep);
         let fraction = self.options.val_fraction;
         let to_val: Vec<bool> = docs
             .par_iter()
             .map(|d| is_validation(d.as_ref(), fraction))
             .collect();
         let wanted: Vec<usize> = (0..docs.len())
-            .filter(|&i| !docs[i].as_ref().is_empty())
+            .filter(|&i| !docs[i].as_ref().is_empty() && kept(i))
             .filter(|&i| !(if to_val[i] { &self.val } else { &self.train }).skips(positions[i]))
             .collect();
         let texts: Vec<&str> = wanted.iter().map(|&i| docs[i].as_ref()).collect();
@@ -418,6 +527,14 @@ impl Packer {
     /// Writes the open shards and returns every shard of each split, earlier runs' included.
     /// The journal stays until the caller has written the manifest and removes it.
     pub fn finish(mut self) -> Result<(Vec<ShardInfo>, Vec<ShardInfo>)> {
+        if self.options.dry_run.is_some() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        if let Some(cleaner) = &self.cleaner {
+            if cleaner.options().dedup != crate::clean::Dedup::Off {
+                cleaner.write_keys(&self.options.dir)?;
+            }
+        }
         self.train.flush(&self.options.dir)?;
         self.val.flush(&self.options.dir)?;
         self.write_journal()?;
@@ -495,6 +612,9 @@ mod tests {
             val_fraction: 0.1,
             fingerprint: "f1".into(),
             bos: BOS.into(),
+            clean: CleanOptions::default(),
+            dedup_against: Vec::new(),
+            dry_run: None,
         }
     }
 
@@ -569,6 +689,73 @@ mod tests {
             "{n_val} validation documents of 300"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cleaning_keeps_duplicates_and_filtered_documents_out_of_the_shards() {
+        use crate::clean::{Dedup, Filters};
+        let mut docs = docs();
+        let copies = docs[..50].to_vec();
+        docs.extend(copies); // 50 exact copies
+        docs.push("x".into()); // one word
+        let clean = CleanOptions {
+            dedup: Dedup::Near,
+            filters: Filters {
+                min_words: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let run = |threads: usize, dry_run: Option<usize>| {
+            let dir = temp_dir(&format!("clean{threads}{}", dry_run.is_some()));
+            let opts = PackOptions {
+                clean: clean.clone(),
+                dry_run,
+                ..options(&dir)
+            };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (shards, report) = pool.install(|| {
+                let mut p = Packer::new(tokenizer(), opts).unwrap();
+                p.add_documents(&docs[..120], 0, 0).unwrap();
+                p.add_documents(&docs[120..], 0, 120).unwrap();
+                let report = p.clean_report();
+                (p.finish().unwrap(), report)
+            });
+            let packed: u64 = shards.0.iter().chain(&shards.1).map(|s| s.documents).sum();
+            let keys = std::fs::read(dir.join(crate::clean::KEYS_FILE)).ok();
+            let _ = std::fs::remove_dir_all(&dir);
+            (packed, report, keys)
+        };
+        let (packed, report, keys) = run(1, None);
+        let source = &report.sources[&0];
+        assert_eq!(source.read.documents, docs.len() as u64);
+        // The filter comes first: the 12 one-word copies ("xxx...") go as too short, not as copies.
+        let one_word = docs
+            .iter()
+            .filter(|d| d.split_whitespace().count() < 2)
+            .count() as u64;
+        assert_eq!(source.removed["min_words"].documents, one_word);
+        assert_eq!(source.removed["exact"].documents, 50 - 12);
+        let removed: u64 = source.removed.values().map(|t| t.documents).sum();
+        assert_eq!(packed, source.kept.documents);
+        assert_eq!(packed + removed, docs.len() as u64);
+        let (packed3, report3, keys3) = run(3, None);
+        assert_eq!((packed3, &keys3), (packed, &keys));
+        assert_eq!(report3.sources, report.sources);
+        let (dry, dry_report, dry_keys) = run(2, Some(3));
+        assert_eq!((dry, dry_keys), (0, None));
+        assert_eq!(dry_report.sources, report.sources);
+        assert_eq!(
+            dry_report
+                .samples
+                .iter()
+                .filter(|s| s.rule == "exact")
+                .count(),
+            3
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::bpe::{SpecialPolicy, Tokenizer};
+use crate::clean::CleanOptions;
 use crate::corpus::{for_each_batch, ReadOptions};
 use crate::extend::{extend, ExtendOptions};
 use crate::pack::{PackOptions, PackProgress, Packer, ShardInfo, JOURNAL};
@@ -486,7 +487,11 @@ fn shard_dicts<'py>(py: Python<'py>, shards: &[ShardInfo]) -> PyResult<Bound<'py
 
 #[pymethods]
 impl PyPacker {
+    /// `clean`: the cleaning options as JSON (`clean::CleanOptions`); `dry_run`: judge only, keeping this
+    /// many samples of what each rule removes.
     #[new]
+    #[pyo3(signature = (tokenizer, dir, shard_tokens, val_fraction, fingerprint, bos, clean=None, dedup_against=Vec::new(), dry_run=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         tokenizer: &PyTokenizer,
         dir: PathBuf,
@@ -494,13 +499,24 @@ impl PyPacker {
         val_fraction: f64,
         fingerprint: String,
         bos: String,
+        clean: Option<&str>,
+        dedup_against: Vec<PathBuf>,
+        dry_run: Option<usize>,
     ) -> PyResult<Self> {
+        let clean = match clean {
+            Some(json) => serde_json::from_str::<CleanOptions>(json)
+                .map_err(|e| PyValueError::new_err(format!("cleaning options: {e}")))?,
+            None => CleanOptions::default(),
+        };
         let options = PackOptions {
             dir,
             shard_tokens,
             val_fraction,
             fingerprint,
             bos,
+            clean,
+            dedup_against,
+            dry_run,
         };
         Ok(PyPacker {
             inner: Some(Packer::new(tokenizer.inner.clone(), options)?),
@@ -567,6 +583,27 @@ impl PyPacker {
         })
     }
 
+    /// Sets a filter of the caller's: `judge(texts)` returns whether to keep each text; `name` is its rule
+    /// in the report. An exception it raises stops the packing with its message.
+    fn set_filter(&mut self, name: String, judge: Py<PyAny>) -> PyResult<()> {
+        let filter = move |texts: &[&str]| -> Result<Vec<bool>, Error> {
+            Python::attach(|py| {
+                judge
+                    .call1(py, (texts.to_vec(),))
+                    .and_then(|verdicts| verdicts.extract::<Vec<bool>>(py))
+                    .map_err(|e| Error::Config(e.value(py).to_string()))
+            })
+        };
+        self.packer()?.set_external_filter((name, Box::new(filter)));
+        Ok(())
+    }
+
+    /// What cleaning did so far, as JSON: {"sources": {source: report}, "samples": [...]}.
+    fn clean_report(&mut self) -> PyResult<String> {
+        Ok(serde_json::to_string(&self.packer()?.clean_report())
+            .expect("the report always serializes"))
+    }
+
     /// Writes the open shards; returns {"train": [...], "val": [...]} with every shard's counts.
     fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let packer = self
@@ -627,6 +664,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPacker>()?;
     m.add_function(wrap_pyfunction!(read_documents, m)?)?;
     m.add("PACK_JOURNAL", JOURNAL)?;
+    m.add("DEDUP_KEYS_FILE", crate::clean::KEYS_FILE)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     m.add("GPT2_PATTERN", GPT2_PATTERN)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

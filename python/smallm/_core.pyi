@@ -11,6 +11,7 @@ __version__: str
 GPT4_PATTERN: str
 GPT2_PATTERN: str
 PACK_JOURNAL: str
+DEDUP_KEYS_FILE: str
 
 ProgressCallback = Callable[[str, int, int], object]
 
@@ -110,6 +111,9 @@ class Packer:
         val_fraction: float,
         fingerprint: str,
         bos: str,
+        clean: str | None = None,
+        dedup_against: Sequence[str | PathLike[str]] = (),
+        dry_run: int | None = None,
     ) -> None: ...
     @property
     def resumed_shards(self) -> tuple[int, int]: ...
@@ -132,6 +136,8 @@ class Packer:
         progress: Callable[[int, int, int], object] | None = None,
         num_threads: int | None = None,
     ) -> None: ...
+    def set_filter(self, name: str, judge: Callable[[list[str]], list[bool]]) -> None: ...
+    def clean_report(self) -> str: ...
     def finish(self) -> dict[str, list[dict[str, int | str]]]: ...
 
 def read_documents(

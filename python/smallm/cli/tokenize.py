@@ -7,13 +7,16 @@ reuses one), and packs every document into token shards for training.
     smallm-tokenize CORPUS... --tokenizer TOKDIR --out DIR --no-shards --report   # how well it fits CORPUS
     smallm-tokenize --hf-dataset json --hf-data-files a.jsonl --out DIR
     smallm-tokenize @stdlib --vocab 8000 --out DIR                 # the Python standard library
+    smallm-tokenize CORPUS... --out DIR --dedup near --quality gopher   # filters, then no copies
+    smallm-tokenize CORPUS... --dedup near --dry-run-filters       # what would be removed; writes nothing
 
 DIR receives ``tokenizer.json``, ``tokenizer.tiktoken`` (and, for a tokenizer trained elsewhere, the roles
 of its special tokens as ``tokenizer_config.json``: :mod:`smallm.text.roles`), the shards
 ``train_*.bin``/``val_*.bin`` with their ``.idx`` document indexes, and ``manifest.json``
 (:data:`smallm.data.shards.TOKENIZED`, claimed by the rule of :mod:`smallm.files.destination`: ``--force``
 replaces only an earlier ``smallm-tokenize``'s output). An interrupted run resumes when run again; a
-``--tokenizer`` that is ``--out`` itself is packed with in place.
+``--tokenizer`` that is ``--out`` itself is packed with in place. The cleaning flags (filters, ``--dedup``)
+are :mod:`smallm.data.cleaning`'s; their report is printed and recorded in ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from smallm.cli.common import run_command
-from smallm.data.shards import JOURNAL, TOKENIZED, PackOptions, pack_corpus
+from smallm.data.cleaning import CleanSettings, report_table
+from smallm.data.shards import JOURNAL, TOKENIZED, PackOptions, judge_corpus, pack_corpus
 from smallm.files.atomic import copy_file_atomic, write_json_atomic, write_text_atomic
 from smallm.files.destination import claim
 from smallm.text.corpus import DEFAULT_EXTENSIONS, STDLIB_CORPUS, Corpus, CorpusError, find_corpus_files
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help=f"files (.txt, .jsonl, .parquet, .gz), directories or globs; {STDLIB_CORPUS}: the Python stdlib",
     )
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", type=Path, help="output directory (not with --dry-run-filters)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size incl. 256 bytes and special tokens")
     p.add_argument("--tokenizer", type=Path, help="reuse the tokenizer in this directory instead of training")
     p.add_argument(
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="validation share of documents")
     g.add_argument("--shard-tokens", type=int, default=defaults.shard_tokens, help="most tokens per shard")
 
+    add_cleaning_arguments(p)
     p.add_argument(
         "--report",
         action="store_true",
@@ -110,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         corpus = find_corpus(args)
+        clean = clean_settings(args)
+        if args.dry_run_filters is not None:
+            return dry_run(args, corpus, clean)
         check_options(args)
         in_place = args.tokenizer is not None and same_path(args.tokenizer, args.out)
         resuming = (args.out / JOURNAL).exists() and not args.no_shards and not args.force
@@ -129,6 +138,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(
         "smallm-tokenize", body, on_interrupt="interrupted; finished shards are kept and a re-run resumes"
     )
+
+
+FILTER_FLAGS = {
+    "min_words": int, "max_words": int, "min_mean_word_length": float, "max_mean_word_length": float,
+    "max_symbol_ratio": float, "max_bullet_lines": float, "max_ellipsis_lines": float, "min_alpha_words": float,
+    "max_digit_ratio": float, "max_dup_lines": float, "max_dup_line_chars": float,
+}  # fmt: skip
+
+
+def add_cleaning_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cleaning (smallm.data.cleaning): filters, then exact, then near duplicates")
+    g.add_argument("--dedup", choices=("exact", "near"), help="remove exact duplicates, or exact and near ones")
+    g.add_argument("--near-shingle", default="words:5", metavar="UNIT:N",
+                   help="near duplicates' shingles: words:N or chars:N (default words:5; chars:5 suits short "
+                   "Korean text)")  # fmt: skip
+    g.add_argument("--near-bands", type=int, default=14, help="LSH bands (default 14)")
+    g.add_argument("--near-rows", type=int, default=8, help="MinHash rows per band (default 8: similarity ~0.72)")
+    g.add_argument("--dedup-against", type=Path, action="append", default=[], metavar="DIR",
+                   help="shards packed before with --dedup: their documents count as earlier (repeatable)")  # fmt: skip
+    g.add_argument("--quality", choices=("gopher",), help="every Gopher filter at its paper's threshold")
+    for name, kind in FILTER_FLAGS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar="N" if kind is int else "SHARE")
+    g.add_argument("--min-script", metavar="SCRIPT:SHARE", help="least share of letters in a script (hangul:0.5)")
+    g.add_argument("--max-top-ngram-chars", metavar="N:SHARE,...", help="most of the text in the top word n-gram")
+    g.add_argument("--max-dup-ngram-chars", metavar="N:SHARE,...", help="most of the text in repeated n-grams")
+    g.add_argument("--filter", metavar="MODULE:FUNCTION", help="your filter: function(text) -> keep it")
+    g.add_argument("--dry-run-filters", type=int, nargs="?", const=5, metavar="SAMPLES",
+                   help="judge only: print what each rule removes and SAMPLES (5) documents of each; "
+                   "write nothing")  # fmt: skip
+
+
+def clean_settings(args: argparse.Namespace) -> CleanSettings:
+    """The cleaning the flags ask for: the --quality preset, with the filters given one by one over it."""
+    from smallm.data.cleaning import GOPHER
+
+    filters: dict[str, Any] = dict(GOPHER) if args.quality == "gopher" else {}
+    filters.update({name: getattr(args, name) for name in FILTER_FLAGS if getattr(args, name) is not None})
+    if args.min_script:
+        script, _, share = args.min_script.partition(":")
+        filters["min_script"] = [script.lower(), _number("--min-script", share)]
+    for flag in ("max_top_ngram_chars", "max_dup_ngram_chars"):
+        if getattr(args, flag):
+            pairs = [item.partition(":") for item in getattr(args, flag).split(",") if item]
+            filters[flag] = [[int(_number(f"--{flag.replace('_', '-')}", n)), _number(flag, v)] for n, _, v in pairs]
+    unit, _, size = args.near_shingle.partition(":")
+    return CleanSettings(
+        dedup=args.dedup or "off", near_unit=unit, near_shingle=int(_number("--near-shingle", size)),
+        near_bands=args.near_bands, near_rows=args.near_rows, filters=filters, python_filter=args.filter,
+        dedup_against=tuple(str(d) for d in args.dedup_against),
+    )  # fmt: skip
+
+
+def _number(flag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a number") from None
+
+
+def dry_run(args: argparse.Namespace, corpus: Corpus, clean: CleanSettings) -> int:
+    if not clean.active:
+        raise ValueError("--dry-run-filters shows what the cleaning flags remove: give --dedup, --quality or a filter")
+    report = judge_corpus(
+        corpus, clean, samples=args.dry_run_filters, progress=not args.quiet, num_threads=args.threads
+    )
+    print(report_table(report, source_names(corpus)))
+    for sample in report["samples"]:
+        text = sample["text"].replace("\n", " ")
+        print(
+            f"\n[{sample['rule']}] {source_names(corpus)[sample['source']]}, document {sample['document']}:\n  {text}"
+        )
+    return 0
+
+
+def source_names(corpus: Corpus) -> list[str]:
+    return [d.get("path") or d.get("hf_dataset", "?") for d in corpus.describe()]
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -165,6 +250,8 @@ def check_options(args: argparse.Namespace) -> None:
             raise ValueError("--extend adds tokens to a tokenizer: name it with --tokenizer (a run or its folder)")
         if same_path(args.tokenizer, args.out):
             raise ValueError("--extend writes a new tokenizer: give an --out other than --tokenizer")
+    if args.out is None:
+        raise ValueError("--out names the output directory (only --dry-run-filters writes nothing)")
     if args.no_shards:
         return
     PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
@@ -273,7 +360,7 @@ def extend(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer) -> To
 
 
 def write_shards(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer) -> None:
-    options = PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction)
+    options = PackOptions(shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, clean=clean_settings(args))
     start = time.perf_counter()
     manifest = pack_corpus(corpus, tokenizer, args.out, options, progress=not args.quiet, num_threads=args.threads)
     seconds = time.perf_counter() - start
@@ -288,6 +375,9 @@ def write_shards(args: argparse.Namespace, corpus: Corpus, tokenizer: Tokenizer)
     for name, t in totals.items():
         counts = f"{t['shards']:>6} {t['documents']:>10} {t['tokens']:>12}"
         print(f"  {name:<6} {counts} {t['bytes_per_token']:>11.3f}")
+    if "cleaning" in manifest:
+        print("\ncleaning (documents removed by each rule; manifest.json has the bytes too):")
+        print(report_table(manifest["cleaning"], source_names(corpus)))
 
 
 if __name__ == "__main__":

@@ -18,24 +18,30 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smallm import __version__, _core
+from smallm.data.cleaning import CleanSettings, load_filter
 from smallm.files.atomic import sha256_file, write_json_atomic
 from smallm.files.destination import Artifact
 from smallm.text.corpus import Corpus, FileGroup
 from smallm.text.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES, Tokenizer
 
-__all__ = ["JOURNAL", "MANIFEST", "SHARD_FILES", "TOKENIZED", "PackOptions", "is_tokenized", "pack_corpus"]
+__all__ = [
+    "DEDUP_KEYS", "JOURNAL", "MANIFEST", "SHARD_FILES", "TOKENIZED", "PackOptions", "is_tokenized", "judge_corpus",
+    "pack_corpus",
+]  # fmt: skip
 
 MANIFEST = "manifest.json"
 FORMAT = "smallm-shards"
 FORMAT_VERSION = 1
 JOURNAL: str = _core.PACK_JOURNAL
 """Record of finished shards kept while packing; its presence marks an interrupted run."""
-SHARD_FILES = (MANIFEST, JOURNAL, "train_*.bin", "val_*.bin", "train_*.idx", "val_*.idx")
+DEDUP_KEYS: str = _core.DEDUP_KEYS_FILE
+"""The exact and near-duplicate keys of a run packed with ``--dedup``, for a later ``--dedup-against``."""
+SHARD_FILES = (MANIFEST, JOURNAL, DEDUP_KEYS, "train_*.bin", "val_*.bin", "train_*.idx", "val_*.idx")
 """What packing writes in a shard directory, besides the tokenizer."""
 MODEL_CONFIG = "config.json"
 """What a model's folder (a run, a transformers export) holds beside its tokenizer: a tokenizer next to it
@@ -62,6 +68,8 @@ class PackOptions:
     """Most tokens per shard (a longer document gets a shard of its own)."""
     val_fraction: float = 0.005
     """Fraction of documents, chosen by a hash of their text, that go to the validation split."""
+    clean: CleanSettings = field(default_factory=CleanSettings)
+    """Filters and deduplication (:mod:`smallm.data.cleaning`); none by default."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.shard_tokens <= 2**31 - 1:
@@ -80,8 +88,10 @@ def pack_corpus(
     num_threads: int | None = None,
 ) -> dict[str, Any]:
     """Encodes every document of ``corpus`` into shards in ``out``, which must already hold the
-    tokenizer as ``tokenizer.json``. Resumes an interrupted run with the same inputs, skipping the
-    documents of finished shards. Returns the manifest, also written to ``out/manifest.json``."""
+    tokenizer as ``tokenizer.json``, leaving out what ``options.clean`` removes. Resumes an interrupted
+    run with the same inputs, skipping the documents of finished shards. Returns the manifest, also
+    written to ``out/manifest.json`` (with ``cleaning``: per source, documents and bytes read, kept and
+    removed by each rule)."""
     tokenizer_sha = sha256_file(out / TOKENIZER_FILE)
     settings = {
         "doc_mode": corpus.doc_mode,
@@ -98,8 +108,66 @@ def pack_corpus(
             "the tokenizer has no token to start documents with (no <|endoftext|>, BOS or EOS special token); "
             "shards mark where each document starts with one"
         )
-    packer = _core.Packer(tokenizer.core, str(out), options.shard_tokens, options.val_fraction, fingerprint, document)
+    packer = _packer(tokenizer, str(out), options, fingerprint, document, None)
     dtype, bos_id = packer.dtype, packer.bos_id
+    _feed(packer, corpus, progress, num_threads)
+    cleaning = json.loads(packer.clean_report())
+    shards = packer.finish()
+    for entry in (entry for split in shards.values() for entry in split):
+        # What ShardSet.open(verify=True) checks: the token and index files as written.
+        entry["sha256"] = sha256_file(out / entry["file"])
+        entry["index_sha256"] = sha256_file(out / entry["index"])
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"smallm {__version__}",
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer_sha},
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype,
+        "bos_id": bos_id,
+        "bos_token": document,
+        "special_tokens": tokenizer.special_tokens,
+        "shard_tokens": options.shard_tokens,
+        "splits": shards,
+        "totals": {name: _totals(split) for name, split in shards.items()},
+        "sources": corpus.describe(),
+        "options": {**settings, "pattern": tokenizer.pattern},
+    }
+    if options.clean.active:
+        manifest["cleaning"] = {"sources": cleaning["sources"]}
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / JOURNAL).unlink(missing_ok=True)
+    return manifest
+
+
+def judge_corpus(
+    corpus: Corpus, clean: CleanSettings, *, samples: int = 5, progress: bool = True, num_threads: int | None = None
+) -> dict[str, Any]:
+    """What ``clean`` would remove from ``corpus``, with nothing encoded or written: ``{"sources": {source:
+    report}, "samples": [...]}``, up to ``samples`` removed documents per rule (``--dry-run-filters``)."""
+    from smallm.text.tokenizer import Tokenizer as _Tokenizer
+
+    # The packer only judges here; its tokenizer names the document start and encodes nothing.
+    marker = _Tokenizer.train_from_iterator(["x"], 257, special_tokens=["<|endoftext|>"])
+    options = PackOptions(clean=clean)
+    packer = _packer(marker, "", options, "judge", "<|endoftext|>", samples)
+    _feed(packer, corpus, progress, num_threads)
+    return json.loads(packer.clean_report())
+
+
+def _packer(tokenizer: Tokenizer, out: str, options: PackOptions, fingerprint: str, document: str,
+            dry_run: int | None) -> Any:  # fmt: skip
+    packer = _core.Packer(
+        tokenizer.core, out, options.shard_tokens, options.val_fraction, fingerprint, document,
+        clean=options.clean.core_options(), dedup_against=list(options.clean.dedup_against), dry_run=dry_run,
+    )  # fmt: skip
+    if options.clean.python_filter is not None:
+        packer.set_filter(f"filter {options.clean.python_filter}", load_filter(options.clean.python_filter))
+    return packer
+
+
+def _feed(packer: Any, corpus: Corpus, progress: bool, num_threads: int | None) -> None:
+    """Hands every document of the corpus to the packer, with a progress bar."""
     # Parquet and datasets yield text, not file bytes, so their progress total is unknown.
     known_total = corpus.hf_dataset is None and not any(p.suffix == ".parquet" for p in corpus.files)
     total = corpus.total_file_bytes() if known_total else None
@@ -122,30 +190,6 @@ def pack_corpus(
                     packer.add_texts(batch, source.source, document, num_threads)
                     document += len(batch)
                     bar.update(bar.bytes_done, packer.tokens_written, texts=batch)
-    shards = packer.finish()
-    for entry in (entry for split in shards.values() for entry in split):
-        # What ShardSet.open(verify=True) checks: the token and index files as written.
-        entry["sha256"] = sha256_file(out / entry["file"])
-        entry["index_sha256"] = sha256_file(out / entry["index"])
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"smallm {__version__}",
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tokenizer_sha},
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype,
-        "bos_id": bos_id,
-        "bos_token": document,
-        "special_tokens": tokenizer.special_tokens,
-        "shard_tokens": options.shard_tokens,
-        "splits": shards,
-        "totals": {name: _totals(split) for name, split in shards.items()},
-        "sources": corpus.describe(),
-        "options": {**settings, "pattern": tokenizer.pattern},
-    }
-    write_json_atomic(out / MANIFEST, manifest)
-    (out / JOURNAL).unlink(missing_ok=True)
-    return manifest
 
 
 def _totals(shards: list[dict[str, int]]) -> dict[str, float]:
