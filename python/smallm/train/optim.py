@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules: how a run turns gradients into steps.
 
-The default for pretraining is Muon (Jordan et al. 2024; ``torch.optim.Muon``): the 2-D weight matrices
+The default for pretraining is Muon (Jordan et al. 2024; ``torch.optim.Muon``'s update, with same-shape
+matrices orthogonalised together: :class:`smallm.train.muon.BatchedMuon`): the 2-D weight matrices
 inside the blocks take orthogonalised momentum updates (Newton-Schulz, 5 steps), while the embedding,
 ``lm_head`` and the norm gains, which Muon does not suit, take AdamW, each at its own learning rate
 (:class:`MuonWithAdamW`, one optimizer to the trainer). The rates transfer across sizes instead of coming
@@ -29,6 +30,7 @@ from torch import nn
 
 from smallm.model.layers import DecoderLayer, RMSNorm
 from smallm.train.config import FinetuneConfig, RunConfig
+from smallm.train.muon import BatchedMuon
 
 __all__ = [
     "LearningRates",
@@ -239,7 +241,7 @@ def build_optimizer(
 
 def _muon_with_adamw(model: nn.Module, cfg: RunConfig, total_steps: int, cuda: bool) -> MuonWithAdamW:
     groups = parameter_groups(model)
-    muon = torch.optim.Muon(groups["matrix"], lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
+    muon = BatchedMuon(groups["matrix"], lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
     rates = ((groups["embedding"], cfg.embedding_lr), (groups["head"], cfg.head_lr), (groups["vector"], cfg.norm_lr))
     adam_groups = [{"params": ps, "lr": lr, "weight_decay": 0.0} for ps, lr in rates if ps]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-10, fused=cuda)
