@@ -162,6 +162,12 @@ def test_a_new_corpus_does_not_repeat_an_old_one(
     assert code == 1 and "made with other settings" in err and "Traceback" not in err
     code, _, err, _ = pack(tmp_path, capsys, tokenizer_dir, "plain", "--dedup-against", str(old), documents=new)
     assert code == 1 and "--dedup-against needs --dedup exact or near" in err
+    corpus = write_jsonl(tmp_path / "again.jsonl", [{"text": d} for d in new])
+    before = sorted(p.name for p in old.iterdir())
+    code, _, err = run_cli([str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(old), "--dedup", "near",
+                            "--dedup-against", str(old), "--force"], capsys)  # fmt: skip
+    assert code == 1 and "Traceback" not in err, err  # its own input: refused even with --force
+    assert sorted(p.name for p in old.iterdir()) == before
     code, _, err, _ = pack(tmp_path, capsys, tokenizer_dir, "nokeys", "--dedup", "exact", "--dedup-against",
                            str(tokenizer_dir), documents=new)  # fmt: skip
     assert code == 1 and "was not packed with --dedup" in err

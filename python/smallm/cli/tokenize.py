@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_options(args)
         in_place = args.tokenizer is not None and same_path(args.tokenizer, args.out)
         resuming = (args.out / JOURNAL).exists() and not args.no_shards and not args.force
-        inputs = [*args.corpus, *(args.hf_data_files or []), None if in_place else args.tokenizer]
+        inputs = [*args.corpus, *(args.hf_data_files or []), None if in_place else args.tokenizer, *args.dedup_against]
         keep = TOKENIZER_FILES if in_place or resuming else ()  # the tokenizer packed with, read there
         with claim(args.out, TOKENIZED, force=args.force, command="smallm-tokenize", inputs=inputs,
                    continuing=resuming, keep=keep) as destination:  # fmt: skip
