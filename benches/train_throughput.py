@@ -5,8 +5,9 @@ fused on CUDA), then ``zero_grad(set_to_none=True)``; both models get the same r
 size, sequence length, precision (autocast over fp32 weights, as in :mod:`smallm.train.trainer`) and
 torch.compile setting. Reported per preset: tokens per second from the median step time of
 ``--steps`` timed steps after ``--warmup`` untimed ones, the ratio smallm / reference (the target is
-at least 1.0x), and on CUDA the MFU (model FLOPs per token from :func:`smallm.train.memory.flops_per_token`,
-the device's dense peak from :func:`smallm.train.memory.peak_flops`; the target on an H100 is 50%) and the
+at least 1.0x), and the MFU (model FLOPs per token from :func:`smallm.train.memory.flops_per_token`; the
+device's dense peak from :func:`smallm.train.memory.peak_flops` on CUDA, where the target on an H100 is 50%,
+and on the CPU the matmul peak measured here, :func:`smallm.train.memory.measured_peak_flops`) and the
 peak memory beside :func:`smallm.train.memory.estimate_training_memory` (an eager-mode estimate;
 compiled runs need less).
 
@@ -46,6 +47,7 @@ from smallm.train.memory import (
     flops_per_token,
     format_bytes,
     format_count,
+    measured_peak_flops,
     mfu,
     peak_flops,
 )
@@ -204,7 +206,8 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> dic
         ours.step_seconds.append(ours.step())
         ref.step_seconds.append(ref.step())
     assert ours.flops_per_token == flops_per_token(config, T)
-    peak = peak_flops(device, AMP_DTYPES[args.precision] or torch.float32)
+    dtype = AMP_DTYPES[args.precision] or torch.float32
+    peak = measured_peak_flops(dtype) if device.type == "cpu" else peak_flops(device, dtype)
     ours_tps, ref_tps = ours.tokens_per_second(), ref.tokens_per_second()
 
     def utilisation(run: Run, tps: float) -> str:
@@ -289,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         f"settings: {args.precision}, compile {'on' if args.compile else 'off'}, batch {args.batch_size} x "
         f"{args.seq_len}, vocab {args.vocab_size}, {args.warmup} warm-up + {args.steps} timed steps, AdamW"
     )
+    if device.type == "cpu":
+        dtype = AMP_DTYPES[args.precision] or torch.float32
+        print(f"this CPU's measured matmul peak ({dtype}, {args.threads} threads): "
+              f"{measured_peak_flops(dtype) / 1e9:.1f} GFLOP/s, the MFU's denominator")  # fmt: skip
     print()
     rows = [run_preset(name.strip(), args, device) for name in args.presets.split(",") if name.strip()]
     print(markdown_table(rows))

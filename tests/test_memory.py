@@ -314,6 +314,14 @@ def test_unknown_device_warns_once() -> None:
         warn_unknown_device("test_memory's imaginary GPU")
 
 
+def test_the_cpus_peak_is_measured_once() -> None:
+    from smallm.train.memory import measured_peak_flops
+
+    peak = measured_peak_flops(torch.float32)
+    assert peak > 1e8  # any CPU that runs torch multiplies faster than 0.1 GFLOP/s
+    assert measured_peak_flops(torch.float32) == peak  # cached: the process measures it once
+
+
 def test_mfu_is_achieved_over_peak_flops() -> None:
     assert mfu(6e8, 1e5, 1.2e14) == pytest.approx(0.5)
     assert mfu(flops_per_token(tiny_config(), 64), 0.0, 1e12) == 0.0

@@ -48,7 +48,8 @@ def test_loss_falls_and_run_directory_has_everything(shard_dir: Path, tmp_path: 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses
-    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in records if "loss" in r)
+    assert all({"step", "loss", "lr", "tokens_per_s", "mfu"} <= r.keys() for r in records if "loss" in r)
+    assert all(r["mfu"] > 0 for r in records if "loss" in r)  # on the CPU, against its measured matmul peak
     val = [r for r in records if "val_loss" in r]
     assert val and all(r["val_bpb"] > 0 and math.isclose(r["val_ppl"], math.exp(r["val_loss"])) for r in val)
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000

@@ -15,6 +15,7 @@ compile the estimate is on the high side.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "format_estimate",
     "layer_activation_bytes",
     "matmul_weight_count",
+    "measured_peak_flops",
     "mfu",
     "parameter_count",
     "peak_flops",
@@ -107,12 +109,36 @@ def peak_flops_for_name(name: str, dtype: torch.dtype, *, tf32: bool | None = No
 def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
     """Dense peak FLOP/s of one ``device`` for matmuls in ``dtype`` (the autocast dtype, or float32).
 
-    None for the CPU and for GPUs not in :data:`GPU_PEAKS`: then report no MFU, and say why once with
-    :func:`warn_unknown_device`."""
+    None for the CPU (which has no datasheet figure here: :func:`measured_peak_flops` measures one) and for
+    GPUs not in :data:`GPU_PEAKS`: then report no MFU, and say why once with :func:`warn_unknown_device`."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     return peak_flops_for_name(torch.cuda.get_device_name(device), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def measured_peak_flops(dtype: torch.dtype = torch.float32, threads: int | None = None) -> float:
+    """The CPU's matmul peak as torch reaches it: the best FLOP/s of square ``dtype`` matmuls of 1024 and
+    2048 rows (two timed each, after one to warm up) on ``threads`` threads (torch's setting). Measured once
+    per process and setting (about half a second); MFU on the CPU is reported against it."""
+    import time
+
+    threads = threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = 0.0
+    try:
+        for n in (1024, 2048):
+            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+            a @ b
+            for _ in range(2):
+                start = time.perf_counter()
+                a @ b
+                best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(previous)
+    return best
 
 
 def warn_unknown_device(name: str) -> None:

@@ -1,7 +1,8 @@
 """Training metrics: ``metrics.jsonl`` always, a tqdm bar, optional TensorBoard and W&B, a loss plot.
 
 Each line of ``metrics.jsonl`` is one JSON object with at least ``step``; training lines carry
-``loss``, ``lr`` and ``tokens_per_s`` (and ``mfu`` where the device's peak is known), validation lines
+``loss``, ``lr``, ``tokens_per_s`` and ``mfu`` (against the datasheet peak of a known GPU, the matmul peak
+measured on the CPU; none on an unknown GPU), validation lines
 ``val_loss``, ``val_ppl`` and ``val_bpb`` (and a mixture's ``val/NAME_loss`` per source, each its own curve;
 a staged run's stage boundaries are dotted lines).
 """

@@ -46,7 +46,7 @@ from smallm.run.layout import RunDirectory, has_tokenizer, trim_metrics, write_r
 from smallm.train.checkpointer import Checkpointer
 from smallm.train.config import RunConfig, validate
 from smallm.train.distributed import Runtime, all_finite, autocast_dtype, shard_model, wrap_model
-from smallm.train.memory import flops_per_token, mfu, peak_flops, warn_unknown_device
+from smallm.train.memory import flops_per_token, measured_peak_flops, mfu, peak_flops, warn_unknown_device
 from smallm.train.metrics import MetricsLogger
 from smallm.train.new_rows import NewRowsOnly
 from smallm.train.optim import build_schedule, describe, restore_schedule
@@ -133,6 +133,8 @@ class Trainer:
         self.peak = peak_flops(runtime.device, self.amp_dtype or torch.float32)
         if self.peak is None and runtime.device.type == "cuda":
             warn_unknown_device(torch.cuda.get_device_name(runtime.device))  # MFU is left out
+        elif runtime.device.type == "cpu":  # against the matmul peak measured on this machine
+            self.peak = measured_peak_flops(self.amp_dtype or torch.float32)
 
     def request_stop(self) -> None:
         """Asks :meth:`fit` (running in another thread) to stop after the step under way, with a checkpoint
