@@ -280,17 +280,11 @@ impl Tokenizer {
             pairs.push((l, r));
             merge_result.push(m);
         }
-        let mut is_special = vec![false; vocab_size];
-        let (mut specials, mut special_ids) = (Vec::new(), Vec::new());
-        for (content, id) in added {
-            if content.is_empty() {
-                return Err("an added token is the empty string".into());
-            }
-            is_special[id as usize] = true;
-            token_bytes[id as usize] = content.as_bytes().to_vec();
-            specials.push(content);
-            special_ids.push(id);
-        }
+        let Added {
+            is_special,
+            specials,
+            special_ids,
+        } = place_added(added, &mut token_bytes, vocab_size)?;
         let foreign = Foreign {
             whole: ignore_merges.then_some(id_of),
             nfc,
@@ -347,17 +341,11 @@ impl Tokenizer {
             pairs.push((id_of[left.as_str()], id_of[right.as_str()]));
             merge_result.push(id_of[format!("{left}{right}").as_str()]);
         }
-        let mut is_special = vec![false; vocab_size];
-        let (mut specials, mut special_ids) = (Vec::new(), Vec::new());
-        for (content, id) in added {
-            if content.is_empty() {
-                return Err("an added token is the empty string".into());
-            }
-            is_special[id as usize] = true;
-            token_bytes[id as usize] = content.as_bytes().to_vec();
-            specials.push(content);
-            special_ids.push(id);
-        }
+        let Added {
+            is_special,
+            specials,
+            special_ids,
+        } = place_added(added, &mut token_bytes, vocab_size)?;
         let foreign = Foreign {
             whole: None,
             nfc: false,
@@ -843,6 +831,37 @@ struct PieceCache<'t> {
 impl PieceCache<'_> {
     /// Bounds the memory one encode call can spend on each map; past it, new pieces are not cached.
     const MAX_ENTRIES: usize = 1 << 20;
+}
+
+/// The added tokens of a vocabulary trained elsewhere: which ids are special, and the tokens with their ids.
+struct Added {
+    is_special: Vec<bool>,
+    specials: Vec<String>,
+    special_ids: Vec<u32>,
+}
+
+/// Puts the added tokens at their ids: their text as their bytes, marked special.
+fn place_added(
+    added: Vec<(String, u32)>,
+    token_bytes: &mut [Vec<u8>],
+    vocab_size: usize,
+) -> std::result::Result<Added, String> {
+    let mut is_special = vec![false; vocab_size];
+    let (mut specials, mut special_ids) = (Vec::new(), Vec::new());
+    for (content, id) in added {
+        if content.is_empty() {
+            return Err("an added token is the empty string".into());
+        }
+        is_special[id as usize] = true;
+        token_bytes[id as usize] = content.as_bytes().to_vec();
+        specials.push(content);
+        special_ids.push(id);
+    }
+    Ok(Added {
+        is_special,
+        specials,
+        special_ids,
+    })
 }
 
 #[cfg(test)]

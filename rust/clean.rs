@@ -391,7 +391,9 @@ fn mix(mut h: u64) -> u64 {
     h ^ (h >> 31)
 }
 
-fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
+/// A stable 64-bit hash of bytes: FNV-1a, then splitmix64's finaliser to spread the bits. The packer's
+/// validation split and every key of this module use it.
+pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
@@ -402,20 +404,8 @@ fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
 /// The hash of a document's text trimmed, with every run of white space one space.
 pub fn exact_key(text: &str) -> u64 {
     let mut words = text.split_whitespace();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    if let Some(first) = words.next() {
-        feed(first.as_bytes());
-        for word in words {
-            feed(b" ");
-            feed(word.as_bytes());
-        }
-    }
-    mix(h)
+    let first = words.next().into_iter().flat_map(str::bytes);
+    stable_hash(first.chain(words.flat_map(|word| std::iter::once(b' ').chain(word.bytes()))))
 }
 
 /// The text MinHash reads: lowercased, every run of characters that are neither letters nor digits one space.
@@ -458,10 +448,10 @@ fn shingles(text: &str, near: &NearOptions) -> Vec<u64> {
             .unzip(),
     };
     let mut out: Vec<u64> = if starts.len() <= near.shingle {
-        vec![fnv(text.bytes())]
+        vec![stable_hash(text.bytes())]
     } else {
         (0..=starts.len() - near.shingle)
-            .map(|i| fnv(text[starts[i]..ends[i + near.shingle - 1]].bytes()))
+            .map(|i| stable_hash(text[starts[i]..ends[i + near.shingle - 1]].bytes()))
             .collect()
     };
     out.sort_unstable();
@@ -490,10 +480,12 @@ fn band_keys(text: &str, near: &NearOptions, permutations: &[(u64, u64)]) -> Vec
         .chunks(near.rows)
         .enumerate()
         .map(|(band, rows)| {
-            fnv((band as u64)
-                .to_le_bytes()
-                .into_iter()
-                .chain(rows.iter().flat_map(|r| r.to_le_bytes())))
+            stable_hash(
+                (band as u64)
+                    .to_le_bytes()
+                    .into_iter()
+                    .chain(rows.iter().flat_map(|r| r.to_le_bytes())),
+            )
         })
         .collect()
 }

@@ -558,15 +558,7 @@ pub fn is_validation(text: &str, fraction: f64) -> bool {
     if fraction <= 0.0 {
         return false;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in text.as_bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
+    let h = crate::clean::stable_hash(text.bytes());
     ((h >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < fraction
 }
 
