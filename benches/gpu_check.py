@@ -11,7 +11,13 @@ downloaded):
 4. ``tinyllama-1.1b`` QLoRA (NF4 base, LoRA r=16, bf16, activation checkpointing, batch 1 x 512): peak
    GPU memory (the target is 4 GB) and seconds per step;
 5. generation: smallm against transformers' ``generate`` on the model of check 1, bf16, greedy: new
-   tokens per second and whether both gave the same ids.
+   tokens per second and whether both gave the same ids;
+6. Muon's overhead: check 1's AdamW tokens/s over Muon's (above 1: Muon's step costs that much more);
+7. plans against reality: ``smallm.train.plan.plan_run`` for SFT in full, LoRA and QLoRA (with activation
+   checkpointing), DPO in full and the reward model with LoRA, on the QLoRA check's base, with 3 measured
+   steps each: the estimated peak, ``torch.cuda.max_memory_allocated`` over those steps, their ratio
+   (fails outside 0.7-1.25: the estimate counts no CUDA workspace or fragmentation) and seconds per step
+   measured against the plan's estimate for this GPU.
 
 Any check that raises fails the run (exit code 1) after the table is printed, with the traceback on
 stderr: none of these paths may be skipped quietly. Needs about 8 minutes on an H100 and ~15 GB of host
@@ -137,7 +143,53 @@ def check_qlora(args: argparse.Namespace, data: Path, root: Path) -> Row:
     )  # fmt: skip
     start = time.perf_counter()
     build_trainer(cfg).fit()
+    args.plan_base = base_dir
     return {"peak GB": peak_memory(device), "s/step": (time.perf_counter() - start) / cfg.max_steps}
+
+
+def check_plans(args: argparse.Namespace, root: Path) -> Row:
+    """The plan's estimated peak against the measured one for five kinds of run (see the module docstring)."""
+    from smallm.train.config import DPOConfig, RewardConfig
+    from smallm.train.plan import ASSUMED_MFU, plan_run
+
+    base = getattr(args, "plan_base", None)
+    if base is None:
+        raise RuntimeError("the QLoRA check did not leave its base")
+    seq_len = 256 if args.quick else 512
+    words = "the plan counts every tensor a step keeps and checks it against the allocator".split()  # noqa: SIM905
+    answer = lambda n: " ".join(words[i % len(words)] for i in range(n))  # noqa: E731
+    chats, pairs = root / "long-chats.jsonl", root / "long-pairs.jsonl"
+    with open(chats, "w", encoding="utf-8") as c, open(pairs, "w", encoding="utf-8") as p:
+        for i in range(32):
+            turn = [{"role": "user", "content": f"Say it {i}."}, {"role": "assistant", "content": answer(seq_len // 3)}]
+            c.write(json.dumps({"messages": turn}) + "\n")
+            p.write(json.dumps({"prompt": f"Say it {i}.", "chosen": answer(seq_len // 3),
+                                "rejected": answer(seq_len // 3 - 5)}) + "\n")  # fmt: skip
+    kinds = [("sft full", FinetuneConfig, {}), ("sft LoRA", FinetuneConfig, {"lora_r": 16}),
+             ("sft QLoRA", FinetuneConfig, {"lora_r": 16, "quantize": "nf4"}), ("dpo full", DPOConfig, {}),
+             ("rm LoRA", RewardConfig, {"lora_r": 16})]  # fmt: skip
+    row: Row = {}
+    worst = 1.0
+    for name, cls, settings in kinds:
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        cfg = cls(init_from=str(base), data=str(chats if cls is FinetuneConfig else pairs), out=str(root / "plan"),
+                  device=args.device, precision=args.precision, batch_size=2, seq_len=seq_len, max_steps=3,
+                  activation_checkpointing=True, val_fraction=0.0, **settings)  # fmt: skip
+        plan = plan_run(cfg, measure_steps=3)
+        if plan.measured is None or plan.measured.peak is None:
+            raise RuntimeError(f"{name}: nothing measured ({plan.text()})")
+        ratio = plan.measured.peak / plan.estimate.peak
+        worst = ratio if abs(ratio - 1) > abs(worst - 1) else worst
+        peak = torch.cuda.get_device_properties(0).total_memory if args.device.startswith("cuda") else 0
+        row[name] = (f"{plan.estimate.peak / 2**30:.2f} GB est, {plan.measured.peak / 2**30:.2f} GB measured "
+                     f"({ratio:.2f}), {plan.measured.seconds_per_step:.3g} s/step")  # fmt: skip
+        if peak:
+            flops = plan.estimate.flops_per_step / (plan.measured.seconds_per_step or float("inf"))
+            row[name] += f" ({flops / 1e12:.0f} TFLOP/s run; the plan assumes {ASSUMED_MFU:.0%} of the peak)"
+    if not 0.7 <= worst <= 1.25:
+        raise AssertionError(f"an estimated peak is off by {worst:.2f}x: {row}")
+    return row
 
 
 def check_generation(args: argparse.Namespace, model: torch.nn.Module) -> Row:
@@ -215,6 +267,17 @@ def main() -> int:
         return check_generation(args, model)
 
     run_check("generation vs transformers (greedy)", rows, generation)
+
+    def muon_overhead() -> Row:
+        by_name = {name: row for name, row in rows if not isinstance(row, str)}
+        muon, adamw = (by_name.get(f"{args.preset} bf16 compile, {o}") for o in ("Muon", "AdamW"))
+        if not muon or not adamw:
+            raise RuntimeError("check 1 failed: no Muon or AdamW figure")
+        return {"AdamW tokens/s over Muon's": adamw["tokens/s"] / muon["tokens/s"], "MFU Muon": muon["MFU"],
+                "MFU AdamW": adamw["MFU"]}  # fmt: skip
+
+    run_check("Muon's step cost against AdamW's (compiled)", rows, muon_overhead)
+    run_check("plans: estimated against measured peak", rows, lambda: check_plans(args, root))
     print(f"smallm GPU check on {device}, torch {torch.__version__}, {time.perf_counter() - started:.0f} s\n")
     print("| check | result |")
     print("|---|---|")

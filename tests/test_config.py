@@ -73,7 +73,8 @@ def test_each_command_offers_only_the_flags_its_run_uses(capsys: pytest.CaptureF
     assert {"--preset", "--sampling", "--dry-run", "--model-n-layer"} <= helps["train"]
     assert not {"--lora-r", "--beta", "--epochs", "--val-data", "--grad-accum"} & helps["train"]
     assert {"--lora-r", "--quantize", "--epochs", "--val-data", "--grad-accum"} <= helps["sft"]
-    assert not {"--beta", "--preset", "--sampling", "--dry-run", "--batch-tokens", "--init"} & helps["sft"]
+    assert not {"--beta", "--preset", "--sampling", "--batch-tokens", "--init"} & helps["sft"]
+    assert {"--dry-run", "--dry-run-steps", "--fit-memory"} <= helps["sft"] & helps["train"]
     assert helps["dpo"] == helps["sft"] | {"--beta"}
     shared = {"--lr", "--precision", "--schedule", "--optimizer", "--resume", "--keep-last"}
     assert all(shared <= h for h in helps.values())

@@ -5,6 +5,7 @@
     smallm-sft runs/1b --data chats.jsonl --out runs/1b-qlora --lora-r 16 --quantize nf4 --precision bf16
     smallm-dpo runs/124m-sft --data pairs.jsonl --out runs/124m-dpo --beta 0.1
     smallm-sft runs/124m --data chats.jsonl --out runs/124m-sft --resume           # continue the run
+    smallm-sft runs/1b --data chats.jsonl --lora-r 16 --dry-run --fit-memory 16    # memory and time, no run
 
 A LoRA run's checkpoints hold the adapter; ``smallm-generate``, ``smallm-chat``, ``smallm-eval`` and
 ``smallm-export`` merge it into the base on load, ``smallm-merge`` writes the merged model, and
@@ -71,6 +72,11 @@ def parse_config(method: str, argv: Sequence[str] | None) -> Any:
 def run(method: str, argv: Sequence[str] | None) -> int:
     def body() -> int:
         cfg = parse_config(method, argv)
+        if cfg.dry_run:
+            from smallm.train.plan import plan_run
+
+            print(plan_run(cfg).text())
+            return 0
         from smallm.train.jobs import run as run_job
 
         report(run_job(cfg), sample="sample reply")

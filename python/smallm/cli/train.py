@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dry_run(cfg: TrainConfig) -> int:
-    """Prints the run's resolved settings and its parameters, FLOPs and memory, and trains nothing."""
+    """Prints the run's resolved settings, its parameters, FLOPs and memory, the time of a step (measured here
+    when quick, estimated on named GPUs) and what would make it fit, and trains nothing."""
     import torch
 
     from smallm.train.distributed import resolve_device
@@ -92,7 +93,7 @@ def dry_run(cfg: TrainConfig) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # A plan for a GPU may be made on a machine without one: the device named is taken as it is.
     device = resolve_device("auto") if cfg.device == "auto" else torch.device(cfg.device)
-    cfg = resolve(cfg, device, world)
+    given, cfg = cfg, resolve(cfg, device, world)
     print("settings: " + json.dumps(asdict(cfg), sort_keys=True), file=sys.stderr)
     mc = model_config_of(cfg)
     optimizer = {"paged-adamw": "adamw"}.get(cfg.optimizer, cfg.optimizer)
@@ -100,6 +101,11 @@ def dry_run(cfg: TrainConfig) -> int:
         describe_run(mc, cfg.batch_size, cfg.seq_len, cfg.precision, world_size=world, fsdp=cfg.fsdp,
                      optimizer=optimizer, step_tokens=cfg.batch_tokens)
     )  # fmt: skip
+    if world == 1:  # the time of a step and whether it fits, as every kind of run's plan gives them
+        from smallm.train.plan import plan_run
+
+        plan = plan_run(given)  # as given: a GPU's row resolves "auto" for that GPU
+        print("\n" + plan.time_table() + "\n\n" + plan.fit_text())
     return 0
 
 

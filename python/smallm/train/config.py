@@ -29,6 +29,8 @@ PRESET_BATCH_TOKENS = {"tiny": 2048, "38m": 2**17, "124m": 2**19, "350m": 2**19,
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("auto", "muon", "adamw", "paged-adamw")
 SCHEDULES = ("wsd", "cosine")
+DRY_RUN_STEPS, DRY_RUN_STEP_SECONDS = 3, 30.0
+"""A plan measures this many steps on its device, by default when one should take under this many seconds."""
 
 
 @dataclass
@@ -93,6 +95,16 @@ class RunConfig:
     wandb_project: str | None = doc(None, "also log to this Weights & Biases project (needs wandb)")
     sample_prompt: str = doc("", "prompt of the sample generated at the end")
     sample_tokens: int = doc(120, "tokens in the sample generated at the end", minimum=1)
+    dry_run: bool = doc(
+        False, "print the plan (parameters trained, memory by item, FLOPs, time per step and to the end), then exit"
+    )
+    dry_run_steps: int | None = doc(
+        None,
+        "--dry-run: steps measured on this device for its time estimate (the first is not timed; 0: none; default: "
+        f"{DRY_RUN_STEPS}, when a step should take under {DRY_RUN_STEP_SECONDS:g} s here)",
+        minimum=0,
+    )
+    fit_memory: float | None = doc(None, "--dry-run: the memory (GiB) to fit in (default: this device's)", minimum=0)
 
     def micro_batches(self, seq_len: int, world_size: int) -> int:
         """Micro-batches of ``batch_size`` rows each rank runs per optimizer step."""
@@ -139,7 +151,6 @@ class TrainConfig(RunConfig):
         "start from these weights (a run, checkpoint or smallm-import directory) with a fresh optimizer; "
         "the model shape comes from there",
     )
-    dry_run: bool = doc(False, "print parameters, FLOPs and memory estimates, then exit")
     verify_data: bool = doc(
         True, "read every shard once when the run opens the data: its sha256, token ids and document starts"
     )

@@ -187,7 +187,7 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None) -> int:
 
 ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes of a matmul input/output element
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 1, "lion": 1, "sgd": 1}  # fp32 tensors per parameter
-LOGIT_BYTES = 16  # 4 fp32 tensors of B x T x vocab at the peak; see estimate_training_memory
+LOGIT_BYTES = 12  # 3 fp32 tensors of B x T x vocab at the peak; see estimate_training_memory
 
 
 @dataclass(frozen=True)
@@ -282,10 +282,10 @@ def estimate_training_memory(
       2 x 4Nd + 2Nd), lm_head's input cast, the RoPE tables and the int64 ids and targets. With
       ``activation_checkpointing`` each block keeps only its fp32 input (4Nd) and one block's
       activations exist at a time, recomputed in backward.
-    * Logits: B x T x vocab x 16 bytes, four fp32 tensors of that size when the loss's backward runs:
-      the fp32 logits the model returns (the trainer holds them through backward), the log-softmax
-      cross_entropy saves, and the gradients of both. For small models with a large vocabulary this is
-      often the biggest item.
+    * Logits: B x T x vocab x 12 bytes, three fp32 tensors of that size when the loss's backward runs:
+      the log-softmax cross_entropy saves, the gradient coming into it and the one it returns (the trainer
+      keeps no reference to the logits themselves, freed once the loss is computed). For small models with
+      a large vocabulary this is often the biggest item.
     * ``fsdp``: parameters, gradients and optimizer state divided by ``world_size`` (FSDP2's
       transient all-gather buffers of one block are left out).
 

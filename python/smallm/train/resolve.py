@@ -62,12 +62,12 @@ RESUMABLE = frozenset({
     "lr", "embedding_lr", "head_lr", "norm_lr", "max_steps", "epochs", "schedule", "warmup_steps",
     "decay_fraction", "min_lr_ratio", "grad_clip", "log_every", "eval_every", "eval_batches",
     "checkpoint_every", "keep_last", "tensorboard", "wandb_project", "sample_prompt", "sample_tokens",
-    "compile", "activation_checkpointing", "device", "dry_run", "verify_data",
+    "compile", "activation_checkpointing", "device", "dry_run", "dry_run_steps", "fit_memory", "verify_data",
 })  # fmt: skip
 """Settings a resumed run may change, and applies: the peak rates and the schedule (recomputed for the
 new length), the run's length, clipping, and when it logs, validates, saves and what it samples."""
 IGNORED = frozenset({"out", "resume", "force"})
-NOT_INHERITED = frozenset({"out", "resume", "force", "dry_run", "device"})
+NOT_INHERITED = frozenset({"out", "resume", "force", "dry_run", "dry_run_steps", "fit_memory", "device"})
 """What a resumed run never takes from the run's ``config.json``: where it is, how it was asked to run, and
 the device (resolved on the machine that resumes)."""
 FILLED = frozenset({
