@@ -157,14 +157,23 @@ def check_plans(args: argparse.Namespace, root: Path) -> Row:
         raise RuntimeError("the QLoRA check did not leave its base")
     seq_len = 256 if args.quick else 512
     words = "the plan counts every tensor a step keeps and checks it against the allocator".split()  # noqa: SIM905
-    answer = lambda n: " ".join(words[i % len(words)] for i in range(n))  # noqa: E731
+    tokenizer = Tokenizer.load(Path(base))
+
+    def answer(spare: int) -> str:
+        """Words until the answer takes the context less ``spare`` tokens: the pairs' rows are padded only to
+        the longest of a batch, and the plan assumes full rows."""
+        n = 1
+        while len(tokenizer.encode(" ".join(words[i % len(words)] for i in range(n)))) < seq_len - spare:
+            n += 1
+        return " ".join(words[i % len(words)] for i in range(n))
+
     chats, pairs = root / "long-chats.jsonl", root / "long-pairs.jsonl"
     with open(chats, "w", encoding="utf-8") as c, open(pairs, "w", encoding="utf-8") as p:
         for i in range(32):
-            turn = [{"role": "user", "content": f"Say it {i}."}, {"role": "assistant", "content": answer(seq_len // 3)}]
+            turn = [{"role": "user", "content": f"Say it {i}."}, {"role": "assistant", "content": answer(40)}]
             c.write(json.dumps({"messages": turn}) + "\n")
-            p.write(json.dumps({"prompt": f"Say it {i}.", "chosen": answer(seq_len // 3),
-                                "rejected": answer(seq_len // 3 - 5)}) + "\n")  # fmt: skip
+            p.write(json.dumps({"prompt": f"Say it {i}.", "chosen": answer(40),
+                                "rejected": answer(45)}) + "\n")  # fmt: skip
     kinds = [("sft full", FinetuneConfig, {}), ("sft LoRA", FinetuneConfig, {"lora_r": 16}),
              ("sft QLoRA", FinetuneConfig, {"lora_r": 16, "quantize": "nf4"}), ("dpo full", DPOConfig, {}),
              ("rm LoRA", RewardConfig, {"lora_r": 16})]  # fmt: skip
