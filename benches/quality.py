@@ -20,11 +20,12 @@ Recipes:
 * variants of ``default`` named on the command line: ``--variant NAME:field=value,...`` with
   :class:`~smallm.train.config.TrainConfig` fields or ``model.<field>`` (e.g. ``muon-wd0:weight_decay=0``).
 
-Reported: each recipe's curve (bits per byte against training tokens), its final bits per byte overall
-and per source, the tokens it needs to reach the baseline's final bits per byte (interpolated between
+Reported: each recipe's curves (bits per byte against training tokens, and against seconds of training:
+the training steps' wall time, validation left out), its final bits per byte overall and per source, the
+tokens and the seconds it needs to reach the baseline's final bits per byte (interpolated between
 evaluations; the target is at most 0.33x the baseline's tokens), the gap to the baseline at the end
-(target: at least 0.25 below it), and the training steps' seconds and tokens per second (validation
-left out; the wall time includes it). The plot goes to ``--plot`` (default ``quality.png``).
+(target: at least 0.25 below it), and the training steps' seconds and tokens per second (the wall time
+includes validation). The plot (``--plot``, default ``quality.png``) has a panel for each axis.
 
 Corpus: ``--source NAME=PATH[:MODE]`` (MODE: file, line or paragraph documents; repeatable); default
 the shared corpora (``../shared/data``: Shakespeare by paragraph, the Korean movie reviews by line) and
@@ -175,6 +176,15 @@ class HeldOutPretraining:
     def run_config(self) -> dict[str, Any]:
         return {}
 
+    def micro_batches_at(self, step: int) -> int | None:
+        return self.inner.micro_batches_at(step)
+
+    def stage_ends_at(self, step: int) -> bool:
+        return self.inner.stage_ends_at(step)
+
+    def new_rows_at(self, step: int) -> int | None:
+        return self.inner.new_rows_at(step)
+
 
 def smallm_config(data: Path, out: Path, tokens: int, evals: int, overrides: dict[str, Any]) -> TrainConfig:
     """``smallm-train --data DATA`` with its defaults, a budget of ``tokens`` and ``overrides``."""
@@ -187,6 +197,7 @@ def smallm_config(data: Path, out: Path, tokens: int, evals: int, overrides: dic
     cfg = TrainConfig(**values, model=model)
     steps = max(1, tokens // cfg.step_tokens())
     cfg.max_steps, cfg.eval_every, cfg.checkpoint_every = steps, max(1, steps // evals), steps
+    cfg.log_every = math.gcd(cfg.log_every, cfg.eval_every)  # a metrics line at each evaluation: its seconds
     validate(cfg)
     return cfg
 
@@ -205,10 +216,14 @@ def run_smallm(cfg: TrainConfig, held_out: dict[str, np.ndarray]) -> dict[str, A
     curve = [(r["step"] * step_tokens, r["val_bpb"]) for r in records if "val_bpb" in r]
     logged = [(r["step"], r["tokens_per_s"]) for r in records if "tokens_per_s" in r]
     # Each line's tokens/s covers the training steps since the line before (validation left out).
-    train_seconds = sum((s - s0) * step_tokens / tps for (s0, _), (s, tps) in zip([(0, 0.0), *logged], logged))
+    spent = np.cumsum([(s - s0) * step_tokens / tps for (s0, _), (s, tps) in zip([(0, 0.0), *logged], logged)])
+    steps_logged = [s for s, _ in logged]
+    time_curve = [(float(np.interp(t / step_tokens, [0, *steps_logged], [0, *spent])), bpb) for t, bpb in curve]
+    train_seconds = float(spent[-1])
     byte_lengths = byte_length_table(task.tokenizer, model.config.vocab_size)
     return {
-        "curve": curve, "seconds": seconds, "train_seconds": train_seconds, "steps": trainer.max_steps,
+        "curve": curve, "time_curve": time_curve, "seconds": seconds, "train_seconds": train_seconds,
+        "steps": trainer.max_steps,
         "step_tokens": step_tokens,
         "per_source": per_source_bpb(model.module, held_out, byte_lengths, task.tokenizer.eot_token),
         "params": model.module.num_parameters(exclude_embeddings=True),
@@ -257,7 +272,7 @@ def run_nanogpt(data: Path, tokens: int, evals: int, held_out: dict[str, np.ndar
     loader = TokenLoader(ShardSet.open(data, "train"), ROWS, SEQ_LEN, mode="random", seed=SEED, rank=0, world_size=1)
     val = ValidationLoader(list(held_out.values()), ROWS, SEQ_LEN, pad_id=tokenizer.eot_token, rank=0, world_size=1)
     byte_lengths = byte_length_table(tokenizer, config.vocab_size)
-    wrapped, curve, train_seconds = Logits(model), [], 0.0
+    wrapped, curve, time_curve, train_seconds = Logits(model), [], [], 0.0
     start = time.perf_counter()
     for step in range(steps):
         step_start = time.perf_counter()
@@ -272,27 +287,28 @@ def run_nanogpt(data: Path, tokens: int, evals: int, held_out: dict[str, np.ndar
         train_seconds += time.perf_counter() - step_start
         if (step + 1) % every == 0 or step + 1 == steps:
             curve.append(((step + 1) * ROWS * SEQ_LEN, evaluate_batches(wrapped, val, byte_lengths)["bits_per_byte"]))
+            time_curve.append((train_seconds, curve[-1][1]))
             print(f"nanogpt: step {step + 1}/{steps}, val bpb {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel() - model.wpe.weight.numel()
-    return {"curve": curve, "seconds": seconds, "train_seconds": train_seconds, "steps": steps,
-            "step_tokens": ROWS * SEQ_LEN, "params": params,
+    return {"curve": curve, "time_curve": time_curve, "seconds": seconds, "train_seconds": train_seconds,
+            "steps": steps, "step_tokens": ROWS * SEQ_LEN, "params": params,
             "per_source": per_source_bpb(wrapped, held_out, byte_lengths, tokenizer.eot_token)}  # fmt: skip
 
 
 # ----- the report -------------------------------------------------------------------------------------
 
 
-def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """The first token count at which the curve reaches ``target``, interpolated linearly between
-    evaluations (None when it never does)."""
-    previous = (0, math.inf)
-    for tokens, bpb in curve:
+def first_reaching(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first x (training tokens or seconds) at which the curve of ``(x, bits per byte)`` reaches
+    ``target``, interpolated linearly between evaluations (None when it never does)."""
+    previous = (0.0, math.inf)
+    for x, bpb in curve:
         if bpb <= target:
             if not math.isfinite(previous[1]):
-                return float(tokens)
-            return previous[0] + (tokens - previous[0]) * (previous[1] - target) / (previous[1] - bpb)
-        previous = (tokens, bpb)
+                return float(x)
+            return previous[0] + (x - previous[0]) * (previous[1] - target) / (previous[1] - bpb)
+        previous = (x, bpb)
     return None
 
 
@@ -318,14 +334,16 @@ def plot(results: dict[str, dict[str, Any]], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, result in results.items():
-        tokens, bpb = zip(*result["curve"])
-        ax.plot([t / 1e6 for t in tokens], bpb, "o-" if name == "nanogpt" else "-", label=name, markersize=3)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("held-out bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, sharey=True)
+    axis = {"curve": (1e6, "training tokens (millions)"), "time_curve": (1.0, "seconds of training (no validation)")}
+    for ax, (key, (scale, label)) in zip(axes, axis.items()):
+        for name, result in results.items():
+            x, bpb = zip(*result[key])
+            ax.plot([v / scale for v in x], bpb, "o-" if name == "nanogpt" else "-", label=name, markersize=3)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out bits per byte")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(target)
     plt.close(fig)
@@ -336,20 +354,27 @@ def report(results: dict[str, dict[str, Any]], tokens: int) -> str:
     target = base["curve"][-1][1] if base else None
     sources = list(next(iter(results.values()))["per_source"])
     head = ["recipe", "params (non-emb.)", "final bpb", *(f"{s} bpb" for s in sources), "vs nanogpt at the end",
-            "tokens to nanogpt's final", "steps x tokens", "train s/step", "train tokens/s", "wall s"]  # fmt: skip
+            "tokens to nanogpt's final", "seconds to nanogpt's final", "steps x tokens", "train s/step",
+            "train tokens/s", "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         final = r["curve"][-1][1]
-        reach = tokens_to_reach(r["curve"], target) if target is not None else None
+        reach = first_reaching(r["curve"], target) if target is not None else None
         ratio = "n/a" if target is None else "not reached" if reach is None else f"{reach / base['curve'][-1][0]:.2f}x"
+        when = first_reaching(r["time_curve"], target) if target is not None else None
+        base_s = base["time_curve"][-1][0] if base else 0.0
+        seconds = "n/a" if target is None else "not reached" if when is None else f"{when:.0f} ({when / base_s:.2f}x)"
         gap = "n/a" if target is None else f"{final - target:+.3f}"
         cells = [name, f"{r['params'] / 1e6:.2f}M", f"{final:.4f}", *(f"{r['per_source'][s]:.4f}" for s in sources),
-                 gap, ratio, f"{r['steps']} x {r['step_tokens']}", f"{r['train_seconds'] / r['steps']:.3f}",
+                 gap, ratio, seconds, f"{r['steps']} x {r['step_tokens']}", f"{r['train_seconds'] / r['steps']:.3f}",
                  f"{r['steps'] * r['step_tokens'] / r['train_seconds']:,.0f}", f"{r['seconds']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     curves = ["", "curves (tokens: bits per byte):"]
     for name, r in results.items():
         curves.append(f"- {name}: " + ", ".join(f"{t / 1e3:.0f}k {b:.3f}" for t, b in r["curve"]))
+    curves += ["", "curves (seconds of training: bits per byte):"]
+    for name, r in results.items():
+        curves.append(f"- {name}: " + ", ".join(f"{s:.0f}s {b:.3f}" for s, b in r["time_curve"]))
     return "\n".join([*lines, *curves])
 
 

@@ -3,13 +3,17 @@
 One training step is a forward with targets (the loss), the backward and an AdamW step (betas 0.9/0.95,
 fused on CUDA), then ``zero_grad(set_to_none=True)``; both models get the same random batch, batch
 size, sequence length, precision (autocast over fp32 weights, as in :mod:`smallm.train.trainer`) and
-torch.compile setting. Reported per preset: tokens per second from the median step time of
-``--steps`` timed steps after ``--warmup`` untimed ones, the ratio smallm / reference (the target is
-at least 1.0x), and the MFU (model FLOPs per token from :func:`smallm.train.memory.flops_per_token`; the
-device's dense peak from :func:`smallm.train.memory.peak_flops` on CUDA, where the target on an H100 is 50%,
-and on the CPU the matmul peak measured here, :func:`smallm.train.memory.measured_peak_flops`) and the
-peak memory beside :func:`smallm.train.memory.estimate_training_memory` (an eager-mode estimate;
-compiled runs need less).
+torch.compile setting. Each preset gets a row without torch.compile and one with it (``--compile both``,
+the default; ``on`` or ``off`` for one of them). Where compiling fails (no C++ compiler for inductor on
+a CPU, an unsupported GPU...) the row says why instead of the numbers, and the run goes on.
+
+Reported per row: the warm-up's seconds (compilation included; less where torch's on-disk compile cache
+already holds the graphs), tokens per second from the median step time of ``--steps`` timed steps after
+``--warmup`` untimed ones, the ratio smallm / reference (the target is at least 1.0x), and the MFU
+(model FLOPs per token from :func:`smallm.train.memory.flops_per_token`; the device's dense peak from
+:func:`smallm.train.memory.peak_flops` on CUDA, where the target on an H100 is 50%, and on the CPU the
+matmul peak measured here, :func:`smallm.train.memory.measured_peak_flops`) and the peak memory beside
+:func:`smallm.train.memory.estimate_training_memory` (an eager-mode estimate; compiled runs need less).
 
 The reference is written here: token and learned position embeddings, ``n_layer`` pre-LayerNorm
 blocks of causal self-attention (one fused qkv projection, ``F.scaled_dot_product_attention``) and a
@@ -22,7 +26,7 @@ matmul-friendly shapes. The table gives both parameter counts.
 Run from the repository root with smallm installed::
 
     python benches/train_throughput.py                         # CPU: tiny and 38m, B=4, T=256, fp32
-    python benches/train_throughput.py --device cuda           # 124m and 350m, B=16, T=1024, bf16, compiled
+    python benches/train_throughput.py --device cuda           # 124m and 350m, B=16, T=1024, bf16
     python benches/train_throughput.py --presets 124m --batch-size 8 --seq-len 2048 --no-compile
 
 Progress goes to stderr, the markdown report to stdout.
@@ -54,6 +58,8 @@ from smallm.train.memory import (
 from torch import Tensor, nn
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+"""``--compile``'s values: the torch.compile settings each preset is measured under, a row each."""
 
 # ----- the reference model ------------------------------------------------------------------------
 
@@ -136,8 +142,9 @@ class Run:
     """One model with its AdamW, stepping on a fixed batch; records its step times and CUDA peak memory."""
 
     def __init__(
-        self, model: nn.Module, config: ModelConfig, ids: Tensor, targets: Tensor, args: argparse.Namespace
-    ) -> None:
+        self, model: nn.Module, config: ModelConfig, ids: Tensor, targets: Tensor, args: argparse.Namespace,
+        compile: bool,
+    ) -> None:  # fmt: skip
         self.device, self.ids, self.targets = ids.device, ids, targets
         self.params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = counted_flops_per_token(model, config.n_layer, config.n_embd, ids.size(1))
@@ -145,10 +152,11 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused
         )
-        self.net = torch.compile(model) if args.compile else model
+        self.net = torch.compile(model) if compile else model
         self.amp = AMP_DTYPES[args.precision]
         self.step_seconds: list[float] = []
         self.peak_memory: int | None = None  # bytes during the warm-up, beyond what was allocated before
+        self.warmup_seconds = 0.0  # torch.compile compiles during the warm-up
 
     def step(self) -> float:
         """One timed training step; returns its wall time in seconds."""
@@ -172,8 +180,9 @@ def sync(device: torch.device) -> None:
 
 
 def start_run(
-    build: Callable[[], nn.Module], config: ModelConfig, ids: Tensor, targets: Tensor, args: argparse.Namespace
-) -> Run:
+    build: Callable[[], nn.Module], config: ModelConfig, ids: Tensor, targets: Tensor, args: argparse.Namespace,
+    compile: bool,
+) -> Run:  # fmt: skip
     """Builds the model and runs its warm-up steps (torch.compile compiles here), measuring CUDA peak
     memory from before the model existed, so the other model's resident state is not counted."""
     cuda = ids.device.type == "cuda"
@@ -182,26 +191,48 @@ def start_run(
         torch.cuda.reset_peak_memory_stats(ids.device)
     before = torch.cuda.memory_allocated(ids.device) if cuda else 0
     torch.manual_seed(0)
-    run = Run(build().to(ids.device).train(), config, ids, targets, args)
+    run = Run(build().to(ids.device).train(), config, ids, targets, args, compile)
+    start = time.perf_counter()
     for _ in range(args.warmup):
         run.step()
+    run.warmup_seconds = time.perf_counter() - start
     if cuda:
         run.peak_memory = torch.cuda.max_memory_allocated(ids.device) - before
     return run
 
 
-def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, str]:
+def failed_row(name: str, args: argparse.Namespace, compile: bool, error: Exception) -> dict[str, str]:
+    """The row of a preset whose models did not compile or run: the reason in place of the numbers."""
+    reason = (str(error).strip().splitlines() or [""])[0][:160].replace("|", "/")
+    row = dict.fromkeys(ROW_HEADERS, "")
+    row.update(preset=name, compile="on" if compile else "off", **{"B x T": f"{args.batch_size} x {args.seq_len}"})
+    row["tok/s smallm"] = f"failed: {type(error).__name__}: {reason}"
+    return row
+
+
+def run_preset(name: str, args: argparse.Namespace, device: torch.device, compile: bool) -> dict[str, str]:
+    """The row of preset ``name`` with or without torch.compile; a failed row where it cannot run."""
+    torch._dynamo.reset()  # each row compiles its own models from a clean cache
+    try:
+        return measure_preset(name, args, device, compile)
+    except Exception as e:  # torch.compile raises many types where it cannot work
+        print(f"{name}: failed ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return failed_row(name, args, compile, e)
+
+
+def measure_preset(name: str, args: argparse.Namespace, device: torch.device, compile: bool) -> dict[str, str]:
     B, T = args.batch_size, args.seq_len
     context = max(T, ModelConfig.preset(name).max_seq_len)
     config = ModelConfig.preset(name, vocab_size=args.vocab_size, max_seq_len=context)
     hidden = reference_hidden(config)
     generator = torch.Generator().manual_seed(0)
     ids, targets = torch.randint(0, config.vocab_size, (2, B, T), generator=generator).to(device)
-    print(f"{name}: warming up ({args.warmup} steps each)", file=sys.stderr, flush=True)
-    ours = start_run(lambda: SmallLM(config), config, ids, targets, args)
-    ref = start_run(lambda: ReferenceGPT(config, hidden), config, ids, targets, args)
+    mode = "compiled" if compile else "eager"
+    print(f"{name} ({mode}): warming up ({args.warmup} steps each)", file=sys.stderr, flush=True)
+    ours = start_run(lambda: SmallLM(config), config, ids, targets, args, compile)
+    ref = start_run(lambda: ReferenceGPT(config, hidden), config, ids, targets, args, compile)
     # Alternate the timed steps, so that a change in the machine's load hits both models alike.
-    print(f"{name}: timing ({args.steps} steps each, alternating)", file=sys.stderr, flush=True)
+    print(f"{name} ({mode}): timing ({args.steps} steps each, alternating)", file=sys.stderr, flush=True)
     for _ in range(args.steps):
         ours.step_seconds.append(ours.step())
         ref.step_seconds.append(ref.step())
@@ -218,11 +249,13 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> dic
     if ours.peak_memory is not None:
         est = estimate_training_memory(config, B, T, precision=args.precision, activation_checkpointing=False)
         memory = f"{format_bytes(ours.peak_memory)} ({format_bytes(est.total)})"
-    return {
+    row = {
         "preset": name,
+        "compile": "on" if compile else "off",
         "params smallm / ref": f"{format_count(ours.params)} / {format_count(ref.params)}",
         "ref MLP": f"{hidden}",
         "B x T": f"{B} x {T}",
+        "warm-up s smallm / ref": f"{ours.warmup_seconds:.1f} / {ref.warmup_seconds:.1f}",
         "step ms smallm / ref": f"{1e3 * statistics.median(ours.step_seconds):.0f} / "
         f"{1e3 * statistics.median(ref.step_seconds):.0f}",
         "tok/s smallm": f"{ours_tps:,.0f}",
@@ -232,6 +265,14 @@ def run_preset(name: str, args: argparse.Namespace, device: torch.device) -> dic
         "MFU ref": utilisation(ref, ref_tps),
         "peak mem smallm (estimate)": memory,
     }
+    assert list(row) == ROW_HEADERS
+    return row
+
+
+ROW_HEADERS = [
+    "preset", "compile", "params smallm / ref", "ref MLP", "B x T", "warm-up s smallm / ref", "step ms smallm / ref",
+    "tok/s smallm", "tok/s ref", "smallm / ref", "MFU smallm", "MFU ref", "peak mem smallm (estimate)",
+]  # fmt: skip
 
 
 # ----- report -------------------------------------------------------------------------------------
@@ -263,16 +304,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: 2 on CPU, 5 on CUDA)")
     parser.add_argument("--precision", choices=list(AMP_DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, help="torch.compile both models (default: on CUDA only)"
-    )
+        "--compile", nargs="?", const="on", choices=list(COMPILE_MODES),
+        help="torch.compile both models: off, on (the flag alone) or both, a row each (default: both)",
+    )  # fmt: skip
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="--compile off")
     parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of both models (default: 32000)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads; default: 2)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     defaults = (
-        dict(presets="124m,350m", batch_size=16, seq_len=1024, warmup=5, precision="bf16", compile=True)
+        dict(presets="124m,350m", batch_size=16, seq_len=1024, warmup=5, precision="bf16", compile="both")
         if cuda
-        else dict(presets="tiny,38m", batch_size=4, seq_len=256, warmup=2, precision="fp32", compile=False)
+        else dict(presets="tiny,38m", batch_size=4, seq_len=256, warmup=2, precision="fp32", compile="both")
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -289,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as nanoGPT does
     print(f"machine: {machine(device)}")
     print(
-        f"settings: {args.precision}, compile {'on' if args.compile else 'off'}, batch {args.batch_size} x "
+        f"settings: {args.precision}, compile {args.compile}, batch {args.batch_size} x "
         f"{args.seq_len}, vocab {args.vocab_size}, {args.warmup} warm-up + {args.steps} timed steps, AdamW"
     )
     if device.type == "cpu":
@@ -297,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"this CPU's measured matmul peak ({dtype}, {args.threads} threads): "
               f"{measured_peak_flops(dtype) / 1e9:.1f} GFLOP/s, the MFU's denominator")  # fmt: skip
     print()
-    rows = [run_preset(name.strip(), args, device) for name in args.presets.split(",") if name.strip()]
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    rows = [run_preset(name, args, device, compile) for name in presets for compile in COMPILE_MODES[args.compile]]
     print(markdown_table(rows))
     print()
     print("tok/s from the median step; target smallm / ref >= 1.0x, and MFU >= 50% on an H100 (bf16, compiled).")

@@ -11,6 +11,14 @@ once with batched matmuls (``baddbmm``), a few large calls instead of many small
 The iteration runs in bfloat16, as torch's does, so the update agrees with torch's to bfloat16's rounding
 (the tests check it). On the CPU it was measured against float32 too (``benches/muon_step.py``): bfloat16
 was twice as fast on the 2-core machine's AVX-512 cores.
+
+Under DDP (``process_group``: the ranks that hold the same matrices and the same averaged gradients) the
+orthogonalisation is shared out as in Keller Jordan's and nanochat's distributed Muon: of the ``n``
+matrices of one shape, rank ``r`` orthogonalises the ``r``-th block of ``ceil(n / world)`` consecutive ones
+(in parameter order, the same on every rank), and an all-gather of the bfloat16 results gives every rank
+every matrix's update, so all ranks apply the same updates. Each rank still keeps every momentum buffer
+(a cheap ``lerp``), so the state dict is the single-process one, whatever the number of ranks. The
+gathers run asynchronously while the next shape is orthogonalised.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["BatchedMuon", "orthogonalize"]
+__all__ = ["BatchedMuon", "orthogonalize", "orthogonalize_shared"]
 
 
 def orthogonalize(updates: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -58,8 +67,47 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr * ratio
 
 
+def orthogonalize_shared(
+    updates: list[Tensor], coefficients: tuple[float, float, float], steps: int, eps: float,
+    process_group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, dist.Work]:  # fmt: skip
+    """Starts the orthogonalisation of ``updates`` (matrices of one shape) shared over ``process_group``'s
+    ranks: this rank orthogonalises its block of ``ceil(n / world)`` of them and an asynchronous
+    all-gather assembles every rank's block. Returns the bfloat16 result (its first ``n`` matrices, once
+    the returned work is waited on; padded to a multiple of the world size) and the work."""
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    per_rank = -(-len(updates) // world)
+    mine = updates[rank * per_rank : (rank + 1) * per_rank]
+    first = updates[0]
+    share = torch.zeros((per_rank, *first.shape), dtype=torch.bfloat16, device=first.device)
+    if mine:
+        share[: len(mine)] = orthogonalize(torch.stack(mine), coefficients, steps, eps)
+    gathered = torch.empty((per_rank * world, *first.shape), dtype=torch.bfloat16, device=first.device)
+    work = dist.all_gather_into_tensor(gathered, share, group=process_group, async_op=True)
+    return gathered, work
+
+
+def apply_updates(params: list[Tensor], orthogonal: Tensor, decay: float, rate: float) -> None:
+    """Muon's step on ``params`` from their orthogonalised updates (the first ``len(params)`` matrices of
+    ``orthogonal``): decoupled weight decay (``decay``: the rate times the decay), then ``-rate`` times each."""
+    updates = list(orthogonal[: len(params)].to(params[0].dtype).unbind(0))
+    torch._foreach_mul_(params, 1 - decay)
+    torch._foreach_add_(params, updates, alpha=-rate)
+
+
 class BatchedMuon(torch.optim.Muon):
-    """``torch.optim.Muon`` with same-shape matrices orthogonalised together (see the module docstring)."""
+    """``torch.optim.Muon`` with same-shape matrices orthogonalised together (see the module docstring).
+    ``process_group``: the DDP ranks to share the orthogonalisation among (every rank of it must step
+    together, with the same parameters and gradients); None, or a group of one, orthogonalises all here."""
+
+    def __init__(self, params: Any, *args: Any, process_group: dist.ProcessGroup | None = None, **kw: Any) -> None:
+        super().__init__(params, *args, **kw)
+        shared = process_group is not None and dist.get_world_size(process_group) > 1
+        self.process_group = process_group if shared else None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("process_group", None)  # a pickled optimizer comes back unshared
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -84,11 +132,17 @@ class BatchedMuon(torch.optim.Muon):
                 buffer.lerp_(param.grad, 1 - momentum)
                 update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 by_shape[(tuple(param.shape), param.device, param.dtype)].append((param, update))
+            iteration = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+            gathering = []
             for (shape, _, _), items in by_shape.items():
-                stacked = torch.stack([update for _, update in items])
-                orthogonal = orthogonalize(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                params, updates = [param for param, _ in items], [update for _, update in items]
                 rate = adjusted_lr(lr, group["adjust_lr_fn"], torch.Size(shape))
-                params = [param for param, _ in items]
-                torch._foreach_mul_(params, 1 - lr * decay)
-                torch._foreach_add_(params, list(orthogonal.to(params[0].dtype).unbind(0)), alpha=-rate)
+                if self.process_group is None:
+                    apply_updates(params, orthogonalize(torch.stack(updates), *iteration), lr * decay, rate)
+                else:
+                    orthogonal, work = orthogonalize_shared(updates, *iteration, self.process_group)
+                    gathering.append((params, orthogonal, work, rate))
+            for params, orthogonal, work, rate in gathering:
+                work.wait()
+                apply_updates(params, orthogonal, lr * decay, rate)
         return loss

@@ -1,9 +1,10 @@
 """Optimizers and learning-rate schedules: how a run turns gradients into steps.
 
 The default for pretraining is Muon (Jordan et al. 2024; ``torch.optim.Muon``'s update, with same-shape
-matrices orthogonalised together: :class:`smallm.train.muon.BatchedMuon`): the 2-D weight matrices
-inside the blocks take orthogonalised momentum updates (Newton-Schulz, 5 steps), while the embedding,
-``lm_head`` and the norm gains, which Muon does not suit, take AdamW, each at its own learning rate
+matrices orthogonalised together, and shared out among the ranks under DDP:
+:class:`smallm.train.muon.BatchedMuon`): the 2-D weight matrices inside the blocks take orthogonalised
+momentum updates (Newton-Schulz, 5 steps), while the embedding, ``lm_head`` and the norm gains, which
+Muon does not suit, take AdamW, each at its own learning rate
 (:class:`MuonWithAdamW`, one optimizer to the trainer). The rates transfer across sizes instead of coming
 from a table per preset (:func:`default_rates`): Muon's matrix rate is width-free (its update is scaled
 by ``sqrt(max(1, rows / cols))``) and the AdamW rates shrink as ``1 / sqrt(width / 768)`` (nanochat's
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from smallm.model.layers import DecoderLayer, RMSNorm
@@ -241,7 +243,11 @@ def build_optimizer(
 
 def _muon_with_adamw(model: nn.Module, cfg: RunConfig, total_steps: int, cuda: bool) -> MuonWithAdamW:
     groups = parameter_groups(model)
-    muon = BatchedMuon(groups["matrix"], lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
+    # Under DDP (Muon refuses FSDP) the ranks hold the same matrices and gradients: they share the work.
+    ranks = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    muon = BatchedMuon(
+        groups["matrix"], lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay, process_group=ranks
+    )
     rates = ((groups["embedding"], cfg.embedding_lr), (groups["head"], cfg.head_lr), (groups["vector"], cfg.norm_lr))
     adam_groups = [{"params": ps, "lr": lr, "weight_decay": 0.0} for ps, lr in rates if ps]
     adamw = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-10, fused=cuda)
