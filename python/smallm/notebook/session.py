@@ -28,7 +28,7 @@ from smallm.errors import SmallmError
 from smallm.run.layout import read_metrics
 from smallm.train.config import RunConfig
 
-__all__ = ["Progress", "TrainingSession", "error_message"]
+__all__ = ["Progress", "TrainingSession", "console_of_this_thread", "error_message"]
 
 STATES = ("idle", "starting", "running", "stopping", "stopped", "finished", "failed")
 """What a session goes through: idle -> starting (reading data, building the model) -> running
@@ -157,7 +157,7 @@ class TrainingSession:
     def _run(self) -> None:
         from smallm.train.jobs import build_trainer
 
-        with _console_of_this_thread(self._console_line):
+        with console_of_this_thread(self._console_line):
             try:
                 if self.cfg.resume:  # the curves start with the steps before
                     self.records = read_metrics(Path(self.cfg.out))
@@ -243,7 +243,7 @@ class _ThreadStream:
 
 
 @contextlib.contextmanager
-def _console_of_this_thread(sink: Callable[[str], None]) -> Iterator[None]:
+def console_of_this_thread(sink: Callable[[str], None]) -> Iterator[None]:
     """Sends what this thread prints to stderr (progress lines, warnings) to ``sink`` instead of whichever
     notebook cell happens to be running."""
     stream = _ThreadStream(sys.stderr, threading.current_thread(), sink)

@@ -4,7 +4,8 @@ Each line of ``metrics.jsonl`` is one JSON object with at least ``step``; traini
 ``loss``, ``lr``, ``tokens_per_s`` and ``mfu`` (against the datasheet peak of a known GPU, the matmul peak
 measured on the CPU; none on an unknown GPU), validation lines
 ``val_loss``, ``val_ppl`` and ``val_bpb`` (and a mixture's ``val/NAME_loss`` per source, each its own curve;
-a staged run's stage boundaries are dotted lines).
+a staged run's stage boundaries are dotted lines). Preference runs add their accuracy and margin
+(:data:`PREFERENCE_METRICS`), drawn in a panel of their own below the loss.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from typing import Any
 
 from smallm.files.atomic import write_bytes_atomic
 from smallm.run.layout import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, read_metrics
+
+PREFERENCE_METRICS = {"reward_accuracy": "accuracy", "reward_margin": "margin", "accuracy": "accuracy",
+                      "margin": "margin"}  # fmt: skip
+"""The preference runs' metrics (DPO's ``reward_*``, a reward model's own; ``val_``-prefixed at validation) and the
+curve each is: the share of pairs whose chosen reply wins, and the mean margin by which it does."""
 
 
 class MetricsLogger:
@@ -121,6 +127,9 @@ class LossCurves:
     stages: dict[int, int] = field(default_factory=dict)
     tasks: dict[str, dict[int, float]] = field(default_factory=dict)
     """Accuracies of the lm-eval tasks of ``--eval-tasks`` (``task/NAME_acc``) and their ``task/core``."""
+    preference: dict[str, dict[int, float]] = field(default_factory=dict)
+    """A preference run's ``accuracy`` and ``margin`` curves, and their ``validation accuracy`` and ``validation
+    margin`` (:data:`PREFERENCE_METRICS`)."""
 
     @classmethod
     def of(cls, records: Iterable[dict[str, Any]]) -> LossCurves:
@@ -143,6 +152,11 @@ class LossCurves:
                 self.sources.setdefault(key[4:-5], {})[step] = value
             elif key.startswith("task/") and (key.endswith("_acc") or key == "task/core"):
                 self.tasks.setdefault(key[5:].removesuffix("_acc"), {})[step] = value
+        for key, name in PREFERENCE_METRICS.items():
+            if key in record:
+                self.preference.setdefault(name, {})[step] = record[key]
+            if f"val_{key}" in record:
+                self.preference.setdefault(f"validation {name}", {})[step] = record[f"val_{key}"]
 
     def stage_starts(self) -> list[int]:
         """The last step of each stage that another one follows."""
@@ -152,42 +166,71 @@ class LossCurves:
 
 def loss_figure(curves: LossCurves, *, size: tuple[float, float] = (7, 4), dpi: int = 120) -> bytes:
     """The PNG of ``curves``: training and validation loss per step, a dashed curve per mixture source and a
-    dotted line where a stage starts. Drawn on a Figure of its own (no pyplot state), so any thread may
-    call it."""
+    dotted line where a stage starts; below it, for a preference run, a second panel of the same ``size``
+    with its accuracy (left axis) and margin (right axis). Drawn on a Figure of its own (no pyplot state), so
+    any thread may call it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, dpi=dpi)
+    panels = 2 if curves.preference else 1
+    fig = Figure(figsize=(size[0], size[1] * panels), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(panels, 1, 1)
+    _draw_loss(ax, curves)
+    if curves.preference:
+        _draw_preference(fig.add_subplot(panels, 1, 2, sharex=ax), curves.preference)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
+    return image.getvalue()
 
-    def curve(points: dict[int, float], style: str, label: str) -> None:
-        ax.plot(sorted(points), [points[s] for s in sorted(points)], style, label=label)
 
-    curve(curves.train, "-", "train")
+def _plot(ax: Any, points: dict[int, float], style: str, label: str) -> None:
+    ax.plot(sorted(points), [points[s] for s in sorted(points)], style, label=label)
+
+
+def _legend(*axes: Any) -> None:
+    """One legend on the first of ``axes`` for the curves of all of them (an axis and its twin)."""
+    handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
+    labels = [label for a in axes for label in a.get_legend_handles_labels()[1]]
+    if handles:
+        axes[0].legend(handles, labels, fontsize="small")
+
+
+def _draw_loss(ax: Any, curves: LossCurves) -> None:
+    _plot(ax, curves.train, "-", "train")
     if curves.val:
-        curve(curves.val, "o-", "validation")
+        _plot(ax, curves.val, "o-", "validation")
     for name, points in sorted(curves.sources.items()):
-        curve(points, ".--", f"validation: {name}")
+        _plot(ax, points, ".--", f"validation: {name}")
     for step in curves.stage_starts():
         ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    lines, labels = ax.get_legend_handles_labels()
-    if curves.tasks:  # benchmark accuracies on a right-hand axis
-        right = ax.twinx()
-        for name, points in sorted(curves.tasks.items()):
-            right.plot(sorted(points), [points[s] for s in sorted(points)], "s:", label=f"task: {name}")
-        right.set_ylabel("task accuracy (core: centered on chance)")
-        more, names = right.get_legend_handles_labels()
-        lines, labels = lines + more, labels + names
-    if lines:
-        ax.legend(lines, labels, fontsize="small")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png")
-    return image.getvalue()
+    if not curves.tasks:
+        _legend(ax)
+        return
+    right = ax.twinx()  # benchmark accuracies on a right-hand axis
+    for name, points in sorted(curves.tasks.items()):
+        _plot(right, points, "s:", f"task: {name}")
+    right.set_ylabel("task accuracy (core: centered on chance)")
+    _legend(ax, right)
+
+
+def _draw_preference(ax: Any, preference: dict[str, dict[int, float]]) -> None:
+    """Accuracy on the left axis (0 to 1), margin on a right-hand one; validation as points joined."""
+    right = ax.twinx()
+    for name, points in sorted(preference.items()):
+        axis, color = (ax, "tab:green") if name.endswith("accuracy") else (right, "tab:purple")
+        axis.plot(sorted(points), [points[s] for s in sorted(points)], "o-" if name.startswith("validation") else "-",
+                  color=color, alpha=1.0 if name.startswith("validation") else 0.6, label=name)  # fmt: skip
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("preference accuracy")
+    right.set_ylabel("reward margin (chosen - rejected)")
+    ax.grid(alpha=0.3)
+    _legend(ax, right)
 
 
 def _short(name: str, value: float) -> str:
