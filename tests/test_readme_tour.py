@@ -368,6 +368,7 @@ SCENES = [
         "smallm-sft runs/1b --data chats.jsonl --out runs/1b-qlora --lora-r 16 --quantize nf4 --precision bf16",
         "smallm-dpo runs/124m-sft --data pairs.jsonl --out runs/124m-dpo --beta 0.1",
         "smallm-merge runs/124m-lora --out runs/124m-merged",
+        "smallm-sft runs/1b --data chats.jsonl --lora-r 16 --quantize nf4 --dry-run --fit-memory 8",
     ], fine_tuning),
     Scene("reward models and rejection sampling", [
         "smallm-rm runs/sft --data pairs.jsonl --out runs/rm",

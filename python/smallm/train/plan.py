@@ -23,6 +23,7 @@ PyTorch profiler records (``profile_memory``), from before the model is built, a
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -314,6 +315,7 @@ def _peak_tracker(device: torch.device) -> Iterator[_StepWindows]:
         from torch.profiler import ProfilerActivity, profile
 
         gc.collect()  # tensors of earlier objects freed inside the window would count as negative allocations
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log lines are of no use to a plan
         windows = _StepWindows(device, None)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             windows.profiler = prof
