@@ -220,3 +220,10 @@ def test_the_steps_counted_without_a_model_are_the_trainers(
         counted = plan_run(cfg, measure_steps=0).steps
         measured = plan_run(cfg, measure_steps=1).measured
         assert measured is not None and counted == measured.max_steps > 1
+
+
+def test_pretraining_is_told_to_keep_its_batch_tokens() -> None:
+    llama = ModelConfig.preset("tinyllama-1.1b")
+    shape = StepShape(kind="pretrain", batch_size=8, seq_len=2048, precision="bf16")
+    changes = [change for change, _ in suggestions(llama, shape, 20 * 2**30)]
+    assert "--batch-size 4 (the same --batch-tokens)" in changes and not any("grad-accum" in c for c in changes)

@@ -233,9 +233,11 @@ def suggestions(model: ModelConfig, shape: StepShape, budget: int) -> list[tuple
     if not shape.activation_checkpointing:
         shape = add("--activation-checkpointing", replace(shape, activation_checkpointing=True))
     while estimate_step(model, shape).peak > budget and shape.batch_size > 1:
-        b = shape.batch_size // 2
-        shape = add(f"--batch-size {b} --grad-accum {shape.micro_batches * 2} (the same step)",
-                    replace(shape, batch_size=b, micro_batches=shape.micro_batches * 2))  # fmt: skip
+        b, n = shape.batch_size // 2, shape.micro_batches * 2
+        # Pretraining keeps its --batch-tokens and takes more micro-batches by itself; fine-tuning is told how many.
+        change = f"--batch-size {b}" + (" (the same --batch-tokens)" if shape.kind == "pretrain" else
+                                        f" --grad-accum {n} (the same step)")  # fmt: skip
+        shape = add(change, replace(shape, batch_size=b, micro_batches=n))
     if estimate_step(model, shape).peak > budget and shape.mode == "full" and shape.kind != "pretrain":
         shape = add("--lora-r 16", replace(shape, mode="lora", lora_r=16))
     if estimate_step(model, shape).peak > budget and shape.mode == "lora":
