@@ -25,7 +25,9 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -36,6 +38,7 @@ __all__ = [
     "delete_entry",
     "fsync_dir",
     "read_appended",
+    "scratch_directory",
     "sha256_file",
     "write_bytes_atomic",
     "write_entries_atomic",
@@ -247,3 +250,11 @@ def delete_entry(path: PathLike) -> None:
 
 def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
+
+
+@contextmanager
+def scratch_directory(prefix: str) -> Iterator[Path]:
+    """A new directory in the system's temporary folder, deleted with all it holds on leaving: for work
+    whose files nobody keeps (a plan's warm-up steps run the trainer in one)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        yield Path(folder)

@@ -25,16 +25,15 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from smallm.files.atomic import scratch_directory
 from smallm.inference.generate import free_memory
 from smallm.model.config import ModelConfig
 from smallm.train.config import DRY_RUN_STEP_SECONDS, DRY_RUN_STEPS, FinetuneConfig, RunConfig, TrainConfig
@@ -269,8 +268,8 @@ def measure_run(cfg: RunConfig, steps: int) -> Measurement:
     seconds per step after the first (the first two are profiled on the CPU, so later ones are timed when
     there are any)."""
     device = torch.device(cfg.device)
-    with tempfile.TemporaryDirectory(prefix="smallm-plan-") as tmp:
-        run = replace(cfg, out=str(Path(tmp) / "run"), resume=False, force=False, dry_run=False, eval_tasks=None)
+    with scratch_directory("smallm-plan-") as tmp:
+        run = replace(cfg, out=str(tmp / "run"), resume=False, force=False, dry_run=False, eval_tasks=None)
         times: list[float] = []
         with _peak_tracker(device) as tracker:
             trainer = build_trainer(run)
