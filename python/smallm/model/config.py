@@ -15,7 +15,7 @@ from torch import Tensor
 
 from smallm.options import doc
 
-__all__ = ["ACTIVATIONS", "LLAMA3_SCALING", "PRESETS", "ModelConfig", "check_rope_scaling"]
+__all__ = ["ACTIVATIONS", "LLAMA3_SCALING", "PRESETS", "ModelConfig", "check_rope_scaling", "padded_vocab"]
 
 MLP_MULTIPLE = 256  # the default intermediate size is rounded up to this, for matmul-friendly shapes
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -27,6 +27,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 """The numbers of a ``rope_type: llama3`` scaling (Llama 3.1 and later)."""
+
+
+def padded_vocab(size: int) -> int:
+    """Embedding rows for a tokenizer of ``size`` ids: rounded up to a multiple of 64 (faster matmuls)."""
+    return -(-size // 64) * 64
 
 
 def check_rope_scaling(scaling: dict[str, Any]) -> None:

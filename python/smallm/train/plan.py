@@ -35,7 +35,7 @@ import torch
 
 from smallm.files.atomic import scratch_directory
 from smallm.inference.generate import free_memory
-from smallm.model.config import ModelConfig
+from smallm.model.config import ModelConfig, padded_vocab
 from smallm.train.config import DRY_RUN_STEP_SECONDS, DRY_RUN_STEPS, FinetuneConfig, RunConfig, TrainConfig
 from smallm.train.distributed import Runtime, resolve_device
 from smallm.train.jobs import TASKS, build_trainer
@@ -349,7 +349,7 @@ def _grown(task: Any, model: ModelConfig) -> ModelConfig:
     if task is None:
         return model
     size = task.tokenizer.vocab_size
-    return replace(model, vocab_size=-(-size // 64) * 64) if size > model.vocab_size else model
+    return replace(model, vocab_size=padded_vocab(size)) if size > model.vocab_size else model
 
 
 def _duration(seconds: float) -> str:

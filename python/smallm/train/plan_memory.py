@@ -40,7 +40,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from smallm.model.config import ModelConfig
+from smallm.model.lora import LINEAR_TARGETS
 from smallm.train.memory import (
+    ACTIVATION_BYTES,
     LOGIT_BYTES,
     OPTIMIZER_STATES,
     estimate_training_memory,
@@ -57,7 +59,6 @@ MODES = ("full", "lora", "qlora")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per NF4 weight: 4 bits, an int8 scale per block of 64, an fp32 factor per 256 scales."""
 NF4_MULTIPLE = 64 * 256  # a matrix whose size is not a multiple of this stays unquantized (smallm.model.lora)
-LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def lora_parameters(config: ModelConfig, r: int, targets: tuple[str, ...]) -> in
 def estimate_step(config: ModelConfig, shape: StepShape) -> StepEstimate:
     """The memory and FLOPs of one optimizer step of ``shape`` on a model of ``config``; see the module
     docstring for what each item counts."""
-    e = {"fp32": 4, "bf16": 2, "fp16": 2}[shape.precision]
+    e = ACTIVATION_BYTES[shape.precision]
     n_params = parameter_count(config)
     embedding = config.vocab_size * config.n_embd
     head = 0 if config.tie_embeddings else embedding  # an untied lm_head
@@ -163,7 +164,7 @@ def estimate_step(config: ModelConfig, shape: StepShape) -> StepEstimate:
     copies = (e * used if shape.mode == "full" else e * adapters) if e == 2 else 0
     if copies:
         items.append((f"{shape.precision} weight copies (autocast)", copies))
-    reference = (4 if e == 4 else e) * n_params if shape.kind == "dpo" and shape.mode == "full" else 0
+    reference = e * n_params if shape.kind == "dpo" and shape.mode == "full" else 0
     if reference:
         items.append(("DPO's reference model (frozen copy)", reference))
     activations = _activations(config, shape)
@@ -223,7 +224,7 @@ def _activations(config: ModelConfig, shape: StepShape) -> int:
         return est.activations
     # Frozen norm gains: a norm keeps no normalised copy of its input for their gradient; each adapter keeps
     # its rank-r intermediate.
-    e = {"fp32": 4, "bf16": 2, "fp16": 2}[shape.precision]
+    e = ACTIVATION_BYTES[shape.precision]
     blocks = 1 if shape.activation_checkpointing else config.n_layer
     norms = (2 * blocks + 1) * 4 * shape.tokens * config.n_embd
     return est.activations - norms + blocks * len(shape.lora_targets) * e * shape.tokens * shape.lora_r

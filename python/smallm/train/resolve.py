@@ -31,7 +31,7 @@ import torch
 from smallm.data.builtin import DEMO_PROMPT, builtin_corpus
 from smallm.data.sources import data_sources, normalise_data
 from smallm.errors import listing
-from smallm.model.config import ModelConfig
+from smallm.model.config import ModelConfig, padded_vocab
 from smallm.options import default_of
 from smallm.run.layout import CONFIG_FILE, read_json
 from smallm.run.load import find_tokenizer, read_config, resolve_checkpoint, run_dir_of
@@ -251,10 +251,10 @@ def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer, init: Path | None =
     if init is not None:
         mc = ModelConfig(**read_config(init)["model"])
         if tokenizer.vocab_size > mc.vocab_size:  # an extension of its tokenizer: the embedding grows
-            mc = dataclasses.replace(mc, vocab_size=-(-tokenizer.vocab_size // 64) * 64)
+            mc = dataclasses.replace(mc, vocab_size=padded_vocab(tokenizer.vocab_size))
     else:
         overrides = dict(cfg.model)
-        overrides.setdefault("vocab_size", -(-tokenizer.vocab_size // 64) * 64)
+        overrides.setdefault("vocab_size", padded_vocab(tokenizer.vocab_size))
         mc = ModelConfig.preset(cfg.preset, **overrides)
     if mc.vocab_size < tokenizer.vocab_size:
         raise ValueError(

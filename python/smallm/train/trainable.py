@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from smallm.files.atomic import sha256_file
-from smallm.model.config import ModelConfig
+from smallm.model.config import ModelConfig, padded_vocab
 from smallm.model.lm import SmallLM
 from smallm.model.lora import (
     LoraSettings,
@@ -198,7 +198,7 @@ def _fit_vocabulary(module: SmallLM, tokenizer: Tokenizer, cfg: FinetuneConfig, 
         ids = ", ".join(f"{t} = {tokenizer.special_tokens[t]}" for t in added)
         runtime.log(f"the base has no chat template: ChatML's {ids} added to its vocabulary")
     if tokenizer.vocab_size > module.config.vocab_size:
-        size = -(-tokenizer.vocab_size // 64) * 64
+        size = padded_vocab(tokenizer.vocab_size)
         runtime.log(f"embedding grown from {module.config.vocab_size} to {size} rows (new rows: the mean row)")
         module.grow_vocab(size)
     if added and cfg.lora_r:
